@@ -1,0 +1,1 @@
+"""Lightning callbacks for zeroth-order training; they work in any Lightning project."""

@@ -1,0 +1,274 @@
+"""Zeroth-order gradient estimators: gradients from loss queries only.
+
+Both estimators talk to the objective only through an :class:`~dz_lightning.oracle.Oracle`, never call
+``backward`` and never modify the tensors in ``params`` (perturbations are applied to copies).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from dz_lightning.oracle import NonFiniteLossError, Oracle
+from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
+
+__all__ = ["Estimate", "cge", "rge", "validate_masks"]
+
+Difference = Literal["forward", "central"]
+Distribution = Literal["gaussian", "sphere"]
+NonFinite = Literal["raise", "skip"]
+
+
+@dataclass
+class Estimate:
+    """A gradient estimate and what it cost.
+
+    Attributes:
+        grads: name -> estimated gradient, same shapes as ``params``; zero outside the mask.
+        queries: oracle evaluations spent, the base point included.
+        loss: loss at the unperturbed parameters.
+        skipped: number of finite differences dropped because a perturbed loss was not finite.
+    """
+
+    grads: dict[str, Tensor]
+    queries: int
+    loss: float
+    skipped: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _check_common(mu: float, difference: str, nonfinite: str) -> None:
+    check_positive_float("mu", mu)
+    check_choice("difference", difference, ("forward", "central"))
+    check_choice("nonfinite", nonfinite, ("raise", "skip"))
+
+
+def _check_params(params: Mapping[str, Tensor]) -> None:
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError("Expected argument `params` to be a non-empty dict name -> Tensor.")
+    for name, value in params.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"`params[{name!r}]` must be a Tensor, but got {type(value).__name__}.")
+        if not value.is_floating_point():
+            raise TypeError(f"`params[{name!r}]` must be a floating-point tensor, but got dtype {value.dtype}.")
+
+
+def validate_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> None:
+    """Check that ``masks`` names only entries of ``params`` and that each mask has the right shape.
+
+    Raises:
+        ValueError: unknown name or wrong shape.
+        TypeError: a mask that is not a bool tensor.
+    """
+    if masks is None:
+        return
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"`masks` names {name!r}, which is not a parameter; valid names: {sorted(params)}.")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"`masks[{name!r}]` must be a bool Tensor, but got {getattr(mask, 'dtype', type(mask))}.")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"`masks[{name!r}]` has shape {tuple(mask.shape)}, but the parameter has shape "
+                f"{tuple(params[name].shape)}."
+            )
+
+
+def _base_loss(oracle: Oracle, params: Mapping[str, Tensor]) -> Tensor:
+    f0 = oracle.loss(params)
+    if not torch.isfinite(f0):
+        raise NonFiniteLossError(
+            f"The oracle returned a non-finite loss ({f0.item()}) at the unperturbed parameters; "
+            "no gradient can be estimated (check the learning rate, the data and the model)."
+        )
+    return f0
+
+
+def _handle_nonfinite(values: Tensor, nonfinite: str, where: str) -> tuple[Tensor, int]:
+    bad = ~torch.isfinite(values)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return values, 0
+    if nonfinite == "raise":
+        first = int(bad.nonzero()[0])
+        raise NonFiniteLossError(
+            f"The oracle returned {n_bad} non-finite loss(es) for perturbations of {where} (first at position "
+            f"{first}). Lower `mu`, or pass nonfinite='skip' to drop such differences with a warning."
+        )
+    warnings.warn(f"Skipped {n_bad} non-finite finite difference(s) for {where}.", RuntimeWarning, stacklevel=3)
+    return torch.where(bad, torch.zeros_like(values), values), n_bad
+
+
+def cge(
+    oracle: Oracle,
+    params: Mapping[str, Tensor],
+    mu: float = 5e-3,
+    masks: Mapping[str, Tensor] | None = None,
+    difference: Difference = "forward",
+    *,
+    coordinates: Mapping[str, Tensor] | None = None,
+    nonfinite: NonFinite = "raise",
+) -> Estimate:
+    r"""Coordinate-wise gradient estimate (CGE), dense or restricted to a mask.
+
+    Forward differences (the paper's default), for every selected coordinate :math:`i`:
+
+    .. math:: \hat g_i = \frac{f(\theta + \mu e_i) - f(\theta)}{\mu}
+
+    Central differences: :math:`\hat g_i = (f(\theta + \mu e_i) - f(\theta - \mu e_i)) / (2\mu)`.
+    Coordinates outside the selection get :math:`\hat g_i = 0`.
+
+    Args:
+        oracle: the loss oracle.
+        params: name -> value. Never modified.
+        mu: finite-difference step, > 0.
+        masks: name -> bool tensor of the parameter's shape; ``True`` marks estimated coordinates.
+            Parameters absent from ``masks`` are estimated densely; ``None`` means fully dense.
+        difference: ``"forward"`` (n + 1 queries) or ``"central"`` (2n + 1 queries; the base point is
+            still evaluated to report the loss).
+        coordinates: name -> flat indices to estimate, overriding ``masks`` (used to split one step's
+            coordinates across ranks). Parameters absent from it are not estimated.
+        nonfinite: ``"raise"`` a :class:`NonFiniteLossError` on a non-finite perturbed loss, or ``"skip"``
+            the coordinate (its estimate stays 0) with a warning.
+
+    Returns:
+        The :class:`Estimate`.
+    """
+    _check_common(mu, difference, nonfinite)
+    _check_params(params)
+    validate_masks(params, masks)
+    start = oracle.queries
+    f0 = _base_loss(oracle, params)
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    skipped = 0
+    for name, value in params.items():
+        if coordinates is not None:
+            if name not in coordinates:
+                continue
+            index = coordinates[name].to(device=value.device, dtype=torch.long).reshape(-1)
+        elif masks is not None and name in masks:
+            index = masks[name].reshape(-1).nonzero().reshape(-1).to(value.device)
+        else:
+            index = torch.arange(value.numel(), device=value.device)
+        if index.numel() == 0:
+            continue
+        plus = oracle.coordinate_losses(params, name, index, mu).to(value.device, value.dtype)
+        if difference == "forward":
+            diff = (plus - f0.to(plus)) / mu
+        else:
+            minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device, value.dtype)
+            diff = (plus - minus) / (2 * mu)
+        diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
+        skipped += n_bad
+        grads[name].view(-1)[index] = diff
+    return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped)
+
+
+def _directions(
+    params: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor] | None,
+    k: int,
+    distribution: str,
+    generator: torch.Generator | None,
+) -> dict[str, Tensor]:
+    """``k`` random directions, stacked per parameter: name -> ``(k, *shape)``; unit norm for 'sphere'."""
+    dirs = {}
+    for name, value in params.items():
+        u = torch.randn((k, *value.shape), generator=generator, dtype=value.dtype)
+        if masks is not None and name in masks:
+            u = u * masks[name].to(u.device)
+        dirs[name] = u
+    if distribution == "sphere":
+        norm = torch.sqrt(sum(u.reshape(k, -1).pow(2).sum(1) for u in dirs.values()))
+        norm = torch.clamp(norm, min=torch.finfo(norm.dtype).tiny)
+        for name in dirs:
+            dirs[name] = dirs[name] / norm.reshape(k, *([1] * (dirs[name].dim() - 1)))
+    return {n: u.to(params[n].device) for n, u in dirs.items()}
+
+
+def rge(
+    oracle: Oracle,
+    params: Mapping[str, Tensor],
+    q: int = 192,
+    mu: float = 5e-3,
+    distribution: Distribution = "gaussian",
+    difference: Difference = "forward",
+    generator: torch.Generator | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    chunk: int = 64,
+    shard: tuple[int, int] | None = None,
+    nonfinite: NonFinite = "raise",
+) -> Estimate:
+    r"""Randomized (vector-wise) gradient estimate (RGE).
+
+    Forward differences with ``q`` directions :math:`u_k`:
+
+    .. math:: \hat g = \frac{c}{q} \sum_{k=1}^{q} \frac{f(\theta + \mu u_k) - f(\theta)}{\mu} u_k
+
+    with :math:`u_k \sim \mathcal N(0, I)` and :math:`c = 1` (``"gaussian"``), or :math:`u_k` uniform on
+    the unit sphere of the :math:`d` estimated coordinates and :math:`c = d` (``"sphere"``), which makes both
+    unbiased for the gradient of the smoothed loss. Central differences use
+    :math:`(f(\theta + \mu u_k) - f(\theta - \mu u_k)) / (2\mu)`.
+
+    Args:
+        oracle: the loss oracle.
+        params: name -> value. Never modified.
+        q: number of directions, >= 1.
+        mu: smoothing radius, > 0.
+        distribution: ``"gaussian"`` or ``"sphere"``.
+        difference: ``"forward"`` (q + 1 queries) or ``"central"`` (2q + 1 queries).
+        generator: CPU ``torch.Generator`` for the directions (reproducibility); ``None`` uses the global RNG.
+        masks: optional bool masks; directions are zero outside them (``d`` counts only masked-in entries).
+        chunk: directions generated and evaluated per batch (bounds memory).
+        shard: ``(rank, world_size)``: every rank draws all ``q`` directions (so generators stay in step) but
+            evaluates only ``k = rank, rank + world_size, ...``; summing the ranks' grads gives the full estimate.
+        nonfinite: ``"raise"`` or ``"skip"`` directions whose loss is not finite.
+
+    Returns:
+        The :class:`Estimate`.
+    """
+    _check_common(mu, difference, nonfinite)
+    check_choice("distribution", distribution, ("gaussian", "sphere"))
+    check_positive_int("q", q)
+    check_positive_int("chunk", chunk)
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"Expected argument `shard` to be (rank, world_size) 0 <= rank < world_size, got {shard}.")
+    _check_params(params)
+    validate_masks(params, masks)
+    start = oracle.queries
+    f0 = _base_loss(oracle, params)
+    if masks is None:
+        d = sum(p.numel() for p in params.values())
+    else:
+        d = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+    scale = (d if distribution == "sphere" else 1.0) / q
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    skipped = 0
+    for begin in range(0, q, chunk):
+        k = min(chunk, q - begin)
+        dirs = _directions(params, masks, k, distribution, generator)
+        keep = torch.arange(begin, begin + k)
+        if shard is not None:
+            keep = keep[keep % shard[1] == shard[0]]
+            if keep.numel() == 0:
+                continue
+            sel = keep - begin
+            dirs = {n: u[sel.to(u.device)] for n, u in dirs.items()}
+        plus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) + mu * u for n, u in dirs.items()})
+        if difference == "forward":
+            coeff = (plus - f0.to(plus)) / mu
+        else:
+            minus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) - mu * u for n, u in dirs.items()})
+            coeff = (plus - minus) / (2 * mu)
+        coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}")
+        skipped += n_bad
+        for name, u in dirs.items():
+            c = coeff.to(u.device, u.dtype)
+            grads[name] += scale * torch.tensordot(c, u, dims=1)
+    return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped)

@@ -1,0 +1,254 @@
+"""ZOModule: a LightningModule whose training step is query -> estimate -> step, never backward."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from dz_lightning import distributed
+from dz_lightning.estimators import Estimate, cge, rge, validate_masks
+from dz_lightning.oracle import ModuleOracle, Oracle
+from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
+
+__all__ = ["ZOModule"]
+
+_PRECISIONS = ("32-true", "64-true", "32", "64")
+
+
+class ZOModule(L.LightningModule):
+    """Base class for zeroth-order training with Lightning's manual optimization.
+
+    A subclass says what the objective is by implementing :meth:`make_oracle` (and what to log in
+    ``validation_step`` / ``test_step``). The step itself is written once, here:
+
+    1. ``oracle = self.make_oracle(batch)``;
+    2. CGE (restricted to ``self.zo_masks`` when a callback such as ZO-GraSP set them) or RGE estimates the
+       gradient of ``self.zo_parameters()``; under DDP each rank estimates its share of the coordinates (or
+       directions) and one all-reduce combines them;
+    3. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
+
+    Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
+    ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated).
+
+    Args:
+        model: the trained network.
+        estimator: ``"cge"`` (coordinate-wise, the paper's choice) or ``"rge"`` (random directions).
+        mu: finite-difference step (> 0).
+        q: RGE directions per step (ignored by CGE).
+        difference: ``"forward"`` or ``"central"`` differences.
+        distribution: RGE direction distribution, ``"sphere"`` or ``"gaussian"``.
+        optimizer: optimizer factory, called with the parameters (YAML: ``class_path`` + ``init_args``).
+        lr_scheduler: optional scheduler factory, called with the optimizer.
+        scheduler_interval: step the scheduler every optimizer ``"step"`` or every ``"epoch"``.
+        gradient_clip_val: clip the estimated gradient to this global 2-norm; ``None`` disables.
+        max_batch: most perturbed points per batched oracle call; ``None`` derives it from ``memory_budget``.
+        memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
+        nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
+            A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
+        max_queries: stop training once this many queries have been spent (``None``: no budget).
+        seed: seed of the module's private generator for random directions.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        estimator: Literal["cge", "rge"] = "cge",
+        mu: float = 5e-3,
+        q: int = 192,
+        difference: Literal["forward", "central"] = "forward",
+        distribution: Literal["gaussian", "sphere"] = "sphere",
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        gradient_clip_val: float | None = None,
+        max_batch: int | None = None,
+        memory_budget: int | None = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        max_queries: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
+                              nonfinite, max_queries)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.model = model
+        self.estimator = estimator
+        self.mu = float(mu)
+        self.q = q
+        self.difference = difference
+        self.distribution = distribution
+        self.optimizer_fn = optimizer
+        self.scheduler_fn = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.gradient_clip_val = gradient_clip_val
+        self.max_batch = max_batch
+        self.memory_budget = memory_budget
+        self.nonfinite = nonfinite
+        self.max_queries = max_queries
+        self.seed = seed
+        self.zo_masks: dict[str, Tensor] | None = None
+        self.zo_costs: dict[str, float] | None = None
+        self.queries_total = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self.last_estimate: Estimate | None = None
+
+    # ------------------------------------------------------------------------------------ template hooks
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def make_oracle(self, batch: Any) -> Oracle:
+        """Return the loss oracle for ``batch``. Subclasses must implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `make_oracle(batch)`.")
+
+    def zo_parameters(self) -> dict[str, Tensor]:
+        """Parameters estimated by ZO: name (relative to ``self.model``) -> tensor. Default: trainable ones."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor) -> ModuleOracle:
+        """A :class:`ModuleOracle` over ``self.model`` with this module's batching settings."""
+        return ModuleOracle(self.model, loss_fn, inputs, targets, max_batch=self.max_batch,
+                            memory_budget=self.memory_budget)
+
+    # -------------------------------------------------------------------------------------- Lightning API
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_fn(self.parameters())
+        if self.scheduler_fn is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt),
+                                                   "interval": self.scheduler_interval}}
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision not in _PRECISIONS:
+            raise ValueError(
+                f"ZOModule needs full-precision finite differences, but the Trainer uses precision={precision!r}. "
+                f"Use one of {_PRECISIONS[:2]} (queries run in fp32 regardless; mixed precision would corrupt the "
+                "optimizer step through its gradient scaler)."
+            )
+
+    def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> Estimate:
+        """This rank's share of the gradient estimate (before the all-reduce)."""
+        rank, world = distributed.rank_and_world()
+        masks = self.zo_masks
+        validate_masks(params, masks)
+        kwargs = {"nonfinite": self.nonfinite}
+        if self.estimator == "rge":
+            return rge(oracle, params, q=self.q, mu=self.mu, distribution=self.distribution,
+                       difference=self.difference, generator=self._generator, masks=masks,
+                       shard=(rank, world) if world > 1 else None, **kwargs)
+        coordinates = None
+        if world > 1:
+            index = {n: (masks[n].reshape(-1).nonzero().reshape(-1) if masks is not None and n in masks
+                         else torch.arange(p.numel(), device=p.device)) for n, p in params.items()}
+            coordinates = distributed.split_coordinates(index, rank, world, self.zo_costs)
+        return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference,
+                   coordinates=coordinates, **kwargs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        start = time.perf_counter()
+        oracle = self.make_oracle(batch)
+        if isinstance(oracle, ModuleOracle) and self.model.training:
+            self._update_batchnorm_stats(oracle)
+        params = self.zo_parameters()
+        error: BaseException | None = None
+        try:
+            est = self.estimate(oracle, params)
+            grads, queries, loss = est.grads, est.queries, est.loss
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective every rank joins
+            error = err
+            grads, queries, loss = {n: torch.zeros_like(p) for n, p in params.items()}, oracle.queries, float("nan")
+        grads, queries, failed = distributed.all_reduce_estimate(grads, queries, error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise distributed.RankFailedError(
+                "Another rank failed to estimate its share of the gradient (see its error); stopping all ranks."
+            )
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            raise ValueError("The estimated gradient is not finite; refusing to write it into the weights.")
+        self.last_estimate = Estimate(grads=grads, queries=queries, loss=loss)
+        for name, p in params.items():
+            p.grad = grads[name].to(p.dtype)
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        for opt in opts:
+            if self.gradient_clip_val is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.scheduler_interval == "step":
+            self._step_schedulers()
+        self.queries_total += queries
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        self._log_step(loss, queries, elapsed, params)
+        if self.max_queries is not None and self.queries_total >= self.max_queries:
+            self.trainer.should_stop = True
+        return torch.tensor(loss)
+
+    def on_train_epoch_end(self) -> None:
+        if self.scheduler_interval == "epoch":
+            self._step_schedulers()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dz_lightning"] = {"generator_state": self._generator.get_state(),
+                                      "queries_total": self.queries_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("dz_lightning")
+        if state is None:
+            rank_zero_warn("The checkpoint has no dz_lightning state; the direction generator restarts from its seed.")
+            return
+        self._generator.set_state(state["generator_state"])
+        self.queries_total = int(state["queries_total"])
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def _step_schedulers(self) -> None:
+        scheds = self.lr_schedulers()
+        if scheds is None:
+            return
+        for sch in scheds if isinstance(scheds, list) else [scheds]:
+            sch.step()
+
+    def _update_batchnorm_stats(self, oracle: ModuleOracle) -> None:
+        """One plain forward so BatchNorm running statistics follow training (queries never touch them)."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            with torch.no_grad(), torch.autocast(oracle.inputs.device.type, enabled=False):
+                self.model(oracle.inputs)
+
+    def _log_step(self, loss: float, queries: int, elapsed: float, params: Mapping[str, Tensor]) -> None:
+        total = sum(p.numel() for p in params.values())
+        if self.estimator == "cge":
+            masks = self.zo_masks or {}
+            estimated = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+            self.log("train/grad_density", estimated / max(total, 1), on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/queries", float(queries), on_step=True, on_epoch=False)
+        self.log("train/queries_total", float(self.queries_total), on_step=True, on_epoch=False)
+        self.log("train/queries_per_s", queries / elapsed, prog_bar=True, on_step=True, on_epoch=False)
+        opt = self.optimizers()
+        opt = opt[0] if isinstance(opt, list) else opt
+        self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+
+def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, distribution: str,
+                          scheduler_interval: str, gradient_clip_val: float | None, nonfinite: str,
+                          max_queries: int | None) -> None:
+    check_choice("estimator", estimator, ("cge", "rge"))
+    check_positive_float("mu", mu)
+    check_positive_int("q", q)
+    check_choice("difference", difference, ("forward", "central"))
+    check_choice("distribution", distribution, ("gaussian", "sphere"))
+    check_choice("scheduler_interval", scheduler_interval, ("step", "epoch"))
+    check_positive_float("gradient_clip_val", gradient_clip_val, allow_none=True)
+    check_choice("nonfinite", nonfinite, ("raise", "skip"))
+    check_positive_int("max_queries", max_queries, allow_none=True)

@@ -1,0 +1,350 @@
+"""Loss oracles: the only door to the objective.
+
+An oracle answers "what is the loss at these parameter values?" for one point or for K points at once.
+Estimators (:mod:`dz_lightning.estimators`) talk to the objective exclusively through this interface, so
+the objective may be a true black box (a NumPy program, a simulator, a remote service).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+__all__ = ["FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats"]
+
+
+class NonFiniteLossError(ValueError):
+    """Raised when the oracle returns NaN or infinity where a finite loss is needed."""
+
+
+def _as_scalar(value: object, where: str) -> Tensor:
+    """Convert an oracle answer to a 0-d float64-or-float32 tensor, checking that it is a scalar."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(value.shape)}."
+            )
+        return value.detach().reshape(())
+    try:
+        return torch.tensor(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"The loss returned by {where} must be a float or a 0-d tensor, but got {type(value).__name__}."
+        ) from err
+
+
+class Oracle:
+    """Base class of loss oracles.
+
+    Subclasses implement :meth:`_loss` (one point) and may override :meth:`_losses` (K points as one
+    batched computation) and :meth:`coordinate_losses` (K one-coordinate perturbations, the CGE workhorse).
+
+    Attributes:
+        queries: number of loss evaluations answered so far (one per point).
+        max_batch: largest number of points evaluated in one call; ``None`` means unlimited.
+    """
+
+    def __init__(self, max_batch: int | None = None) -> None:
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"Expected argument `max_batch` to be a positive int or None, but got {max_batch!r}.")
+        self.max_batch = max_batch
+        self.queries = 0
+
+    # ----------------------------------------------------------------------------------------- public API
+    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Loss at one point.
+
+        Args:
+            params: parameter name -> value.
+
+        Returns:
+            A 0-d tensor.
+        """
+        value = _as_scalar(self._loss(params), type(self).__name__)
+        self.queries += 1
+        return value
+
+    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        """Loss at K points that differ from ``params`` in the entries of ``varied``.
+
+        Args:
+            params: parameter name -> value (the fixed part of every point).
+            varied: name -> stacked values of shape ``(K, *params[name].shape)``.
+
+        Returns:
+            Losses of shape ``(K,)``.
+        """
+        k = self._check_varied(params, varied)
+        chunk = self.max_batch or k
+        out = []
+        for start in range(0, k, chunk):
+            part = {n: v[start : start + chunk] for n, v in varied.items()}
+            values = self._losses(params, part)
+            if not isinstance(values, Tensor):
+                values = torch.as_tensor(values)
+            values = values.detach().reshape(-1)
+            n_part = min(chunk, k - start)
+            if values.numel() != n_part:
+                raise ValueError(
+                    f"{type(self).__name__} returned {values.numel()} losses for a batch of {n_part} points."
+                )
+            out.append(values)
+            self.queries += n_part
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
+        """Losses of one-coordinate perturbations of one parameter.
+
+        Point ``i`` equals ``params`` except ``params[name].view(-1)[index[i]] += delta``.
+
+        Args:
+            params: parameter name -> value.
+            name: the parameter to perturb.
+            index: flat coordinate indices, shape ``(n,)``.
+            delta: the perturbation added to each coordinate.
+
+        Returns:
+            Losses of shape ``(n,)``.
+        """
+        base = params[name]
+        n = int(index.numel())
+        chunk = self.max_batch or n
+        out = []
+        for start in range(0, n, chunk):
+            idx = index[start : start + chunk].to(base.device)
+            stacked = base.detach().reshape(1, -1).repeat(idx.numel(), 1)
+            stacked[torch.arange(idx.numel(), device=base.device), idx] += delta
+            out.append(self.losses(params, {name: stacked.reshape(idx.numel(), *base.shape)}))
+        return torch.cat(out) if out else torch.zeros(0, device=base.device)
+
+    # ------------------------------------------------------------------------------------ for subclasses
+    def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
+        raise NotImplementedError
+
+    def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        """Default: one point at a time."""
+        k = next(iter(varied.values())).shape[0]
+        values = []
+        for i in range(k):
+            point = dict(params)
+            point.update({n: v[i] for n, v in varied.items()})
+            values.append(_as_scalar(self._loss(point), type(self).__name__))
+        return torch.stack(values)
+
+    @staticmethod
+    def _check_varied(params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> int:
+        if not varied:
+            raise ValueError("Expected argument `varied` to name at least one parameter, but got an empty dict.")
+        sizes = set()
+        for name, value in varied.items():
+            if name not in params:
+                raise ValueError(f"`varied` names {name!r}, which is not in `params` ({sorted(params)}).")
+            if tuple(value.shape[1:]) != tuple(params[name].shape):
+                raise ValueError(
+                    f"`varied[{name!r}]` must have shape (K, *{tuple(params[name].shape)}), "
+                    f"but got {tuple(value.shape)}."
+                )
+            sizes.add(value.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"All entries of `varied` must stack the same number of points, but got {sorted(sizes)}.")
+        return sizes.pop()
+
+
+class FunctionOracle(Oracle):
+    """An oracle around any callable ``fn(params) -> loss``: the black-box case.
+
+    Args:
+        fn: called with a dict name -> tensor and returning a float or a 0-d tensor. It may convert the
+            tensors to NumPy, call a subprocess or a remote service: nothing is differentiated.
+        batched: if ``True``, ``fn`` accepts a dict of stacked values ``(K, ...)`` for *every* parameter and
+            returns ``K`` losses; otherwise it is called one point at a time.
+        max_batch: most points per call when ``batched``.
+
+    Example:
+        >>> oracle = FunctionOracle(lambda p: float((p["w"].numpy() ** 2).sum()))
+    """
+
+    def __init__(self, fn: Callable[[dict[str, Tensor]], Tensor | float], batched: bool = False,
+                 max_batch: int | None = None) -> None:
+        super().__init__(max_batch=max_batch)
+        if not callable(fn):
+            raise TypeError(f"Expected argument `fn` to be callable, but got {type(fn).__name__}.")
+        self.fn = fn
+        self.batched = batched
+
+    def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
+        with torch.no_grad():
+            if self.batched:
+                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()}).reshape(())
+            return self.fn({n: v.detach() for n, v in params.items()})
+
+    def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        if not self.batched:
+            return super()._losses(params, varied)
+        k = next(iter(varied.values())).shape[0]
+        stacked = {
+            n: (varied[n] if n in varied else v.detach().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()
+        }
+        with torch.no_grad():
+            return torch.as_tensor(self.fn(stacked))
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` without updating BatchNorm running statistics.
+
+    In train mode BatchNorm still normalizes with batch statistics (the same numbers a training forward
+    computes); in eval mode it uses the running statistics. Only the buffer updates are suppressed.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.track_running_stats for m in bns]
+    try:
+        for m in bns:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, flag in zip(bns, saved, strict=True):
+            m.track_running_stats = flag
+
+
+def _device_type(t: Tensor) -> str:
+    return t.device.type if t.device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
+
+
+class ModuleOracle(Oracle):
+    """Loss of ``loss_fn(model(inputs), targets)`` as a function of (some of) the model's parameters.
+
+    White box inside, black box to the estimator. Queries run under ``no_grad``, with autocast disabled
+    (full precision even inside a mixed-precision trainer), and never update BatchNorm running statistics.
+    K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
+    one-coordinate perturbations of staged models use feature reuse (:mod:`dz_lightning.reuse`).
+
+    Args:
+        model: the network. Parameter names are those of ``model.named_parameters()``.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``, a mean over the batch.
+        inputs: the batch inputs, e.g. ``(B, C, H, W)``.
+        targets: the batch targets, e.g. ``(B,)``.
+        max_batch: most points per batched call (bounds memory); ``None`` picks from ``memory_budget``.
+        memory_budget: bytes the batched queries may use beyond the base forward; ``None`` means a default
+            (a quarter of free CUDA memory, or 1 GiB on CPU).
+        feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        max_batch: int | None = None,
+        memory_budget: int | None = None,
+        feature_reuse: bool = True,
+    ) -> None:
+        super().__init__(max_batch=max_batch)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.inputs = inputs
+        self.targets = targets
+        self.memory_budget = memory_budget
+        self.feature_reuse = feature_reuse
+        self._staged = None
+        self._staged_key: tuple | None = None
+
+    # -------------------------------------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _query_context(self) -> Iterator[None]:
+        with torch.no_grad(), torch.autocast(_device_type(self.inputs), enabled=False), \
+                frozen_batchnorm_stats(self.model):
+            yield
+
+    def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: params[n] if n in params else p for n, p in self.model.named_parameters()}
+
+    def _auto_chunk(self, k: int) -> int:
+        if self.max_batch is not None:
+            return self.max_batch
+        budget = self.memory_budget
+        if budget is None:
+            if self.inputs.is_cuda:
+                free, _ = torch.cuda.mem_get_info(self.inputs.device)
+                budget = free // 4
+            else:
+                budget = 1 << 30
+        # A rough cost per point: ten activations the size of the input batch.
+        per_point = max(1, 10 * self.inputs.numel() * self.inputs.element_size())
+        return max(1, min(k, budget // per_point))
+
+    # ----------------------------------------------------------------------------------------- overrides
+    def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        with self._query_context():
+            out = functional_call(self.model, self._full(params), (self.inputs,))
+            return self.loss_fn(out, self.targets)
+
+    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        if self.max_batch is None:
+            k = self._check_varied(params, varied)
+            self.max_batch = self._auto_chunk(k)
+            try:
+                return super().losses(params, varied)
+            finally:
+                self.max_batch = None
+        return super().losses(params, varied)
+
+    def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        fixed = {n: v for n, v in self._full(params).items() if n not in varied}
+        names = list(varied)
+
+        def one(*values: Tensor) -> Tensor:
+            point = dict(fixed)
+            point.update(zip(names, values, strict=True))
+            return self.loss_fn(functional_call(self.model, point, (self.inputs,)), self.targets)
+
+        with self._query_context():
+            return vmap(one, randomness="same")(*(varied[n] for n in names))
+
+    def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
+        staged = self._staged_forward(params) if self.feature_reuse else None
+        if staged is None:
+            return super().coordinate_losses(params, name, index, delta)
+        with self._query_context():
+            values = staged.coordinate_losses(name, index, delta)
+        self.queries += int(index.numel())
+        return values
+
+    def _staged_forward(self, params: Mapping[str, Tensor]):  # noqa: ANN202 - optional dependency
+        try:
+            from dz_lightning import reuse
+        except ImportError:  # the fast path is optional
+            return None
+        if reuse.get_stages(self.model) is None:
+            _warn_not_staged(self.model)
+            return None
+        key = tuple((n, v.data_ptr(), v._version) for n, v in params.items())
+        if self._staged is None or key != self._staged_key:
+            with self._query_context():
+                self._staged = reuse.StagedForward(
+                    self.model, self.loss_fn, self.inputs, self.targets, dict(params),
+                    max_batch=self.max_batch, memory_budget=self.memory_budget,
+                )
+            self._staged_key = key
+        return self._staged
+
+
+_WARNED: set[type] = set()
+
+
+def _warn_not_staged(model: nn.Module) -> None:
+    if type(model) not in _WARNED:
+        _WARNED.add(type(model))
+        warnings.warn(
+            f"{type(model).__name__} exposes no stages (it is not an nn.Sequential and has no `stages()` method), "
+            "so CGE runs the full forward for every query. Define `stages()` to enable feature reuse.",
+            stacklevel=3,
+        )

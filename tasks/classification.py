@@ -1,0 +1,205 @@
+"""Image classification: a ZO-trained classifier, its FO twin, and the offline digits data.
+
+``ZOClassifier`` trains any model (a staged one from :mod:`dz_lightning.models` or the user's own) from
+loss queries only; ``FOClassifier`` trains the same model, data, optimizer and schedule by backprop, as the
+reference every ZO result is compared with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from dz_lightning import ZOModule
+from dz_lightning.oracle import Oracle
+from dz_lightning.sampling import SeededRandomSampler
+
+__all__ = ["DigitsDataModule", "FOClassifier", "ZOClassifier"]
+
+
+class _ClassificationMetrics:
+    """Top-1 accuracy per split and the shared validation/test steps (mixed into both classifiers)."""
+
+    model: nn.Module
+
+    def _configure_metrics(self, num_classes: int) -> None:
+        if num_classes < 2:
+            raise ValueError(f"Expected argument `num_classes` to be >= 2, but got {num_classes}.")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def _eval_step(self, batch: Any, split: Literal["val", "test"]) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        metric = self.val_acc if split == "val" else self.test_acc
+        metric(logits, y)
+        self.log(f"{split}/loss", loss, sync_dist=True)  # type: ignore[attr-defined]
+        self.log(f"{split}/acc", metric, prog_bar=True)  # type: ignore[attr-defined]
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.model(x).argmax(-1)
+
+
+class ZOClassifier(_ClassificationMetrics, ZOModule):
+    """A classifier trained by zeroth-order optimization of the cross-entropy.
+
+    Args:
+        model: maps ``(B, C, H, W)`` images to ``(B, num_classes)`` logits.
+        num_classes: number of classes (for the accuracy metrics).
+        **kwargs: estimator, optimizer and schedule options of :class:`~dz_lightning.ZOModule`.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int = 10, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._configure_metrics(num_classes)
+
+    def make_oracle(self, batch: Any) -> Oracle:
+        x, y = batch
+        return self.module_oracle(F.cross_entropy, x, y)
+
+
+class FOClassifier(_ClassificationMetrics, L.LightningModule):
+    """The first-order (backprop) twin of :class:`ZOClassifier`: same model, data, optimizer and schedule.
+
+    FO only: it differentiates through the model and is never used on a black-box path.
+
+    Args:
+        model: maps images to logits.
+        num_classes: number of classes.
+        optimizer: optimizer factory.
+        lr_scheduler: optional scheduler factory.
+        scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int = 10,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"Expected argument `scheduler_interval` to be one of 'step', 'epoch', but got {scheduler_interval!r}."
+            )
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.model = model
+        self.optimizer_fn = optimizer
+        self.scheduler_fn = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self._configure_metrics(num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_fn(self.parameters())
+        if self.scheduler_fn is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt),
+                                                   "interval": self.scheduler_interval}}
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes): the offline default.
+
+    Images are ``(1, 8, 8)`` float32 scaled to [0, 1] (``normalize="unit"``) or standardized with the training
+    split's mean and std (``"standard"``); labels are ``int64``. The stratified train/val/test split is fixed
+    by ``seed``; the training order depends only on (seed, epoch), identically on every DDP rank.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        val_size: fraction of all images for validation.
+        test_size: fraction of all images for testing.
+        normalize: ``"unit"`` or ``"standard"``.
+        seed: split and shuffling seed.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        val_size: float = 0.1,
+        test_size: float = 0.2,
+        normalize: Literal["unit", "standard"] = "unit",
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"Expected positive batch sizes, but got {batch_size} and {eval_batch_size}.")
+        if not (0 < val_size < 1 and 0 < test_size < 1 and val_size + test_size < 1):
+            raise ValueError(
+                f"Expected `val_size` and `test_size` in (0, 1) with a sum < 1, but got {val_size} and {test_size}."
+            )
+        if normalize not in ("unit", "standard"):
+            raise ValueError(f"Expected argument `normalize` to be 'unit' or 'standard', but got {normalize!r}.")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.normalize = normalize
+        self.seed = seed
+        self.num_workers = num_workers
+        self.num_classes = 10
+        self.splits: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        data = load_digits()
+        x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(data.target, dtype=torch.long)
+        idx = torch.arange(len(y)).numpy()
+        rest, test = train_test_split(idx, test_size=self.test_size, random_state=self.seed, stratify=y.numpy())
+        train, val = train_test_split(
+            rest, test_size=self.val_size / (1 - self.test_size), random_state=self.seed, stratify=y.numpy()[rest]
+        )
+        if self.normalize == "standard":
+            mean, std = x[train].mean(), x[train].std()
+            x = (x - mean) / std
+        self.splits = {name: TensorDataset(x[i], y[i]) for name, i in (("train", train), ("val", val), ("test", test))}
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.splits["train"]
+        return DataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
+                          num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["val"], batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["test"], batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
