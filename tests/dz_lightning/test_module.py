@@ -1,0 +1,148 @@
+"""ZOModule through the CLI and the Trainer: training, resume, precision, bad configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import dz_lightning as dz
+from dz_lightning.cli import build_cli
+from dz_lightning.models import MLP
+from tasks.classification import DigitsDataModule, ZOClassifier
+
+
+def _config(tmp_path: Path, estimator: str = "rge", **model_args) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1,
+            "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+        },
+        "model": {
+            "class_path": "tasks.classification.ZOClassifier",
+            "init_args": {
+                "model": {"class_path": "dz_lightning.models.MLP", "init_args": {"hidden": [6]}},
+                "estimator": estimator, "q": 6, "mu": 0.01,
+                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}},
+                "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
+                                 "init_args": {"step_size": 2, "gamma": 0.5}},
+                **model_args,
+            },
+        },
+        "data": {"class_path": "tasks.classification.DigitsDataModule", "init_args": {"batch_size": 32}},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("estimator", ["cge", "rge"])
+def test_cli_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, estimator):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cfg_a, cfg_b = _config(straight, estimator), _config(split, estimator)
+    build_cli(["fit", "--config", str(cfg_a), "--trainer.max_epochs", "4"])
+    build_cli(["fit", "--config", str(cfg_b), "--trainer.max_epochs", "2"])
+    first_half = _weights(split / "ckpt" / "last.ckpt")
+    build_cli(["fit", "--config", str(cfg_b), "--trainer.max_epochs", "4",
+               "--ckpt_path", str(split / "ckpt" / "last.ckpt")])
+    a, b = _weights(straight / "ckpt" / "last.ckpt"), _weights(split / "ckpt" / "last.ckpt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    assert not all(torch.equal(a[k], first_half[k]) for k in a), "the second half must have trained"
+    state = torch.load(straight / "ckpt" / "last.ckpt", weights_only=False)
+    # 4 epochs x 3 steps: every step spends (coordinates or directions) + 1 base query
+    per_step = 6 + 1 if estimator == "rge" else sum(p.numel() for p in MLP(hidden=(6,)).parameters()) + 1
+    assert state["dz_lightning"]["queries_total"] == 12 * per_step
+    assert state["lr_schedulers"][0]["last_epoch"] == 12  # stepped every optimizer step
+
+
+def test_cli_rejects_unknown_estimator_name(tmp_path, capsys):
+    cfg = _config(tmp_path, estimator="sge")
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "estimator" in err and "sge" in err and "cge" in err
+
+
+def test_print_config_lists_every_model_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", "--config", str(_config(tmp_path)), "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("estimator: rge", "mu: 0.01", "difference: forward", "max_queries: null", "nonfinite: raise"):
+        assert option in out
+
+
+def _trainer(**kw) -> L.Trainer:
+    base = {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_progress_bar": False,
+            "enable_checkpointing": False, "enable_model_summary": False, "limit_val_batches": 0}
+    return L.Trainer(**{**base, **kw})
+
+
+def test_sixteen_bit_precision_is_refused_before_training():
+    module = ZOClassifier(MLP(hidden=(4,)))
+    with pytest.raises(ValueError, match="precision='bf16-mixed'.*'32-true', '64-true'"):
+        _trainer(precision="bf16-mixed").fit(module, DigitsDataModule(batch_size=16))
+
+
+class _NaNAfterOneStep(ZOClassifier):
+    """Its oracle goes non-finite from the second step on."""
+
+    def make_oracle(self, batch):
+        oracle = super().make_oracle(batch)
+        if self.global_step >= 1:
+            return dz.FunctionOracle(lambda p: float("nan"))
+        return oracle
+
+
+def test_non_finite_loss_never_reaches_the_weights():
+    module = _NaNAfterOneStep(MLP(hidden=(4,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(dz.NonFiniteLossError, match="non-finite loss"):
+        _trainer().fit(module, DigitsDataModule(batch_size=16))
+    assert module.global_step == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_batchnorm_running_stats_follow_training_and_budget_stops_the_run():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+    n_params = sum(p.numel() for p in model.parameters())
+    module = ZOClassifier(model, max_queries=2 * (n_params + 1), gradient_clip_val=1.0,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    _trainer(max_steps=10).fit(module, DigitsDataModule(batch_size=16))
+    assert module.global_step == 2, "the query budget must stop training after two steps"
+    assert int(model[2].num_batches_tracked) == 2, "one plain forward per step updates the BN statistics"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"estimator": "sge"}, "`estimator`.*'cge', 'rge'.*'sge'"),
+        ({"mu": 0}, "`mu`.*> 0.*0"),
+        ({"q": 0}, "`q`.*>= 1.*0"),
+        ({"scheduler_interval": "batch"}, "`scheduler_interval`.*'batch'"),
+        ({"gradient_clip_val": -1.0}, "`gradient_clip_val`.*-1.0"),
+    ],
+)
+def test_zo_module_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ZOClassifier(MLP(hidden=(4,)), **kwargs)
+
+
+def test_masks_with_unknown_names_fail_at_the_first_step():
+    module = ZOClassifier(MLP(hidden=(4,)))
+    module.zo_masks = {"conv.weight": torch.ones(3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="`masks` names 'conv.weight'.*valid names"):
+        _trainer().fit(module, DigitsDataModule(batch_size=16))

@@ -1,0 +1,118 @@
+"""Oracles: batched K-point evaluation, BatchNorm semantics, precision, black-box callables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dz_lightning as dz
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("max_batch", [None, 1, 3])
+def test_batched_losses_equal_single_evaluations(train, max_batch):
+    model = _bn_model().train(train)
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, max_batch=max_batch)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    varied = {"0.weight": params["0.weight"].detach() + 0.1 * torch.randn(7, 3, 2, 3, 3, generator=gen),
+              "1.bias": params["1.bias"].detach() + 0.1 * torch.randn(7, 3, generator=gen)}
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    batched = oracle.losses(params, varied)
+    single = torch.stack([oracle.loss({**params, **{n: v[i] for n, v in varied.items()}}) for i in range(7)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+    assert oracle.queries == 14
+    assert all(torch.equal(stats[n], b) for n, b in model.named_buffers()), "queries must not touch BN stats"
+    # the train/eval semantics are those of the model's own forward
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x), y)
+    model.load_state_dict({**model.state_dict(), **stats})
+    assert float(oracle.loss(params)) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_coordinate_losses_match_explicit_perturbation():
+    model = _bn_model()
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, max_batch=4)
+    params = dict(model.named_parameters())
+    index = torch.tensor([0, 5, 17, 53])
+    got = oracle.coordinate_losses(params, "0.weight", index, 1e-2)
+    for i, j in enumerate(index.tolist()):
+        w = params["0.weight"].detach().clone()
+        w.view(-1)[j] += 1e-2
+        assert float(got[i]) == pytest.approx(float(oracle.loss({**params, "0.weight": w})), rel=1e-5)
+
+
+def test_queries_run_in_full_precision_inside_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(4, 16), torch.randint(0, 3, (4,))
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y)
+    params = dict(model.named_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = oracle.loss(params)
+    assert inside.dtype == torch.float32
+    assert float(inside) == pytest.approx(float(oracle.loss(params)), abs=0)
+
+
+def test_function_oracle_batched_and_unbatched_agree():
+    def loss_one(p):
+        return (p["w"] ** 2).sum() + p["b"].sum()
+
+    def loss_batched(p):
+        return (p["w"] ** 2).flatten(1).sum(1) + p["b"].flatten(1).sum(1)
+
+    params = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    one, many = dz.FunctionOracle(loss_one), dz.FunctionOracle(loss_batched, batched=True, max_batch=2)
+    e1, e2 = dz.cge(one, params), dz.cge(many, params)
+    for n in params:
+        torch.testing.assert_close(e1.grads[n], e2.grads[n])
+    assert e1.queries == e2.queries == 9
+
+
+def test_function_oracle_rejects_wrong_batch_length():
+    oracle = dz.FunctionOracle(lambda p: torch.zeros(2), batched=True)
+    with pytest.raises(ValueError, match="returned 2 losses for a batch of 3 points"):
+        oracle.losses({"w": torch.zeros(1)}, {"w": torch.zeros(3, 1)})
+
+
+def test_function_oracle_trains_through_a_numpy_black_box():
+    """A NumPy-only logistic-regression loss: nothing torch can differentiate."""
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(200, 3))
+    w_true = np.array([1.5, -2.0, 0.5])
+    ys = (xs @ w_true > 0).astype(np.float64)
+
+    def numpy_loss(p: dict[str, torch.Tensor]) -> float:
+        w = p["w"].numpy().astype(np.float64)
+        z = xs @ w
+        return float(np.mean(np.logaddexp(0.0, z) - ys * z))
+
+    w = torch.zeros(3, dtype=torch.float64)
+    oracle = dz.FunctionOracle(numpy_loss)
+    first = numpy_loss({"w": w})
+    for _ in range(200):
+        est = dz.cge(oracle, {"w": w}, mu=1e-4)
+        w = w - 1.0 * est.grads["w"]
+    assert numpy_loss({"w": w}) < 0.5 * first
+    acc = np.mean(((xs @ w.numpy()) > 0) == ys)
+    assert acc > 0.95
+    assert oracle.queries == 200 * 4
+
+
+def test_module_oracle_type_errors():
+    with pytest.raises(TypeError, match="`model` to be an nn.Module.*function"):
+        dz.ModuleOracle(lambda x: x, F.cross_entropy, torch.zeros(1), torch.zeros(1))
+    with pytest.raises(TypeError, match="`fn` to be callable.*int"):
+        dz.FunctionOracle(3)
+    with pytest.raises(ValueError, match="`max_batch`.*0"):
+        dz.FunctionOracle(lambda p: 0.0, max_batch=0)
