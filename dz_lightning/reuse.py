@@ -32,7 +32,9 @@ from torch.func import functional_call
 
 __all__ = ["StagedForward", "flatten_ops", "get_stages"]
 
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Identity)
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Identity
+)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _CPU_CACHE_BYTES = 4 << 20
