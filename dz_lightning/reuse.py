@@ -107,6 +107,11 @@ def _grouped_batch_norm(model: nn.Module, groups: int) -> Iterator[None]:
             del m.forward
 
 
+def _delta_if(perturb: tuple[str, float], name: str) -> float:
+    """The perturbation ``perturb = (param_name, delta)`` applied to ``name``: ``delta`` or 0."""
+    return perturb[1] if perturb[0] == name else 0.0
+
+
 class _AfterFirst(nn.Module):
     """Calls ``block.forward_after_first(x, pre)`` so that it can go through ``functional_call``."""
 
@@ -193,7 +198,7 @@ class StagedForward:
         if name not in self.where:
             raise ValueError(f"Unknown parameter {name!r}; valid names: {sorted(self.where)}.")
         index = index.reshape(-1).to(device=self.inputs.device, dtype=torch.long)
-        chunk = self._chunk(index.numel(), self.where[name][0])
+        chunk = self._chunk(index.numel(), self._full_restart(*self.where[name]))
         out = []
         with _query_mode(self.model, self.inputs.device):
             for start in range(0, index.numel(), chunk):
@@ -219,11 +224,26 @@ class StagedForward:
             k = min(k, int(_CPU_CACHE_BYTES // self._bytes_from[start]))
         return max(1, min(n, k))
 
+    def _full_restart(self, j: int, local: str) -> int:
+        """First op that the queries of parameter ``local`` of op ``j`` run on whole activations."""
+        op = self.ops[j]
+        if not ((_is_mixing(op) or isinstance(op, _NORMS)) and local in ("weight", "bias")):
+            return j
+        t = j + 1
+        while t < len(self.ops) and _is_channelwise(self.ops[t]):
+            t += 1
+        if t < len(self.ops) and _is_mixing(self.ops[t]):
+            t += 1
+        return min(t, len(self.ops) - 1)
+
     def _chunk_losses(self, name: str, index: Tensor, delta: float) -> Tensor:
         j, local = self.where[name]
         op = self.ops[j]
         if _is_mixing(op) and local in ("weight", "bias") and (isinstance(op, nn.Conv2d) or self.acts[j].dim() == 2):
             return self._mixing_path(j, local, index, delta)
+        if isinstance(op, _NORMS) and local in ("weight", "bias") and self.acts[j].dim() in (2, 4):
+            z = self._channelwise(j, self.acts[j].transpose(0, 1)[index], index, perturb=(local, delta))
+            return self._channel_local(j + 1, z, index)
         first = getattr(op, "first_layer", None)
         if isinstance(first, nn.Conv2d) and _is_mixing(first) and hasattr(op, "forward_after_first"):
             prefix = next(n for n, m in op.named_modules() if m is first)
@@ -272,11 +292,14 @@ class StagedForward:
     def _mixing_path(self, j: int, local: str, index: Tensor, delta: float) -> Tensor:
         op = self.ops[j]
         channel, col = self._column(op, self.acts[j], j, local, index, self.acts[j + 1].shape)
-        k = index.numel()
-        ar = torch.arange(k, device=index.device)
         # the perturbed output channel of each query, then channel-wise ops on that channel only
         z = self.acts[j + 1].transpose(0, 1)[channel] + delta * col  # (k, B, *spatial)
-        t = j + 1
+        return self._channel_local(j + 1, z, channel)
+
+    def _channel_local(self, t: int, z: Tensor, channel: Tensor) -> Tensor:
+        """Continue queries whose only change at the input of op ``t`` is channel ``channel[i]``, now ``z[i]``."""
+        k = z.shape[0]
+        ar = torch.arange(k, device=z.device)
         while t < len(self.ops) and _is_channelwise(self.ops[t]) and self.acts[t].dim() in (2, 4):
             z = self._channelwise(t, z, channel)
             t += 1
@@ -289,8 +312,11 @@ class StagedForward:
         h[ar, :, channel] = z
         return self._rest(t, h)
 
-    def _channelwise(self, t: int, z: Tensor, channel: Tensor) -> Tensor:
-        """Apply op ``t`` to one channel per query: ``z`` is ``(k, B, *spatial)``, channel ``channel[i]``."""
+    def _channelwise(self, t: int, z: Tensor, channel: Tensor, perturb: tuple[str, float] | None = None) -> Tensor:
+        """Apply op ``t`` to one channel per query: ``z`` is ``(k, B, *spatial)``, channel ``channel[i]``.
+
+        ``perturb=(name, delta)`` adds ``delta`` to entry ``channel[i]`` of op ``t``'s parameter ``name`` for query i.
+        """
         op, p = self.ops[t], self.op_params[t]
         if isinstance(op, _NORMS):
             dims = tuple(range(1, z.dim()))
@@ -302,7 +328,11 @@ class StagedForward:
                 mean, var = op.running_mean[channel].view(shape), op.running_var[channel].view(shape)
             z = (z - mean) * torch.rsqrt(var + op.eps)
             if op.affine:
-                z = z * p["weight"][channel].view(shape) + p["bias"][channel].view(shape)
+                weight, bias = p["weight"][channel], p["bias"][channel]
+                if perturb is not None:
+                    weight = weight + _delta_if(perturb, "weight")
+                    bias = bias + _delta_if(perturb, "bias")
+                z = z * weight.view(shape) + bias.view(shape)
             return z
         if isinstance(op, _POOLS):
             k, b = z.shape[:2]
