@@ -1,0 +1,233 @@
+"""ZO-GraSP: layer-wise pruning ratios at fit start, random gradient masks redrawn every N epochs.
+
+Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule that follows this protocol:
+
+* ``zo_parameters() -> dict[str, Tensor]``: the parameters its estimator perturbs;
+* a ``zo_masks`` attribute that its estimator reads (``None`` = dense);
+* ``make_oracle(batch) -> dz_lightning.Oracle`` (needed by ``method="zo_grasp"``; ``"grasp"`` needs the oracle
+  to be a :class:`~dz_lightning.ModuleOracle`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from typing_extensions import override
+
+from dz_lightning import sparsity as sp
+from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
+
+__all__ = ["ZOGraSP"]
+
+Method = Literal["zo_grasp", "grasp", "random", "uniform"]
+
+
+class ZOGraSP(L.Callback):
+    """Compute layer-wise pruning ratios (LPRs) once, then draw sparse gradient masks at those ratios.
+
+    At the start of training the callback scores the freshly initialized model (or loads LPRs from
+    ``ratios_path``), draws a random mask per conv/linear weight at its LPR, and sets ``pl_module.zo_masks``; CGE
+    then estimates only the masked-in coordinates while the dense model trains. Masks are redrawn every
+    ``resample_every_n_epochs`` epochs from the callback's own seeded generator, so every DDP rank draws the same
+    masks, and LPRs, masks and generator state are saved in checkpoints (a resumed run continues with the same
+    masks and the same future draws).
+
+    Args:
+        sparsity: fraction of the conv/linear weights NOT estimated per step, in [0, 1).
+        method: ``"zo_grasp"`` (scores from loss queries: RGE), ``"grasp"`` (FO reference, autograd),
+            ``"random"`` (global prune of random scores) or ``"uniform"`` (every layer at ``sparsity``).
+        resample_every_n_epochs: redraw the masks every this many epochs (>= 1).
+        q: RGE directions for ZO-GraSP.
+        mu: RGE smoothing radius for ZO-GraSP.
+        samples_per_class: class-balanced examples used for scoring.
+        num_classes: classes to collect (stops reading the loader early); ``None`` reads until exhausted.
+        seed: seed of the callback's generator (scores and masks).
+        ratios_path: load LPRs from this JSON file instead of computing them.
+        save_ratios_path: write the LPRs to this JSON file (rank zero).
+        dense: further parameter names to keep dense (biases and BatchNorm are always dense).
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        method: Method = "zo_grasp",
+        resample_every_n_epochs: int = 5,
+        q: int = 192,
+        mu: float = 5e-3,
+        samples_per_class: int = 25,
+        num_classes: int | None = None,
+        seed: int = 0,
+        ratios_path: str | None = None,
+        save_ratios_path: str | None = None,
+        dense: list[str] | None = None,
+    ) -> None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"Expected argument `sparsity` to be a float in [0, 1), but got {sparsity!r}.")
+        check_choice("method", method, ("zo_grasp", "grasp", "random", "uniform"))
+        check_positive_int("resample_every_n_epochs", resample_every_n_epochs)
+        check_positive_int("q", q)
+        check_positive_float("mu", mu)
+        check_positive_int("samples_per_class", samples_per_class)
+        check_positive_int("num_classes", num_classes, minimum=1, allow_none=True)
+        if ratios_path is not None and not Path(ratios_path).is_file():
+            raise ValueError(f"Expected argument `ratios_path` to be an existing JSON file, but got {ratios_path!r}.")
+        self.sparsity = float(sparsity)
+        self.method = method
+        self.resample_every_n_epochs = resample_every_n_epochs
+        self.q, self.mu = q, mu
+        self.samples_per_class = samples_per_class
+        self.num_classes = num_classes
+        self.seed = seed
+        self.ratios_path = ratios_path
+        self.save_ratios_path = save_ratios_path
+        self.dense = list(dense or [])
+        self._generator = torch.Generator().manual_seed(seed)
+        self.ratios: dict[str, float] | None = None
+        self.masks: dict[str, torch.Tensor] | None = None
+        self._drawn_epoch = -1
+        self.queries = 0
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ratios": self.ratios,
+            "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None,
+            "generator_state": self._generator.get_state(),
+            "drawn_epoch": self._drawn_epoch,
+            "sparsity": self.sparsity,
+            "queries": self.queries,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if abs(state_dict["sparsity"] - self.sparsity) > 1e-12:
+            raise ValueError(f"The checkpoint's ZOGraSP ran at sparsity {state_dict['sparsity']}, but this callback "
+                             f"has sparsity {self.sparsity}; resume with the same sparsity or start a new run.")
+        self.ratios = state_dict["ratios"]
+        self.masks = state_dict["masks"]
+        self._generator.set_state(state_dict["generator_state"])
+        self._drawn_epoch = state_dict["drawn_epoch"]
+        self.queries = state_dict.get("queries", 0)
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        missing = [a for a in ("zo_parameters", "zo_masks") if not hasattr(pl_module, a)]
+        if missing:
+            raise TypeError(f"ZOGraSP needs a module with `zo_parameters()` and a `zo_masks` attribute (see the "
+                            f"README's protocol), but {type(pl_module).__name__} lacks {missing}.")
+        params = pl_module.zo_parameters()
+        names = [n for n in sp.prunable_parameters(pl_module.model if hasattr(pl_module, "model") else pl_module,
+                                                   self.dense) if n in params]
+        if not names:
+            raise ValueError(f"{type(pl_module).__name__} has no prunable layer among its `zo_parameters()`.")
+        self._names = names
+        if self.ratios_path is not None and self.ratios is None:
+            self.ratios = self._load_ratios(self.ratios_path, params)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = pl_module.zo_parameters()
+        if self.ratios is None:
+            start = time.perf_counter()
+            ratios = self._compute_ratios(trainer, pl_module, params)
+            ratios = trainer.strategy.broadcast(ratios, src=0)
+            self.ratios = ratios
+            rank_zero_info(f"ZOGraSP: {self.method} LPRs at sparsity {self.sparsity} in "
+                           f"{time.perf_counter() - start:.1f} s ({self.queries} queries).")
+            self._save_ratios()
+        if self.masks is None:
+            self._draw(pl_module, trainer.current_epoch)
+        else:
+            self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
+        pl_module.zo_masks = self.masks
+        self._log(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch % self.resample_every_n_epochs == 0 and epoch != self._drawn_epoch:
+            self._draw(pl_module, epoch)
+            pl_module.zo_masks = self.masks
+            self._log(trainer, pl_module)
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def _draw(self, pl_module: L.LightningModule, epoch: int) -> None:
+        self.masks = sp.draw_masks(pl_module.zo_parameters(), self.ratios, self._generator)
+        self._drawn_epoch = epoch
+
+    def _compute_ratios(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                        params: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.method == "uniform":
+            return sp.uniform_ratios(self._names, self.sparsity)
+        if self.method == "random":
+            return sp.random_ratios(params, self._names, self.sparsity, self._generator)
+        if not hasattr(pl_module, "make_oracle"):
+            raise TypeError(f"method={self.method!r} needs `make_oracle(batch)` on {type(pl_module).__name__}.")
+        device = next(iter(params.values())).device
+        x, y = sp.class_balanced_sample(trainer.train_dataloader, self.samples_per_class, self.num_classes)
+        oracle = pl_module.make_oracle((x.to(device), y.to(device)))
+        if self.method == "grasp":
+            white = sp.module_oracle_parts(oracle)
+            scores = sp.grasp_scores(white.model, white.loss_fn, white.inputs, white.targets, self._names)
+        else:
+            scores, self.queries = sp.zo_grasp_scores(oracle, params, self._names, self.q, self.mu, self._generator)
+        return sp.layerwise_ratios(scores, self.sparsity)
+
+    def _load_ratios(self, path: str, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        ratios = json.loads(Path(path).read_text())
+        if not isinstance(ratios, dict) or set(ratios) != set(self._names):
+            got = sorted(ratios) if isinstance(ratios, dict) else type(ratios).__name__
+            raise ValueError(f"The LPR file {path!r} does not match the model: it names {got}, but the prunable "
+                             f"layers are {self._names}.")
+        return {n: float(r) for n, r in ratios.items()}
+
+    @rank_zero_only
+    def _save_ratios(self) -> None:
+        if self.save_ratios_path is not None:
+            Path(self.save_ratios_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.save_ratios_path).write_text(json.dumps(self.ratios, indent=2))
+
+    @rank_zero_only
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.logger is None or self.masks is None:
+            return
+        metrics = {f"zo_grasp/lpr/{n}": r for n, r in self.ratios.items()}
+        metrics["zo_grasp/density"] = sp.realized_density(self.masks)
+        metrics["zo_grasp/queries"] = float(self.queries)
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(trainer.logger, TensorBoardLogger) and self._drawn_epoch == trainer.current_epoch:
+            image = _bar_chart(self.ratios, f"{self.method} LPRs, sparsity {self.sparsity}")
+            trainer.logger.experiment.add_image("zo_grasp/lpr", image, trainer.global_step, dataformats="HWC")
+
+
+def _bar_chart(ratios: dict[str, float], title: str) -> Any:
+    """An RGB array ``(H, W, 3)`` of a bar chart of the ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(ratios)), 3), dpi=80)
+    ax.bar(range(len(ratios)), list(ratios.values()))
+    ax.set_xticks(range(len(ratios)), list(ratios), rotation=90, fontsize=6)
+    ax.set_ylabel("pruning ratio")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))

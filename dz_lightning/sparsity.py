@@ -1,0 +1,236 @@
+"""Pruning-at-initialization scores (GraSP, ZO-GraSP), layer-wise pruning ratios and sparse gradient masks.
+
+DeepZero's recipe: score the randomly initialized network with GraSP computed from loss queries only, prune
+globally at the target sparsity, keep only the resulting layer-wise pruning ratios (LPRs), then train the dense
+model while CGE estimates a random subset of each layer's coordinates at its LPR, redrawn every few epochs.
+Masks are plain bool tensors (no ``torch.nn.utils.prune``: it renames parameters and breaks checkpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dz_lightning.estimators import rge
+from dz_lightning.oracle import ModuleOracle, Oracle, frozen_batchnorm_stats
+from dz_lightning.validation import check_positive_float, check_positive_int
+
+__all__ = [
+    "class_balanced_sample",
+    "draw_masks",
+    "grasp_scores",
+    "layerwise_ratios",
+    "prunable_parameters",
+    "random_ratios",
+    "realized_density",
+    "uniform_ratios",
+    "zo_grasp_scores",
+]
+
+_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"Expected argument `sparsity` to be a float in [0, 1), but got {sparsity!r}.")
+
+
+def prunable_parameters(model: nn.Module, extra_dense: Iterable[str] = ()) -> list[str]:
+    """Names of the conv/linear weights of ``model``: the parameters that get masks.
+
+    Everything else (BatchNorm weights and biases, all biases) is estimated densely, as in the paper.
+
+    Args:
+        model: the network.
+        extra_dense: further parameter names to keep dense (e.g. the classifier's weight).
+
+    Raises:
+        ValueError: the model has no prunable layer.
+    """
+    dense = set(extra_dense)
+    names = [f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
+             if isinstance(mod, _PRUNABLE) and mod.weight is not None and mod.weight.requires_grad]
+    names = [n for n in names if n not in dense]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no prunable layer (Conv1d/2d/3d or Linear weight) to mask.")
+    return names
+
+
+def class_balanced_sample(batches: Iterable[Any], per_class: int = 25,
+                          num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Up to ``per_class`` examples of every class, taken in order from ``(inputs, targets)`` batches.
+
+    Args:
+        batches: e.g. a DataLoader yielding ``(x (B, ...), y (B,))``.
+        per_class: examples kept per class.
+        num_classes: stop early once every one of these classes is full; ``None`` reads all batches.
+
+    Returns:
+        ``(inputs (N, ...), targets (N,))`` grouped by class.
+    """
+    check_positive_int("per_class", per_class)
+    xs: dict[int, list[Tensor]] = {}
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        for xi, yi in zip(x, y.tolist(), strict=True):
+            bucket = xs.setdefault(int(yi), [])
+            if len(bucket) < per_class:
+                bucket.append(xi)
+        if num_classes is not None and len(xs) >= num_classes and all(len(v) >= per_class for v in xs.values()):
+            break
+    if not xs:
+        raise ValueError("The data yielded no examples to score the network with.")
+    labels = sorted(xs)
+    inputs = torch.stack([x for c in labels for x in xs[c]])
+    targets = torch.tensor([c for c in labels for _ in xs[c]], device=inputs.device)
+    return inputs, targets
+
+
+def grasp_scores(model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Tensor,
+                 names: list[str] | None = None) -> dict[str, Tensor]:
+    r"""First-order GraSP scores :math:`-\theta \odot Hg` with autograd (FO only: reference and comparison).
+
+    :math:`g = \nabla \ell(\theta)` and :math:`Hg = \nabla_\theta (g^\top \mathrm{sg}(g))`. BatchNorm running
+    statistics are not updated.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d``.
+        inputs: ``(N, ...)``.
+        targets: ``(N,)``.
+        names: parameters to score; default :func:`prunable_parameters`.
+    """
+    names = names or prunable_parameters(model)
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in names]
+    with torch.enable_grad(), frozen_batchnorm_stats(model):
+        loss = loss_fn(model(inputs), targets)
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        gdotg = sum((g * g.detach()).sum() for g in grads)
+        hg = torch.autograd.grad(gdotg, weights)
+    return {n: (-w.detach() * h).detach() for n, w, h in zip(names, weights, hg, strict=True)}
+
+
+def zo_grasp_scores(oracle: Oracle, params: Mapping[str, Tensor], names: list[str], q: int = 192,
+                    mu: float = 5e-3, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], int]:
+    r"""ZO-GraSP scores from loss queries only.
+
+    With RGE (``q`` unit-sphere directions, smoothing ``mu``) over the weights in ``names``:
+    :math:`g_0 = \hat\nabla \ell(\theta)`, :math:`g_1 = \hat\nabla \ell(\theta + \mu g_0)`,
+    :math:`Hg \approx (g_1 - g_0) / \mu` and score :math:`= -\theta \odot Hg`. Both estimates use the same
+    directions (common random numbers), which cancels most of their noise in the difference.
+
+    Returns:
+        ``(scores, queries)``.
+    """
+    check_positive_int("q", q)
+    check_positive_float("mu", mu)
+    sub = {n: params[n].detach() for n in names}
+    state = generator.get_state() if generator is not None else None
+    start = oracle.queries
+    g0 = rge(_Restricted(oracle, params), sub, q=q, mu=mu, distribution="sphere", generator=generator).grads
+    if generator is not None:
+        generator.set_state(state)
+    shifted = {n: sub[n] + mu * g0[n] for n in names}
+    g1 = rge(_Restricted(oracle, params), shifted, q=q, mu=mu, distribution="sphere", generator=generator).grads
+    scores = {n: -sub[n] * (g1[n] - g0[n]) / mu for n in names}
+    return scores, oracle.queries - start
+
+
+class _Restricted(Oracle):
+    """An oracle over a subset of the parameters; the others stay at ``fixed``."""
+
+    def __init__(self, oracle: Oracle, fixed: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.inner, self.fixed = oracle, fixed
+
+    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        return self.inner.loss({**self.fixed, **params})
+
+    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        return self.inner.losses({**self.fixed, **params}, varied)
+
+    @property
+    def queries(self) -> int:  # type: ignore[override]
+        return self.inner.queries
+
+    @queries.setter
+    def queries(self, value: int) -> None:
+        pass
+
+
+def layerwise_ratios(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, float]:
+    """Layer-wise pruning ratios of one global unstructured prune keeping the largest ``|score|``.
+
+    Args:
+        scores: name -> scores, any shapes.
+        sparsity: fraction of all scored entries pruned, in [0, 1).
+
+    Returns:
+        name -> fraction of that layer pruned.
+    """
+    _check_sparsity(sparsity)
+    flat = torch.cat([s.detach().abs().reshape(-1).float().cpu() for s in scores.values()])
+    n_keep = round((1 - sparsity) * flat.numel())
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat, descending=True, stable=True)[:n_keep]] = True
+    ratios, offset = {}, 0
+    for name, s in scores.items():
+        kept = int(keep[offset : offset + s.numel()].sum())
+        ratios[name] = 1.0 - kept / s.numel()
+        offset += s.numel()
+    return ratios
+
+
+def random_ratios(params: Mapping[str, Tensor], names: list[str], sparsity: float,
+                  generator: torch.Generator | None = None) -> dict[str, float]:
+    """LPRs of a global prune of random scores (ablation): every layer ends near ``sparsity``, with noise."""
+    scores = {n: torch.rand(params[n].shape, generator=generator) for n in names}
+    return layerwise_ratios(scores, sparsity)
+
+
+def uniform_ratios(names: list[str], sparsity: float) -> dict[str, float]:
+    """Every layer pruned at exactly ``sparsity`` (ablation)."""
+    _check_sparsity(sparsity)
+    return {n: float(sparsity) for n in names}
+
+
+def draw_masks(params: Mapping[str, Tensor], ratios: Mapping[str, float],
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Random per-layer gradient masks at the given pruning ratios.
+
+    Layer ``name`` keeps exactly ``round((1 - ratios[name]) * numel)`` coordinates, drawn uniformly from a
+    seeded generator. Parameters not in ``ratios`` get no mask (estimated densely).
+
+    Returns:
+        name -> bool tensor of the parameter's shape, on its device.
+    """
+    masks = {}
+    for name, ratio in ratios.items():
+        if name not in params:
+            raise ValueError(f"`ratios` names {name!r}, which is not a parameter; valid names: {sorted(params)}.")
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"Expected the ratio of {name!r} to be in [0, 1], but got {ratio!r}.")
+        p = params[name]
+        keep = round((1 - ratio) * p.numel())
+        mask = torch.zeros(p.numel(), dtype=torch.bool)
+        mask[torch.randperm(p.numel(), generator=generator)[:keep]] = True
+        masks[name] = mask.reshape(p.shape).to(p.device)
+    return masks
+
+
+def realized_density(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of the masked layers' coordinates that are estimated."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def module_oracle_parts(oracle: Oracle) -> ModuleOracle:
+    """The :class:`ModuleOracle` behind ``oracle`` (FO-GraSP needs a white box), or a clear error."""
+    if not isinstance(oracle, ModuleOracle):
+        raise TypeError(f"FO GraSP needs a ModuleOracle (a white-box model), but the module returned a "
+                        f"{type(oracle).__name__}; use method='zo_grasp' for black-box objectives.")
+    return oracle

@@ -1,0 +1,132 @@
+"""The ZOGraSP callback: masks for ZOModule and for a plain LightningModule, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+import dz_lightning as dz
+from callbacks.zo_grasp import ZOGraSP
+from dz_lightning.models import MLP
+from tasks.classification import DigitsDataModule, ZOClassifier
+
+
+def _trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
+    base = {"accelerator": "cpu", "max_epochs": 4, "limit_train_batches": 2, "limit_val_batches": 0,
+            "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path)}
+    return L.Trainer(callbacks=callbacks, **{**base, **kw})
+
+
+def _module() -> ZOClassifier:
+    torch.manual_seed(0)
+    return ZOClassifier(MLP(hidden=(16,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+def test_masks_reach_the_estimator_and_are_redrawn_on_schedule(tmp_path):
+    cb = ZOGraSP(sparsity=0.9, method="zo_grasp", q=8, resample_every_n_epochs=2, samples_per_class=3)
+    module = _module()
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append({n: m.clone() for n, m in pl_module.zo_masks.items()})
+            est = pl_module.last_estimate.grads
+            assert all(torch.all(est[n][~m] == 0) for n, m in pl_module.zo_masks.items())
+
+    _trainer(tmp_path, [cb, Spy()]).fit(module, DigitsDataModule(batch_size=16))
+    assert set(seen[0]) == {"1.weight", "3.weight"}
+    assert all(torch.equal(seen[0][n], seen[3][n]) for n in seen[0])  # epochs 0 and 1 share masks
+    assert not all(torch.equal(seen[0][n], seen[4][n]) for n in seen[0])  # redrawn at epoch 2
+    total = sum(m.numel() for m in seen[0].values())
+    assert abs(sum(int(m.sum()) for m in seen[0].values()) / total - 0.1) < 0.005
+    assert cb.queries == 2 * (8 + 1)
+
+
+def test_resume_keeps_masks_and_future_draws(tmp_path):
+    def run(root: Path, epochs: int, ckpt: str | None = None) -> tuple[ZOGraSP, ZOClassifier]:
+        cb = ZOGraSP(sparsity=0.8, method="random", resample_every_n_epochs=2)
+        module = _module()
+        ckpt_cb = ModelCheckpoint(dirpath=root, save_last=True)
+        _trainer(root, [cb, ckpt_cb], max_epochs=epochs).fit(module, DigitsDataModule(batch_size=16), ckpt_path=ckpt)
+        return cb, module
+
+    straight, _ = run(tmp_path / "a", 5)
+    run(tmp_path / "b", 3)
+    resumed, _ = run(tmp_path / "b", 5, ckpt=str(tmp_path / "b" / "last.ckpt"))
+    assert straight.ratios == resumed.ratios
+    assert all(torch.equal(straight.masks[n], resumed.masks[n]) for n in straight.masks)
+    a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class PlainModule(L.LightningModule):
+    """A user's own module following the protocol: zo_parameters(), zo_masks, make_oracle()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.zo_masks = None
+
+    def zo_parameters(self):
+        return dict(self.named_parameters())
+
+    def make_oracle(self, batch):
+        return dz.ModuleOracle(self, F.cross_entropy, *batch)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        est = dz.cge(self.make_oracle(batch), self.zo_parameters(), masks=self.zo_masks)
+        opt = self.optimizers()
+        for n, p in self.named_parameters():
+            p.grad = est.grads[n]
+        opt.step()
+        self.est = est
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_callback_works_with_a_plain_lightning_module(tmp_path):
+    module = PlainModule()
+    cb = ZOGraSP(sparsity=0.5, method="grasp", samples_per_class=2, save_ratios_path=str(tmp_path / "lpr.json"))
+    _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule(batch_size=16))
+    assert set(module.zo_masks) == {"net.1.weight"}
+    assert module.est.queries == 320 + 10 + 1  # half of the 640 weights, the dense bias, the base point
+    assert json.loads((tmp_path / "lpr.json").read_text()) == {"net.1.weight": pytest.approx(0.5)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sparsity": 1.0}, r"`sparsity`.*\[0, 1\).*1.0"),
+        ({"sparsity": -0.1}, r"`sparsity`.*-0.1"),
+        ({"resample_every_n_epochs": 0}, "`resample_every_n_epochs`.*>= 1.*0"),
+        ({"method": "snip"}, "`method`.*'zo_grasp'.*'snip'"),
+        ({"ratios_path": "/nonexistent.json"}, "`ratios_path`.*existing JSON file"),
+    ],
+)
+def test_bad_arguments_fail_before_any_trainer(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ZOGraSP(**kwargs)
+
+
+def test_model_without_prunable_layers_and_mismatched_ratio_file(tmp_path):
+    module = ZOClassifier(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Flatten()))
+    with pytest.raises(ValueError, match="no prunable layer"):
+        _trainer(tmp_path, [ZOGraSP(method="uniform")]).fit(module, DigitsDataModule(batch_size=16))
+    bad = tmp_path / "lpr.json"
+    bad.write_text(json.dumps({"conv.weight": 0.5}))
+    with pytest.raises(ValueError, match="does not match the model.*conv.weight.*1.weight"):
+        _trainer(tmp_path, [ZOGraSP(ratios_path=str(bad))]).fit(_module(), DigitsDataModule(batch_size=16))
