@@ -18,10 +18,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from dz_lightning import ZOModule
-from dz_lightning.oracle import Oracle
+from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.sampling import SeededRandomSampler
+from dz_lightning.validation import check_choice
+from tasks.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["DigitsDataModule", "FOClassifier", "ZOClassifier"]
+__all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FOClassifier",
+    "FashionMNISTDataModule",
+    "MNISTDataModule",
+    "ZOClassifier",
+]
 
 
 class _ClassificationMetrics:
@@ -77,7 +86,10 @@ class ZOClassifier(_ClassificationMetrics, ZOModule):
 class FOClassifier(_ClassificationMetrics, L.LightningModule):
     """The first-order (backprop) twin of :class:`ZOClassifier`: same model, data, optimizer and schedule.
 
-    FO only: it differentiates through the model and is never used on a black-box path.
+    FO only: it differentiates through the model and is never used on a black-box path. With a
+    :class:`~callbacks.zo_grasp.ZOGraSP` callback it gives the paper's two FO baselines at the same layer-wise
+    ratios: ``sparse="gradients"`` trains the dense model but keeps only the masked-in gradient entries (the masks
+    are redrawn like DeepZero's), ``sparse="weights"`` trains a sparse model (weights outside the mask stay 0).
 
     Args:
         model: maps images to logits.
@@ -85,6 +97,7 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         optimizer: optimizer factory.
         lr_scheduler: optional scheduler factory.
         scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
+        sparse: ``"none"``, ``"gradients"`` or ``"weights"`` (needs masks in ``zo_masks``, e.g. from ZOGraSP).
     """
 
     def __init__(
@@ -94,13 +107,14 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        sparse: Literal["none", "gradients", "weights"] = "none",
     ) -> None:
         super().__init__()
-        if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(
-                f"Expected argument `scheduler_interval` to be one of 'step', 'epoch', but got {scheduler_interval!r}."
-            )
+        check_choice("scheduler_interval", scheduler_interval, ("step", "epoch"))
+        check_choice("sparse", sparse, ("none", "gradients", "weights"))
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.sparse = sparse
+        self.zo_masks: dict[str, Tensor] | None = None
         self.model = model
         self.optimizer_fn = optimizer
         self.scheduler_fn = lr_scheduler
@@ -109,6 +123,37 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def zo_parameters(self) -> dict[str, Tensor]:
+        """The parameters masks refer to (same names as in :class:`ZOClassifier`)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def make_oracle(self, batch: Any) -> Oracle:
+        """A loss oracle on ``batch`` (used by ZOGraSP to score the network)."""
+        x, y = batch
+        return ModuleOracle(self.model, F.cross_entropy, x, y)
+
+    def on_train_start(self) -> None:
+        if self.sparse != "none" and self.zo_masks is None:
+            raise ValueError(f"FOClassifier(sparse={self.sparse!r}) needs masks: add a ZOGraSP callback.")
+        self._apply_weight_masks()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.sparse != "none" and self.zo_masks:
+            params = self.zo_parameters()
+            for name, mask in self.zo_masks.items():
+                if params[name].grad is not None:
+                    params[name].grad.mul_(mask)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._apply_weight_masks()  # weight decay and momentum must not revive pruned weights
+
+    def _apply_weight_masks(self) -> None:
+        if self.sparse == "weights" and self.zo_masks:
+            params = self.zo_parameters()
+            with torch.no_grad():
+                for name, mask in self.zo_masks.items():
+                    params[name].mul_(mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
