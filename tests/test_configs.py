@@ -1,0 +1,64 @@
+"""Every config under configs/ parses and runs a fast_dev_run on tiny stand-in data (never downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import datasets
+
+from dz_lightning.cli import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# overlays (e.g. *_ddp.yaml) are combined with the config they extend
+OVERLAYS = {p: ROOT / "configs" / p.parent.name / p.name.replace("_ddp", "") for p in CONFIGS if "_ddp" in p.stem}
+BASES = [p for p in CONFIGS if p not in OVERLAYS]
+
+
+def _fake_vision(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int, int]) -> None:
+    def fake(root, train=True, transform=None, download=False):  # noqa: ARG001 - torchvision's signature
+        return datasets.FakeData(size=16, image_size=shape, num_classes=10, transform=transform,
+                                 random_offset=0 if train else 100)
+
+    for name in ("CIFAR10", "MNIST", "FashionMNIST"):
+        monkeypatch.setattr(datasets, name, fake)
+
+
+def _tiny_overrides(path: Path) -> list[str]:
+    """Shrink the heavy configs so that one step stays fast; the wiring under test is unchanged."""
+    text = path.read_text()
+    args = []
+    if "CIFAR10DataModule" in text:
+        args += ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
+    if "ResNetS" in text:
+        args += ["--model.init_args.model.init_args.num_blocks", "1"]
+    if "SimpleCNN" in text:
+        args += ["--model.init_args.model.init_args.depth", "1"]
+        if "estimator: rge" in text:
+            args += ["--model.init_args.q", "730"]
+    return args
+
+
+def test_every_config_is_covered():
+    assert len(BASES) >= 10 and all(p.exists() for p in OVERLAYS.values())
+
+
+@pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(ROOT / "configs")) for p in BASES])
+def test_config_prints(path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", "--config", str(path), "--print_config"])
+    assert exc.value.code == 0
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(ROOT / "configs")) for p in BASES])
+def test_config_fast_dev_run(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fake_vision(monkeypatch, (3, 32, 32))
+    torch.manual_seed(0)
+    cli = build_cli(["fit", "--config", str(path), "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
+                     "--trainer.enable_progress_bar", "false", *_tiny_overrides(path)])
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
