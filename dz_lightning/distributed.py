@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["RankFailedError", "all_reduce_estimate", "rank_and_world", "split_coordinates"]
+__all__ = ["RankFailedError", "all_reduce_estimate", "query_costs", "rank_and_world", "split_coordinates"]
 
 
 class RankFailedError(RuntimeError):
@@ -27,6 +27,53 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def query_costs(model: nn.Module, inputs: Tensor) -> dict[str, float]:
+    """Relative cost of one query per parameter: the multiply-adds of the forward from its op to the end.
+
+    With feature reuse a query perturbing a late layer recomputes only the end of the network, so late
+    coordinates are cheap and early ones dear. For a model without stages every query costs the same (1.0).
+    The result depends only on the model and the input shape, so every rank computes the same numbers. A fixed
+    0.02 per query stands for the work that does not scale with the network.
+
+    Args:
+        model: the network.
+        inputs: a batch ``(B, ...)`` (only shapes matter).
+    """
+    from dz_lightning.reuse import flatten_ops, get_stages
+
+    stages = get_stages(model)
+    if stages is None:
+        return {n: 1.0 for n, _ in model.named_parameters()}
+    ops = flatten_ops(stages)
+    macs: list[float] = []
+    counter = [0.0]
+
+    def count(module: nn.Module, args: tuple, out: Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            counter[0] += out.numel() * fan_in
+        elif isinstance(module, nn.Linear):
+            counter[0] += out.numel() * module.in_features
+        elif not any(True for _ in module.children()):
+            counter[0] += out.numel()  # elementwise work of a leaf (norm, activation, pooling)
+
+    handles = [m.register_forward_hook(count) for op in ops for m in op.modules()]
+    h = inputs
+    try:
+        with torch.no_grad():
+            for op in ops:
+                counter[0] = 0.0
+                h = op(h)
+                macs.append(max(counter[0], 1.0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    suffix = [sum(macs[j:]) for j in range(len(ops))]
+    owner = {id(p): j for j, op in enumerate(ops) for p in op.parameters()}
+    # plus a fixed share per query for what does not scale with the network (Python overhead, the loss)
+    return {n: suffix[owner[id(p)]] / suffix[0] + 0.02 for n, p in model.named_parameters() if id(p) in owner}
 
 
 def split_coordinates(

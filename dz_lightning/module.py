@@ -128,6 +128,14 @@ class ZOModule(L.LightningModule):
                                                    "interval": self.scheduler_interval}}
 
     def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if stage == "fit" and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
+                "Trainer shards the data (use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` "
+                "(the task data modules order batches by (seed, epoch), identically on every rank)."
+            )
         precision = str(self.trainer.precision)
         if precision not in _PRECISIONS:
             raise ValueError(
@@ -148,6 +156,9 @@ class ZOModule(L.LightningModule):
                        shard=(rank, world) if world > 1 else None, **kwargs)
         coordinates = None
         if world > 1:
+            if self.zo_costs is None:
+                inputs = oracle.inputs if isinstance(oracle, ModuleOracle) else None
+                self.zo_costs = distributed.query_costs(self.model, inputs) if inputs is not None else {}
             index = {n: (masks[n].reshape(-1).nonzero().reshape(-1) if masks is not None and n in masks
                          else torch.arange(p.numel(), device=p.device)) for n, p in params.items()}
             coordinates = distributed.split_coordinates(index, rank, world, self.zo_costs)

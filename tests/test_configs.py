@@ -62,3 +62,12 @@ def test_config_fast_dev_run(path, tmp_path, monkeypatch):
                      "--trainer.enable_progress_bar", "false", *_tiny_overrides(path)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS), ids=[p.name for p in OVERLAYS])
+def test_ddp_overlay_prints_with_its_base(overlay, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", "--config", str(OVERLAYS[overlay]), "--config", str(overlay), "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "ZODDPStrategy" in out and "use_distributed_sampler: false" in out
