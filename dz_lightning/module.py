@@ -56,6 +56,9 @@ class ZOModule(L.LightningModule):
         seed: seed of the module's private generator for random directions.
     """
 
+    #: constructor arguments of subclasses that are modules or black boxes (kept out of ``hparams``)
+    _hparams_ignore: tuple[str, ...] = ()
+
     def __init__(
         self,
         model: nn.Module,
@@ -79,7 +82,7 @@ class ZOModule(L.LightningModule):
                               nonfinite, max_queries)
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
-        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
         self.automatic_optimization = False
         self.model = model
         self.estimator = estimator
@@ -168,7 +171,7 @@ class ZOModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         start = time.perf_counter()
         oracle = self.make_oracle(batch)
-        if isinstance(oracle, ModuleOracle) and self.model.training:
+        if getattr(oracle, "model", None) is self.model and hasattr(oracle, "inputs") and self.model.training:
             self._update_batchnorm_stats(oracle)
         params = self.zo_parameters()
         error: BaseException | None = None
@@ -230,8 +233,12 @@ class ZOModule(L.LightningModule):
         for sch in scheds if isinstance(scheds, list) else [scheds]:
             sch.step()
 
-    def _update_batchnorm_stats(self, oracle: ModuleOracle) -> None:
-        """One plain forward so BatchNorm running statistics follow training (queries never touch them)."""
+    def _update_batchnorm_stats(self, oracle: Oracle) -> None:
+        """One plain forward of ``oracle.inputs`` so BatchNorm running statistics follow training.
+
+        Queries never touch the statistics; oracles over ``self.model`` that expose ``model`` and ``inputs``
+        (:class:`ModuleOracle` and task oracles alike) get this update.
+        """
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             with torch.no_grad(), torch.autocast(oracle.inputs.device.type, enabled=False):
                 self.model(oracle.inputs)

@@ -283,6 +283,9 @@ class ModuleOracle(Oracle):
 
     # ----------------------------------------------------------------------------------------- overrides
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        staged = self._staged_forward(params) if self.feature_reuse else None
+        if staged is not None:  # its cached base forward is this query; coordinate queries restart from it
+            return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
             return self.loss_fn(out, self.targets)
@@ -326,8 +329,12 @@ class ModuleOracle(Oracle):
         if reuse.get_stages(self.model) is None:
             _warn_not_staged(self.model)
             return None
-        key = tuple((n, v.data_ptr(), v._version) for n, v in params.items())
-        if self._staged is None or key != self._staged_key:
+        # the key holds the tensors themselves (identity and in-place version), so a freed tensor's memory can
+        # never be mistaken for the cached parameters
+        key = tuple((n, v, v._version) for n, v in params.items())
+        stale = self._staged_key is None or len(key) != len(self._staged_key) or any(
+            a[0] != b[0] or a[1] is not b[1] or a[2] != b[2] for a, b in zip(key, self._staged_key, strict=True))
+        if self._staged is None or stale:
             with self._query_context():
                 self._staged = reuse.StagedForward(
                     self.model, self.loss_fn, self.inputs, self.targets, dict(params),

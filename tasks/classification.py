@@ -98,6 +98,8 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         lr_scheduler: optional scheduler factory.
         scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
         sparse: ``"none"``, ``"gradients"`` or ``"weights"`` (needs masks in ``zo_masks``, e.g. from ZOGraSP).
+        train_noise_std: add Gaussian noise of this standard deviation to training images (the base classifier
+            of randomized smoothing is trained this way); 0 disables.
     """
 
     def __init__(
@@ -108,12 +110,16 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         sparse: Literal["none", "gradients", "weights"] = "none",
+        train_noise_std: float = 0.0,
     ) -> None:
         super().__init__()
         check_choice("scheduler_interval", scheduler_interval, ("step", "epoch"))
         check_choice("sparse", sparse, ("none", "gradients", "weights"))
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        if train_noise_std < 0:
+            raise ValueError(f"Expected argument `train_noise_std` to be >= 0, but got {train_noise_std}.")
         self.sparse = sparse
+        self.train_noise_std = train_noise_std
         self.zo_masks: dict[str, Tensor] | None = None
         self.model = model
         self.optimizer_fn = optimizer
@@ -157,6 +163,8 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
+        if self.train_noise_std > 0:
+            x = x + self.train_noise_std * torch.randn_like(x)
         loss = F.cross_entropy(self.model(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss

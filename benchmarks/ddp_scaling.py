@@ -1,0 +1,117 @@
+"""Forward-parallelization scaling: one process vs N Lightning DDP processes on the same total work.
+
+Trains ``simple_cnn(depth=3)`` by sparse CGE at 90% sparsity (uniform layer-wise ratios; BatchNorm and biases dense)
+on a fixed synthetic CIFAR-shaped batch stream, first with one process, then with N ranks (ZODDPStrategy; Gloo on
+CPU, NCCL on GPU), one intra-op thread per process on CPU. Each step's coordinates are split across the ranks by
+cost. Prints one JSON object as the last line: ``seconds_per_step`` for each run, ``speedup``, ``efficiency``
+(speedup / N) and ``max_abs_diff`` (the N-rank combined gradient of the first step vs the single process's).
+
+Usage: ``python -m benchmarks.ddp_scaling [--devices 2] [--steps 12] [--batch 64] [--accelerator cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks.zo_grasp import ZOGraSP
+    from dz_lightning.models import simple_cnn
+    from dz_lightning.sampling import SeededRandomSampler
+    from dz_lightning.strategies import ZODDPStrategy
+    from tasks.classification import ZOClassifier
+
+    if args.accelerator == "cpu":
+        torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(args.batch * (args.steps + 1), 3, 32, 32, generator=gen),
+                         torch.randint(0, 10, (args.batch * (args.steps + 1),), generator=gen))
+    loader = DataLoader(data, batch_size=args.batch, sampler=SeededRandomSampler(len(data), 0))
+    torch.manual_seed(0)
+    times: list[float] = []
+    first: dict = {}
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if args.accelerator != "cpu":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if args.accelerator != "cpu":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+            if not first:
+                first.update({n: g.cpu() for n, g in pl_module.last_estimate.grads.items()})
+
+    module = ZOClassifier(simple_cnn(depth=3), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    strategy = "auto" if args.devices == 1 else ZODDPStrategy(
+        process_group_backend="gloo" if args.accelerator == "cpu" else "nccl")
+    trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy,
+                        max_steps=args.steps, use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[ZOGraSP(sparsity=0.9, method="uniform"), Clock()])
+    trainer.fit(module, train_dataloaders=loader)
+    if trainer.global_rank == 0:
+        warm = times[2:] if len(times) > 3 else times
+        torch.save({"seconds_per_step": sum(warm) / len(warm), "first_grads": first,
+                    "queries_per_step": module.queries_total / args.steps}, args.out)
+
+
+def launch(devices: int, args: argparse.Namespace, out: Path) -> dict:
+    import torch
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "benchmarks.ddp_scaling", "--worker", "--devices", str(devices), "--steps",
+           str(args.steps), "--batch", str(args.batch), "--accelerator", args.accelerator, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {devices}-process run failed:\n{proc.stderr[-4000:]}")
+    return torch.load(out, weights_only=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        one = launch(1, args, Path(tmp) / "one.pt")
+        many = launch(args.devices, args, Path(tmp) / "many.pt")
+    speedup = one["seconds_per_step"] / many["seconds_per_step"]
+    result = {
+        "model": "simple_cnn(depth=3)", "sparsity": 0.9, "batch": args.batch, "accelerator": args.accelerator,
+        "devices": args.devices, "queries_per_step": one["queries_per_step"],
+        "seconds_per_step": {"1": one["seconds_per_step"], str(args.devices): many["seconds_per_step"]},
+        "speedup": speedup, "efficiency": speedup / args.devices,
+        "max_abs_diff": max(float((one["first_grads"][n] - many["first_grads"][n]).abs().max())
+                            for n in one["first_grads"]),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
