@@ -32,13 +32,28 @@ def _tiny_overrides(path: Path) -> list[str]:
     args = []
     if "CIFAR10DataModule" in text:
         args += ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
-    if "ResNetS" in text:
+    if "ResNetS" in text and "Classifier" in text.split("model:\n  class_path:")[1].split("\n")[0]:
         args += ["--model.init_args.model.init_args.num_blocks", "1"]
+    if "DnCNN" in text and "CIFAR10" in text:
+        args += ["--model.init_args.denoiser.init_args.width", "4"]
     if "SimpleCNN" in text:
         args += ["--model.init_args.model.init_args.depth", "1"]
         if "estimator: rge" in text:
             args += ["--model.init_args.q", "730"]
     return args
+
+
+def _stand_in_checkpoints(path: Path) -> None:
+    """Write the classifier checkpoints a defense config expects (step 1 of its recipe), with random weights."""
+    from dz_lightning.models import MLP, ResNetS
+
+    text = path.read_text()
+    for line in text.splitlines():
+        if "checkpoint: checkpoints/" in line:
+            target = Path(line.split("checkpoint:")[1].strip())
+            model = ResNetS(3, 10) if "ResNetS" in text else MLP(64, (64,), 10)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, target)
 
 
 def test_every_config_is_covered():
@@ -57,6 +72,7 @@ def test_config_prints(path, capsys):
 def test_config_fast_dev_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fake_vision(monkeypatch, (3, 32, 32))
+    _stand_in_checkpoints(path)
     torch.manual_seed(0)
     cli = build_cli(["fit", "--config", str(path), "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
                      "--trainer.enable_progress_bar", "false", *_tiny_overrides(path)])
