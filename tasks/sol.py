@@ -1,0 +1,325 @@
+"""Solver-in-the-loop (Um et al. 2020) with the PhiFlow solver as a black box (DeepZero's ZO-SOL).
+
+A corrector network fixes the coarse solver's state after every step. ``ZOSOL`` trains it through ``m`` unrolled
+solver steps using loss queries only (the solver runs under ``no_grad``, jit-compiled, with every perturbation of
+a chunk simulated at once through a PhiFlow batch dimension). Baselines from the same data: ``SourceOnly`` (SRC, no
+correction), ``NONCorrector`` (NON: backprop on precomputed one-step pairs, no solver in the loop) and ``FOSOL``
+(backprop through a differentiable solver). Every module's ``test`` reports the MAE against the reference over all
+time steps of every test simulation and logs vorticity images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils.data import DataLoader, Dataset
+
+from dz_lightning import ZOModule
+from dz_lightning.oracle import Oracle
+from dz_lightning.sampling import SeededRandomSampler
+from tasks.karman import KarmanSolver, load_or_generate
+
+__all__ = ["FOSOL", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
+
+RE_SCALE = 500.0  # the Reynolds-number input channel is re / RE_SCALE
+
+
+def corrector_input(u: Tensor, re: Tensor) -> Tensor:
+    """``(N, 3, X, Y)``: velocity and a constant channel with the (scaled) Reynolds number."""
+    return torch.cat([u, (re / RE_SCALE).view(-1, 1, 1, 1).expand(-1, 1, *u.shape[2:]).to(u)], 1)
+
+
+class _Windows(Dataset):
+    def __init__(self, traj: Tensor, re: Tensor, m: int) -> None:
+        self.traj, self.re, self.m = traj, re, m
+        self.per_sim = traj.shape[1] - m
+
+    def __len__(self) -> int:
+        return self.traj.shape[0] * self.per_sim
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        s, t = divmod(i, self.per_sim)
+        return self.traj[s, t : t + self.m + 1], self.re[s]
+
+
+class _Sequences(Dataset):
+    def __init__(self, traj: Tensor, re: Tensor) -> None:
+        self.traj, self.re = traj, re
+
+    def __len__(self) -> int:
+        return self.traj.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.traj[i], self.re[i]
+
+
+class KarmanDataModule(L.LightningDataModule):
+    """Windows of ``m + 1`` reference states from the training simulations; whole test simulations for evaluation.
+
+    Reference data are generated once (``factor`` x finer, down-sampled) and cached under ``cache_dir``.
+
+    Args:
+        cache_dir: cache folder.
+        resolution: source grid ``(X, Y)``, ``Y = 2 X``.
+        factor: reference grid = ``factor`` x source grid.
+        train_re: Reynolds numbers of the training simulations.
+        test_re: Reynolds numbers of the test simulations.
+        warmup: reference steps discarded before recording.
+        steps: recorded steps per simulation.
+        window: unrolled steps ``m`` per training example.
+        batch_size: windows per batch.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, cache_dir: str = "data/karman", resolution: tuple[int, int] = (16, 32), factor: int = 4,
+                 train_re: Sequence[float] = (100.0, 150.0, 250.0, 400.0), test_re: Sequence[float] = (125.0, 300.0),
+                 warmup: int = 60, steps: int = 60, window: int = 4, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        if window < 1 or steps <= window:
+            raise ValueError(f"Expected 1 <= window < steps, but got window={window}, steps={steps}.")
+        if not train_re or not test_re or min(*train_re, *test_re) <= 0:
+            raise ValueError(f"Expected non-empty positive Reynolds numbers, got train_re={train_re}, "
+                             f"test_re={test_re}.")
+        self.save_hyperparameters()
+        self.cache_dir, self.resolution, self.factor = cache_dir, tuple(resolution), factor
+        self.train_re, self.test_re = list(train_re), list(test_re)
+        self.warmup, self.steps, self.window, self.batch_size, self.seed = warmup, steps, window, batch_size, seed
+        self.data: dict[str, Tensor] | None = None
+
+    def prepare_data(self) -> None:
+        load_or_generate(self.cache_dir, self.train_re, self.test_re, self.resolution, self.factor, self.warmup,
+                         self.steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = load_or_generate(self.cache_dir, self.train_re, self.test_re, self.resolution, self.factor,
+                                         self.warmup, self.steps)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = _Windows(self.data["train"], self.data["train_re"], self.window)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
+                          drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(_Sequences(self.data["test"], self.data["test_re"]), batch_size=len(self.test_re))
+
+
+class _SOLEvaluation:
+    """Roll the (corrected) source solver out over whole test simulations; MAE and vorticity images."""
+
+    corrector: nn.Module | None
+    solver: KarmanSolver
+
+    def correct(self, u: Tensor, re: Tensor) -> Tensor:
+        return u if self.corrector is None else u + self.corrector(corrector_input(u, re))
+
+    def rollout(self, u0: Tensor, re: Tensor, steps: int) -> Tensor:
+        states, u = [], u0
+        with torch.no_grad():
+            for _ in range(steps):
+                u = self.correct(self.solver(u, re), re)
+                if not torch.isfinite(u).all():
+                    raise FloatingPointError("The corrected simulation diverged (NaN/inf) during evaluation.")
+                states.append(u)
+        return torch.stack(states, 1)
+
+    def _evaluate(self, batch: Any, split: str) -> Tensor:
+        traj, re = batch
+        pred = self.rollout(traj[:, 0], re, traj.shape[1] - 1)
+        mae = (pred - traj[:, 1:]).abs().mean()
+        self.log(f"{split}/mae", mae, prog_bar=True)  # type: ignore[attr-defined]
+        if split == "test":
+            self._images(traj, pred, re)
+        return mae
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test")
+
+    def _images(self, traj: Tensor, pred: Tensor, re: Tensor) -> None:
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if not trainer.is_global_zero:
+            return
+        source = SourceOnly.rollout_without_correction(self.solver, traj[:1, 0], re[:1], traj.shape[1] - 1)
+        name = type(self).__name__
+        image = vorticity_figure([traj[0, -1], source[0, -1], pred[0, -1]], ["reference", "source", name],
+                                 Path(trainer.default_root_dir) / f"vorticity_{name}.png")
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_image("test/vorticity", image, trainer.global_step, dataformats="HWC")
+
+
+def vorticity(u: Tensor) -> Tensor:
+    """``dv/dx - du/dy`` of a centred velocity ``(2, X, Y)`` by central differences: ``(X - 2, Y - 2)``."""
+    return (u[1, 2:, 1:-1] - u[1, :-2, 1:-1]) / 2 - (u[0, 1:-1, 2:] - u[0, 1:-1, :-2]) / 2
+
+
+def vorticity_figure(states: list[Tensor], titles: list[str], path: Path) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(states), figsize=(3 * len(states), 4), dpi=80)
+    for ax, u, title in zip(axes, states, titles, strict=True):
+        ax.imshow(vorticity(u.detach().cpu()).T.numpy(), origin="lower", cmap="RdBu", vmin=-0.3, vmax=0.3)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+class SOLOracle(Oracle):
+    """MSE over ``m`` corrected solver steps as a function of the corrector's parameters; the solver is a black box.
+
+    ``K`` parameter points of a chunk run together: the solver advances all ``K * B`` states in one call (one PhiFlow
+    batch dimension), the corrector runs under ``vmap`` over the ``K`` parameter sets.
+    """
+
+    def __init__(self, corrector: nn.Module, solver: KarmanSolver, windows: Tensor, re: Tensor,
+                 max_batch: int | None = None) -> None:
+        super().__init__(max_batch=max_batch or 64)
+        self.corrector, self.solver, self.windows, self.re = corrector, solver, windows, re
+
+    def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: params.get(n, p) for n, p in self.corrector.named_parameters()}
+
+    def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        return self._losses(params, {n: v.unsqueeze(0) for n, v in self._full(params).items()})[0]
+
+    def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        fixed = {n: v for n, v in self._full(params).items() if n not in varied}
+        names = list(varied)
+        k = varied[names[0]].shape[0]
+        b, m = self.windows.shape[0], self.windows.shape[1] - 1
+        re = self.re.repeat(k)
+        u = self.windows[:, 0].repeat(k, 1, 1, 1)
+
+        def correction(x: Tensor, *values: Tensor) -> Tensor:
+            return functional_call(self.corrector, {**fixed, **dict(zip(names, values, strict=True))}, (x,))
+
+        loss = torch.zeros(k, device=u.device)
+        diverged = torch.zeros(k * b, dtype=torch.bool, device=u.device)
+        with torch.no_grad():
+            for step in range(1, m + 1):
+                # a diverged simulation is not stepped again (its pressure solve would run to the iteration cap)
+                u = self.solver(torch.where(diverged.view(-1, 1, 1, 1), torch.zeros_like(u), u), re)
+                x = corrector_input(u, re).reshape(k, b, 3, *u.shape[2:])
+                u = u + vmap(correction, randomness="same")(x, *(varied[n] for n in names)).reshape(u.shape)
+                diverged |= ~torch.isfinite(u).flatten(1).all(1)
+                err = (u.reshape(k, b, *u.shape[1:]) - self.windows[:, step].unsqueeze(0)) ** 2
+                loss += err.flatten(1).mean(1)
+        # non-finite losses go to the estimator, which raises or skips them (never into the weights)
+        return torch.where(diverged.view(k, b).any(1), torch.full_like(loss, float("nan")), loss / m)
+
+
+class ZOSOL(_SOLEvaluation, ZOModule):
+    """ZO-SOL: the corrector trained by (sparse) CGE through ``m`` steps of the black-box source solver.
+
+    Args:
+        corrector: the correction network ``(N, 3, X, Y) -> (N, 2, X, Y)``.
+        resolution: source grid ``(X, Y)``.
+        **kwargs: estimator/optimizer options of :class:`~dz_lightning.ZOModule`.
+    """
+
+    _hparams_ignore = ("corrector",)
+
+    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32), **kwargs: Any) -> None:
+        super().__init__(corrector, **kwargs)
+        self.corrector = self.model
+        self.solver = KarmanSolver(tuple(resolution))
+
+    def make_oracle(self, batch: Any) -> Oracle:
+        windows, re = batch
+        return SOLOracle(self.corrector, self.solver, windows, re, self.max_batch)
+
+
+class _BackpropSOL(_SOLEvaluation, L.LightningModule):
+    def __init__(self, corrector: nn.Module, resolution: tuple[int, int], optimizer: OptimizerCallable,
+                 differentiable: bool) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["corrector", "optimizer"])
+        self.corrector, self.optimizer_fn = corrector, optimizer
+        self.solver = KarmanSolver(tuple(resolution))
+        self.train_solver = KarmanSolver(tuple(resolution), differentiable=True) if differentiable else self.solver
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_fn(self.corrector.parameters())
+
+
+class NONCorrector(_BackpropSOL):
+    """NON: the corrector trained by backprop on precomputed one-step pairs (no solver in the training loop).
+
+    Pairs: ``s~ = P(ref_t)`` (one source step from a reference state) and the target correction ``ref_{t+1} - s~``.
+    """
+
+    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
+                 optimizer: OptimizerCallable = torch.optim.Adam) -> None:
+        super().__init__(corrector, resolution, optimizer, differentiable=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        windows, re = batch
+        stepped = self.solver(windows[:, 0], re)  # computed on the fly; deterministic, so "precomputed"
+        loss = F.mse_loss(self.corrector(corrector_input(stepped, re)), windows[:, 1] - stepped)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
+class FOSOL(_BackpropSOL):
+    """FO-SOL: backprop through ``m`` unrolled steps of the differentiable PhiFlow solver (FO reference)."""
+
+    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
+                 optimizer: OptimizerCallable = torch.optim.Adam) -> None:
+        super().__init__(corrector, resolution, optimizer, differentiable=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        windows, re = batch
+        u, loss = windows[:, 0], 0.0
+        for step in range(1, windows.shape[1]):
+            u = self.train_solver(u, re)
+            u = u + self.corrector(corrector_input(u, re))
+            loss = loss + F.mse_loss(u, windows[:, step])
+        loss = loss / (windows.shape[1] - 1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
+class SourceOnly(_SOLEvaluation, L.LightningModule):
+    """SRC: the uncorrected source solver (``dz test`` only).
+
+    Args:
+        resolution: source grid ``(X, Y)``.
+    """
+
+    def __init__(self, resolution: tuple[int, int] = (16, 32)) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.corrector = None
+        self.solver = KarmanSolver(tuple(resolution))
+
+    @staticmethod
+    def rollout_without_correction(solver: KarmanSolver, u0: Tensor, re: Tensor, steps: int) -> Tensor:
+        states, u = [], u0
+        for _ in range(steps):
+            u = solver(u, re)
+            states.append(u)
+        return torch.stack(states, 1)

@@ -1,0 +1,101 @@
+"""Solver-in-the-loop: batched black-box queries, data caching, the four methods end to end on a tiny grid."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import tasks.karman as karman
+from callbacks.zo_grasp import ZOGraSP
+from dz_lightning.models import SOLCorrector
+from tasks.karman import KarmanSolver, load_or_generate
+from tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
+
+RES = (8, 16)
+DATA = {"resolution": RES, "factor": 2, "train_re": (100.0, 200.0), "test_re": (150.0,), "warmup": 3, "steps": 6,
+        "window": 2, "batch_size": 2}
+
+
+@pytest.fixture
+def data(tmp_path):
+    return KarmanDataModule(cache_dir=str(tmp_path / "cache"), **DATA)
+
+
+def _trainer(tmp_path, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                     enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path), **kw)
+
+
+def test_batched_perturbations_equal_one_at_a_time(data):
+    data.setup()
+    torch.manual_seed(0)
+    corrector = SOLCorrector(width=3)
+    torch.nn.init.normal_(corrector[-1].weight, std=0.01)
+    windows, re = next(iter(data.train_dataloader()))
+    oracle = SOLOracle(corrector, KarmanSolver(RES), windows, re, max_batch=8)
+    params = dict(corrector.named_parameters())
+    name = "2.weight"
+    stacked = params[name].detach() + 0.01 * torch.randn(5, *params[name].shape)
+    batched = oracle.losses(params, {name: stacked})
+    single = torch.stack([oracle.loss({**params, name: w}) for w in stacked])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-7)
+    assert len(set(batched.tolist())) == 5
+
+
+def test_reference_data_are_cached_and_reused(tmp_path, monkeypatch):
+    first = load_or_generate(str(tmp_path), [100.0], [150.0], RES, factor=2, warmup=2, steps=3)
+    assert first["train"].shape == (1, 4, 2, *RES) and torch.isfinite(first["train"]).all()
+    (meta,) = tmp_path.glob("karman_*/meta.json")
+    assert '"steps": 3' in meta.read_text()
+    monkeypatch.setattr(karman, "generate_reference", lambda *a, **k: pytest.fail("regenerated"))
+    again = load_or_generate(str(tmp_path), [100.0], [150.0], RES, factor=2, warmup=2, steps=3)
+    assert torch.equal(first["train"], again["train"])
+
+
+def test_all_four_methods_train_and_evaluate(data, tmp_path):
+    results = {"src": _trainer(tmp_path).test(SourceOnly(RES), data, verbose=False)[0]["test/mae"]}
+    adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    zo = ZOSOL(SOLCorrector(width=3), resolution=RES, optimizer=adam)
+    _trainer(tmp_path, max_steps=2, callbacks=[ZOGraSP(sparsity=0.5, method="uniform")]).fit(zo, data)
+    assert zo.queries_total > 0 and all(torch.isfinite(p).all() for p in zo.parameters())
+    for name, module in (("zo", zo), ("non", NONCorrector(SOLCorrector(width=3), RES, adam)),
+                         ("fo", FOSOL(SOLCorrector(width=3), RES, adam))):
+        if name != "zo":
+            _trainer(tmp_path, max_steps=2).fit(module, data)
+        results[name] = _trainer(tmp_path).test(module, data, verbose=False)[0]["test/mae"]
+    assert all(v > 0 for v in results.values())
+    assert (tmp_path / "vorticity_ZOSOL.png").exists()
+
+
+class _DivergesUnderPerturbation(KarmanSolver):
+    """Returns NaN for every batch larger than the unperturbed one: each perturbed query "diverges"."""
+
+    def __call__(self, u, re):
+        if u.shape[0] > DATA["batch_size"]:
+            return u * float("nan")
+        return super().__call__(u, re)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_diverging_query_never_reaches_the_weights(data, tmp_path, nonfinite):
+    import dz_lightning as dz
+
+    zo = ZOSOL(SOLCorrector(width=1, depth=2), resolution=RES, nonfinite=nonfinite,
+               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    zo.solver = _DivergesUnderPerturbation(RES)
+    before = {n: p.clone() for n, p in zo.named_parameters()}
+    if nonfinite == "skip":
+        with pytest.warns(RuntimeWarning, match="Skipped .* non-finite"):
+            _trainer(tmp_path, max_steps=1).fit(zo, data)
+    else:
+        with pytest.raises(dz.NonFiniteLossError, match="non-finite loss"):
+            _trainer(tmp_path, max_steps=1).fit(zo, data)
+    assert all(torch.equal(before[n], p) for n, p in zo.named_parameters())
+
+
+def test_bad_resolution_and_window():
+    with pytest.raises(ValueError, match=r"Y = 2 X.*\(8, 8\)"):
+        KarmanSolver((8, 8))
+    with pytest.raises(ValueError, match="window=5, steps=5"):
+        KarmanDataModule(window=5, steps=5)
