@@ -17,7 +17,7 @@ from dz_lightning.estimators import Estimate, cge, rge, validate_masks
 from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["ZOModule"]
+__all__ = ["ZOModule", "build_optimizers"]
 
 _PRECISIONS = ("32-true", "64-true", "32", "64")
 
@@ -124,11 +124,7 @@ class ZOModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------- Lightning API
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_fn(self.parameters())
-        if self.scheduler_fn is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt),
-                                                   "interval": self.scheduler_interval}}
+        return build_optimizers(self.parameters(), self.optimizer_fn, self.scheduler_fn, self.scheduler_interval)
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
@@ -256,6 +252,15 @@ class ZOModule(L.LightningModule):
         opt = self.optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+
+def build_optimizers(parameters: Any, optimizer_fn: OptimizerCallable, scheduler_fn: LRSchedulerCallable | None,
+                     interval: str = "step") -> Any:
+    """What ``configure_optimizers`` returns for an optimizer factory and an optional scheduler factory."""
+    opt = optimizer_fn(parameters)
+    if scheduler_fn is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler_fn(opt), "interval": interval}}
 
 
 def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, distribution: str,

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from dz_lightning import ZOModule
+from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.sampling import SeededRandomSampler
 from dz_lightning.validation import check_choice
@@ -170,11 +171,7 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_fn(self.parameters())
-        if self.scheduler_fn is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt),
-                                                   "interval": self.scheduler_interval}}
+        return build_optimizers(self.parameters(), self.optimizer_fn, self.scheduler_fn, self.scheduler_interval)
 
 
 class DigitsDataModule(L.LightningDataModule):
