@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="benchmarks/out/defense",
+                        help="per-variant certify.csv and plots go to <output-dir>/<variant>/certification")
     args = parser.parse_args(argv)
     radii = [0.0, 0.25, 0.5, 0.75]
     cert = {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "radii": radii,
@@ -54,14 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
     blackbox = BlackBoxClassifier(fn=f.model.eval())
 
     results = {}
-    none = NoDenoiser(blackbox, **cert)
+    none = NoDenoiser(blackbox, output_dir=f"{args.output_dir}/none", **cert)
     _trainer(1).test(none, data, verbose=False)
     results["none"] = none.certified
 
     L.seed_everything(args.seed, verbose=False)
     fo = FODenoisedSmoothing(DnCNN(1, 16, 3), f.model, sigma=args.sigma,
-                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **{k: v for k, v in cert.items()
-                                                                                   if k != "sigma"})
+                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), output_dir=f"{args.output_dir}/fo_ds",
+                             **{k: v for k, v in cert.items() if k != "sigma"})
     _trainer(args.denoiser_epochs).fit(fo, data)
     _trainer(1).test(fo, data, verbose=False)
     results["fo_ds"] = fo.certified
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     L.seed_everything(args.seed, verbose=False)
     blackbox.queries = 0
     zo = ZODenoisedSmoothing(DnCNN(1, 16, 3), blackbox, estimator="cge", mu=5e-3,
-                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **cert)
+                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), output_dir=f"{args.output_dir}/zo_ds",
+                             **cert)
     callbacks = [ZOGraSP(sparsity=args.sparsity, method="zo_grasp", q=64)] if args.sparsity > 0 else []
     _trainer(args.denoiser_epochs, callbacks).fit(zo, data)
     train_queries = blackbox.queries
