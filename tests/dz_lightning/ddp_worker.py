@@ -66,6 +66,8 @@ def main() -> None:
     torch.save({"params": {n: p.detach().clone() for n, p in module.model.named_parameters()},
                 "first_grads": module.first_grads, "queries_total": module.queries_total,
                 "masks": module.zo_masks}, out / f"rank{trainer.global_rank}.pt")
+    # rank 0 is the launching process: without this it may exit before rank 1 has written its file
+    trainer.strategy.barrier("saved")
 
 
 if __name__ == "__main__":
