@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
-from dz_lightning.oracle import ModuleOracle, Oracle
+from dz_lightning.oracle import ModuleOracle, Oracle, frozen_batchnorm_stats
 from dz_lightning.sampling import SeededRandomSampler
 from dz_lightning.validation import check_choice
 from tasks.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
@@ -42,8 +42,13 @@ class _ClassificationMetrics:
     def _configure_metrics(self, num_classes: int) -> None:
         if num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be >= 2, but got {num_classes}.")
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def _log_train_acc(self, logits: Tensor, targets: Tensor) -> None:
+        self.train_acc(logits.detach(), targets)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True)  # type: ignore[attr-defined]
 
     def _eval_step(self, batch: Any, split: Literal["val", "test"]) -> Tensor:
         x, y = batch
@@ -69,15 +74,32 @@ class _ClassificationMetrics:
 class ZOClassifier(_ClassificationMetrics, ZOModule):
     """A classifier trained by zeroth-order optimization of the cross-entropy.
 
+    Logged besides the engine's ``train/*`` keys: ``train/acc`` (top-1 on the training batch at the weights
+    before the step; one extra forward that is not counted as a query, and never updates BatchNorm statistics)
+    and ``val/acc``, ``test/acc``, ``val/loss``, ``test/loss``.
+
     Args:
         model: maps ``(B, C, H, W)`` images to ``(B, num_classes)`` logits.
         num_classes: number of classes (for the accuracy metrics).
+        train_accuracy: log ``train/acc`` (costs one forward of the batch per step); ``False`` skips it.
         **kwargs: estimator, optimizer and schedule options of :class:`~dz_lightning.ZOModule`.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int = 10, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, num_classes: int = 10, train_accuracy: bool = True, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self.train_accuracy = train_accuracy
         self._configure_metrics(num_classes)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits = None
+        if self.train_accuracy:
+            x, y = batch
+            with torch.no_grad(), frozen_batchnorm_stats(self.model), torch.autocast(x.device.type, enabled=False):
+                logits = self.model(x)
+        loss = super().training_step(batch, batch_idx)
+        if logits is not None:
+            self._log_train_acc(logits, batch[1])
+        return loss
 
     def make_oracle(self, batch: Any) -> Oracle:
         x, y = batch
@@ -166,8 +188,10 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         x, y = batch
         if self.train_noise_std > 0:
             x = x + self.train_noise_std * torch.randn_like(x)
-        loss = F.cross_entropy(self.model(x), y)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self._log_train_acc(logits, y)
         return loss
 
     def configure_optimizers(self) -> Any:
