@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from dz_lightning.distributed import all_reduce_estimate, query_costs, split_coo
 from dz_lightning.models import resnet20
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+COLLECTIVE_WORKER = Path(__file__).with_name("collective_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -86,3 +88,22 @@ def test_a_failing_rank_stops_every_rank_without_hanging(tmp_path):
     assert "non-finite loss" in proc.stderr and "Another rank failed" in proc.stderr
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3
+
+
+def test_two_gloo_ranks_combine_to_the_single_process_gradient():
+    """Fast 2-rank check without Lightning: cost-split CGE shares + one all-reduce == one-process CGE."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(COLLECTIVE_WORKER), "2", str(port)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    _, diff, queries, single_queries, failed, failed_later = line.split()
+    assert float(diff) <= 1e-6
+    # each rank spends its own base point; the coordinates themselves are not repeated
+    assert int(queries) == int(single_queries) + 1
+    assert failed == "0" and failed_later == "11"  # the last rank's failure reaches both ranks
