@@ -130,3 +130,63 @@ def test_model_without_prunable_layers_and_mismatched_ratio_file(tmp_path):
     bad.write_text(json.dumps({"conv.weight": 0.5}))
     with pytest.raises(ValueError, match="does not match the model.*conv.weight.*1.weight"):
         _trainer(tmp_path, [ZOGraSP(ratios_path=str(bad))]).fit(_module(), DigitsDataModule(batch_size=16))
+
+
+_DDP_WORKER = '''
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from callbacks.zo_grasp import ZOGraSP
+from dz_lightning.models import MLP
+from dz_lightning.strategies import ZODDPStrategy
+from tasks.classification import DigitsDataModule, ZOClassifier
+
+
+class Spy(L.Callback):
+    def __init__(self):
+        self.history = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.history.append({n: m.clone().cpu() for n, m in pl_module.zo_masks.items()})
+
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+L.seed_everything(0, verbose=False)
+module = ZOClassifier(MLP(hidden=(8,)), q=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+cb = ZOGraSP(sparsity=0.9, method="zo_grasp", q=4, samples_per_class=2, num_classes=10,
+             resample_every_n_epochs=1)
+spy = Spy()
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ZODDPStrategy(process_group_backend="gloo"),
+                    use_distributed_sampler=False, max_epochs=2, limit_train_batches=2, limit_val_batches=0,
+                    logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, spy])
+trainer.fit(module, DigitsDataModule(batch_size=16))
+torch.save({"ratios": cb.ratios, "history": spy.history}, out / f"rank{trainer.global_rank}.pt")
+trainer.strategy.barrier("saved")
+'''
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_share_ratios_and_masks(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK")}
+    env.update(PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["ratios"] == r1["ratios"]
+    assert len(r0["history"]) == len(r1["history"]) == 2
+    for m0, m1 in zip(r0["history"], r1["history"], strict=True):
+        assert m0.keys() == m1.keys() and all(torch.equal(m0[n], m1[n]) for n in m0)
+    assert any(not torch.equal(r0["history"][0][n], r0["history"][1][n]) for n in r0["history"][0])  # redrawn
