@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             config, extra = RUNS[name]
             results[name] = run_config(config, "--trainer.max_epochs", str(args.epochs), *extra,
                                        workdir=str(Path(tmp) / name))
+            print(f"# {name}: {json.dumps(results[name])}", flush=True)  # partial results survive an interrupt
     plot(results, Path(args.out) / "digits_study.png")
     print(json.dumps(results))
     return results

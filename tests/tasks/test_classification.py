@@ -81,6 +81,7 @@ def test_train_accuracy_can_be_switched_off():
     assert "train/acc_step" not in trainer.logged_metrics and "train/loss_step" in trainer.logged_metrics
 
 
+@pytest.mark.slow
 def test_zo_and_fo_learn_digits_and_test():
     results = {}
     for name, cls in (("zo", ZOClassifier), ("fo", FOClassifier)):
