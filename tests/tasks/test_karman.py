@@ -1,0 +1,50 @@
+"""The Karman wake solver: batched simulations, the inflow mask, input checks, reference data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.karman import KarmanSolver, generate_reference, initial_state
+
+RES = (8, 16)
+
+
+def test_batched_simulations_equal_one_at_a_time():
+    torch.manual_seed(0)
+    solver = KarmanSolver(RES)
+    u = 0.1 * torch.randn(3, 2, *RES)
+    re = torch.tensor([100.0, 200.0, 400.0])
+    batched = solver(u, re)
+    single = torch.cat([solver(u[i : i + 1], re[i : i + 1]) for i in range(3)])
+    assert batched.shape == (3, 2, *RES) and torch.isfinite(batched).all()
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[2])  # the Reynolds number reaches the solver per simulation
+
+
+def test_inflow_mask_is_a_strip_not_the_whole_domain():
+    solver = KarmanSolver(RES)
+    values = solver.inflow.values
+    assert float(values.min) == 0.0 and float(values.max) == 1.0
+
+
+def test_black_box_step_has_no_autograd_and_the_differentiable_one_does():
+    u = initial_state(1, RES).requires_grad_()
+    re = torch.tensor([150.0])
+    assert not KarmanSolver(RES)(u, re).requires_grad
+    out = KarmanSolver(RES, differentiable=True)(u, re)
+    assert out.requires_grad and out.abs().sum() > 0  # the inflow starts the flow from rest
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match=r"Y = 2 X.*\(8, 12\)"):
+        KarmanSolver((8, 12))
+    with pytest.raises(ValueError, match=r"\(N, 2, 8, 16\).*\(1, 2, 4, 8\)"):
+        KarmanSolver(RES)(torch.zeros(1, 2, 4, 8), torch.tensor([100.0]))
+
+
+def test_reference_is_downsampled_and_split():
+    data = generate_reference([100.0], [300.0], RES, factor=2, warmup=1, steps=2)
+    assert data["train"].shape == (1, 3, 2, *RES) and data["test"].shape == (1, 3, 2, *RES)
+    assert data["train_re"].tolist() == [100.0] and data["test_re"].tolist() == [300.0]
+    assert torch.isfinite(data["train"]).all() and data["train"].abs().max() > 0
