@@ -71,11 +71,14 @@ def worker(args: argparse.Namespace) -> None:
     trainer.fit(module, train_dataloaders=loader)
     warm = slice(2, None) if len(times) > 3 else slice(None)
     cpu = torch.tensor(cpu_times[warm]).mean().reshape(1)
+    ranks = [cpu.clone() for _ in range(args.devices)]
     if args.devices > 1:  # the busiest rank's CPU time bounds the step when every rank has its own core
-        torch.distributed.all_reduce(cpu, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_gather(ranks, cpu)
+    cpu = max(ranks)
     if trainer.global_rank == 0:
         torch.save({"seconds_per_step": sum(times[warm]) / len(times[warm]), "first_grads": first,
-                    "cpu_seconds_per_step": float(cpu), "queries_per_step": module.queries_total / args.steps},
+                    "cpu_seconds_per_step": float(cpu), "cpu_seconds_per_rank": [float(r) for r in ranks],
+                    "queries_per_step": module.queries_total / args.steps},
                    args.out)
 
 
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         # CPU time of the busiest rank: what the wall-clock speedup becomes when every rank has an idle core
         # (robust to other jobs sharing the machine; it does not see time spent waiting in the all-reduce)
         "cpu_seconds_per_step": {"1": one["cpu_seconds_per_step"], str(args.devices): many["cpu_seconds_per_step"]},
+        "cpu_seconds_per_rank": many["cpu_seconds_per_rank"],
         "cpu_speedup": cpu_speedup, "cpu_efficiency": cpu_speedup / args.devices,
         "max_abs_diff": max(float((one["first_grads"][n] - many["first_grads"][n]).abs().max())
                             for n in one["first_grads"]),
