@@ -4,6 +4,7 @@ The engine: loss oracles, gradient estimators, feature reuse, sparsity and the `
 It knows nothing about any task; ``tasks`` and ``callbacks`` build on it.
 """
 
+from dz_lightning.distributed import RankFailedError
 from dz_lightning.estimators import Estimate, cge, rge
 from dz_lightning.module import ZOModule
 from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle
@@ -17,6 +18,7 @@ __all__ = [
     "ModuleOracle",
     "NonFiniteLossError",
     "Oracle",
+    "RankFailedError",
     "SeededRandomSampler",
     "ZOModule",
     "cge",
