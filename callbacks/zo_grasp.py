@@ -69,8 +69,7 @@ class ZOGraSP(L.Callback):
         save_ratios_path: str | None = None,
         dense: list[str] | None = None,
     ) -> None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"Expected argument `sparsity` to be a float in [0, 1), but got {sparsity!r}.")
+        sp.check_sparsity(sparsity)
         check_choice("method", method, ("zo_grasp", "grasp", "random", "uniform"))
         check_positive_int("resample_every_n_epochs", resample_every_n_epochs)
         check_positive_int("q", q)

@@ -10,12 +10,19 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-__all__ = ["FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats"]
+if TYPE_CHECKING:
+    from dz_lightning import reuse
+
+__all__ = [
+    "FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats", "parameter_values",
+    "query_mode",
+]
 
 
 class NonFiniteLossError(ValueError):
@@ -80,7 +87,7 @@ class Oracle:
             Losses of shape ``(K,)``.
         """
         k = self._check_varied(params, varied)
-        chunk = self.max_batch or k
+        chunk = self._chunk_size(k)
         out = []
         for start in range(0, k, chunk):
             part = {n: v[start : start + chunk] for n, v in varied.items()}
@@ -113,7 +120,7 @@ class Oracle:
         """
         base = params[name]
         n = int(index.numel())
-        chunk = self.max_batch or n
+        chunk = self._chunk_size(n)
         out = []
         for start in range(0, n, chunk):
             idx = index[start : start + chunk].to(base.device)
@@ -123,6 +130,10 @@ class Oracle:
         return torch.cat(out) if out else torch.zeros(0, device=base.device)
 
     # ------------------------------------------------------------------------------------ for subclasses
+    def _chunk_size(self, k: int) -> int:
+        """Points per call when ``k`` are asked for: ``max_batch`` if set, else all of them."""
+        return self.max_batch or k
+
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
         raise NotImplementedError
 
@@ -212,8 +223,17 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = flag
 
 
-def _device_type(t: Tensor) -> str:
-    return t.device.type if t.device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
+@contextlib.contextmanager
+def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """How every query runs: no autograd, autocast off (full precision), BatchNorm statistics left untouched."""
+    device_type = device.type if device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
+    with torch.no_grad(), torch.autocast(device_type, enabled=False), frozen_batchnorm_stats(model):
+        yield
+
+
+def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """All of ``module``'s parameters by name, taking the values in ``params`` where it names them."""
+    return {n: params.get(n, p) for n, p in module.named_parameters()}
 
 
 class ModuleOracle(Oracle):
@@ -258,16 +278,14 @@ class ModuleOracle(Oracle):
         self._staged_key: tuple | None = None
 
     # -------------------------------------------------------------------------------------------- helpers
-    @contextlib.contextmanager
-    def _query_context(self) -> Iterator[None]:
-        with torch.no_grad(), torch.autocast(_device_type(self.inputs), enabled=False), \
-                frozen_batchnorm_stats(self.model):
-            yield
+    def _query_context(self) -> contextlib.AbstractContextManager[None]:
+        return query_mode(self.model, self.inputs.device)
 
     def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {n: params[n] if n in params else p for n, p in self.model.named_parameters()}
+        return parameter_values(self.model, params)
 
-    def _auto_chunk(self, k: int) -> int:
+    def _chunk_size(self, k: int) -> int:
+        """``max_batch`` if set, else as many points as ``memory_budget`` allows."""
         if self.max_batch is not None:
             return self.max_batch
         budget = self.memory_budget
@@ -290,16 +308,6 @@ class ModuleOracle(Oracle):
             out = functional_call(self.model, self._full(params), (self.inputs,))
             return self.loss_fn(out, self.targets)
 
-    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        if self.max_batch is None:
-            k = self._check_varied(params, varied)
-            self.max_batch = self._auto_chunk(k)
-            try:
-                return super().losses(params, varied)
-            finally:
-                self.max_batch = None
-        return super().losses(params, varied)
-
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         fixed = {n: v for n, v in self._full(params).items() if n not in varied}
         names = list(varied)
@@ -321,11 +329,9 @@ class ModuleOracle(Oracle):
         self.queries += int(index.numel())
         return values
 
-    def _staged_forward(self, params: Mapping[str, Tensor]):  # noqa: ANN202 - optional dependency
-        try:
-            from dz_lightning import reuse
-        except ImportError:  # the fast path is optional
-            return None
+    def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.StagedForward | None:
+        from dz_lightning import reuse  # reuse imports this module
+
         if reuse.get_stages(self.model) is None:
             _warn_not_staged(self.model)
             return None

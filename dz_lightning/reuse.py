@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dz_lightning.oracle import query_mode
+
 __all__ = ["StagedForward", "flatten_ops", "get_stages"]
 
 _ELEMENTWISE = (
@@ -123,15 +125,6 @@ class _AfterFirst(nn.Module):
         return self.block.forward_after_first(x, pre)
 
 
-@contextlib.contextmanager
-def _query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
-    from dz_lightning.oracle import frozen_batchnorm_stats
-
-    with torch.no_grad(), torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False), \
-            frozen_batchnorm_stats(model):
-        yield
-
-
 class StagedForward:
     """Cached base forward of a staged model and batched one-coordinate perturbations of it.
 
@@ -179,7 +172,7 @@ class StagedForward:
             self.op_params[j][local] = value
         self._first_pre: dict[int, Tensor] = {}
         self._unfolded: dict[int, Tensor] = {}
-        with _query_mode(model, inputs.device):
+        with query_mode(model, inputs.device):
             self.acts = [inputs]
             for j, op in enumerate(self.ops):
                 self.acts.append(functional_call(op, self.op_params[j], (self.acts[-1],)))
@@ -200,7 +193,7 @@ class StagedForward:
         index = index.reshape(-1).to(device=self.inputs.device, dtype=torch.long)
         chunk = self._chunk(index.numel(), self._full_restart(*self.where[name]))
         out = []
-        with _query_mode(self.model, self.inputs.device):
+        with query_mode(self.model, self.inputs.device):
             for start in range(0, index.numel(), chunk):
                 out.append(self._chunk_losses(name, index[start : start + chunk], delta))
         return torch.cat(out) if out else self._base.new_zeros(0)

@@ -19,6 +19,7 @@ from dz_lightning.oracle import ModuleOracle, Oracle, frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
 __all__ = [
+    "check_sparsity",
     "class_balanced_sample",
     "draw_masks",
     "grasp_scores",
@@ -33,7 +34,8 @@ __all__ = [
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _check_sparsity(sparsity: float) -> None:
+def check_sparsity(sparsity: float) -> None:
+    """Raise ``ValueError`` unless ``sparsity`` is a number in [0, 1)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise ValueError(f"Expected argument `sparsity` to be a float in [0, 1), but got {sparsity!r}.")
 
@@ -172,7 +174,7 @@ def layerwise_ratios(scores: Mapping[str, Tensor], sparsity: float) -> dict[str,
     Returns:
         name -> fraction of that layer pruned.
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     flat = torch.cat([s.detach().abs().reshape(-1).float().cpu() for s in scores.values()])
     n_keep = round((1 - sparsity) * flat.numel())
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -194,7 +196,7 @@ def random_ratios(params: Mapping[str, Tensor], names: list[str], sparsity: floa
 
 def uniform_ratios(names: list[str], sparsity: float) -> dict[str, float]:
     """Every layer pruned at exactly ``sparsity`` (ablation)."""
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     return {n: float(sparsity) for n in names}
 
 

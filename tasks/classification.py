@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
-from dz_lightning.oracle import ModuleOracle, Oracle, frozen_batchnorm_stats
+from dz_lightning.oracle import ModuleOracle, Oracle, query_mode
 from dz_lightning.sampling import SeededRandomSampler
 from dz_lightning.validation import check_choice
 from tasks.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
@@ -94,7 +94,7 @@ class ZOClassifier(_ClassificationMetrics, ZOModule):
         logits = None
         if self.train_accuracy:
             x, y = batch
-            with torch.no_grad(), frozen_batchnorm_stats(self.model), torch.autocast(x.device.type, enabled=False):
+            with query_mode(self.model, x.device):
                 logits = self.model(x)
         loss = super().training_step(batch, batch_idx)
         if logits is not None:

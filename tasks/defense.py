@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import ZOModule
-from dz_lightning.oracle import Oracle
+from dz_lightning.oracle import Oracle, parameter_values, query_mode
 from tasks.smoothing import ABSTAIN, _check, certify
 
 __all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing"]
@@ -101,7 +101,7 @@ class DenoiserOracle(Oracle):
         self.model, self.inputs = denoiser, noisy  # what ZOModule uses to update BatchNorm statistics
 
     def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {n: params.get(n, p) for n, p in self.denoiser.named_parameters()}
+        return parameter_values(self.denoiser, params)
 
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
         with torch.no_grad():
@@ -115,9 +115,7 @@ class DenoiserOracle(Oracle):
         def denoise(*values: Tensor) -> Tensor:
             return functional_call(self.denoiser, {**fixed, **dict(zip(names, values, strict=True))}, (self.noisy,))
 
-        from dz_lightning.oracle import frozen_batchnorm_stats
-
-        with torch.no_grad(), frozen_batchnorm_stats(self.denoiser):
+        with query_mode(self.denoiser, self.noisy.device):
             images = vmap(denoise, randomness="same")(*(varied[n] for n in names))  # (K, B, C, H, W)
             k, b = images.shape[:2]
             logits = self.classifier(images.reshape(k * b, *images.shape[2:])).reshape(k, b, -1)

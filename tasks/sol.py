@@ -24,7 +24,7 @@ from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
-from dz_lightning.oracle import Oracle
+from dz_lightning.oracle import Oracle, parameter_values
 from dz_lightning.sampling import SeededRandomSampler
 from tasks.karman import KarmanSolver, load_or_generate
 
@@ -201,7 +201,7 @@ class SOLOracle(Oracle):
         self.corrector, self.solver, self.windows, self.re = corrector, solver, windows, re
 
     def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {n: params.get(n, p) for n, p in self.corrector.named_parameters()}
+        return parameter_values(self.corrector, params)
 
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
         return self._losses(params, {n: v.unsqueeze(0) for n, v in self._full(params).items()})[0]
