@@ -104,7 +104,7 @@ class DenoiserOracle(Oracle):
         return parameter_values(self.denoiser, params)
 
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        with torch.no_grad():
+        with query_mode(self.denoiser, self.noisy.device):
             out = functional_call(self.denoiser, self._full(params), (self.noisy,))
             return F.cross_entropy(self.classifier(out), self.targets)
 
