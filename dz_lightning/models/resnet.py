@@ -15,8 +15,11 @@ __all__ = ["BasicBlock", "ResNetS", "resnet20", "resnet32", "resnet44", "resnet5
 class BasicBlock(nn.Module):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; option A shortcut: subsample + zero-pad channels.
 
-    Exposes ``first_layer`` / ``forward_after_first`` so the engine can add a perturbation of ``conv1`` to
-    its cached output instead of recomputing the convolution.
+    Exposes the residual protocol (``residual_branch()``, ``shortcut(x)``, ``after_add``) so that the engine
+    keeps a one-channel change local through the block: a ``conv1``/``conv2`` coordinate changes one channel of
+    its output, BatchNorm and ReLU keep it there, the add and the final ReLU too (after ``conv2``), and the next
+    convolution sees a one-input-channel change. ``first_layer`` / ``forward_after_first`` are kept for engines
+    that only use the simpler protocol.
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -25,6 +28,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
         self.stride = stride
         self.pad = planes - in_planes
 
@@ -34,15 +38,24 @@ class BasicBlock(nn.Module):
         x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
+    def residual_branch(self) -> list[nn.Module]:
+        """The ops of the residual branch, in order: ``conv1, bn1, relu, conv2, bn2``."""
+        return [self.conv1, self.bn1, self.relu, self.conv2, self.bn2]
+
+    @property
+    def after_add(self) -> nn.Module:
+        """Applied to ``branch(x) + shortcut(x)``."""
+        return self.relu
+
     @property
     def first_layer(self) -> nn.Module:
         return self.conv1
 
     def forward_after_first(self, x: Tensor, pre: Tensor) -> Tensor:
         """The block's output given its input ``x`` and ``pre = conv1(x)``."""
-        out = F.relu(self.bn1(pre))
+        out = self.relu(self.bn1(pre))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu(out + self.shortcut(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_after_first(x, self.conv1(x))

@@ -30,6 +30,41 @@ class _CustomStaged(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
+class _ProjectionBlock(nn.Module):
+    """A residual block with a learned 1x1-conv + BatchNorm shortcut and no op after the add."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.Tanh()
+        self.proj = nn.Conv2d(c_in, c_out, 1, stride=2, bias=False)
+        self.proj_bn = nn.BatchNorm2d(c_out)
+
+    def residual_branch(self) -> list[nn.Module]:
+        return [self.conv, self.bn, self.act]
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return self.proj_bn(self.proj(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x))) + self.shortcut(x)
+
+
+class _CustomResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = _ProjectionBlock(4, 6)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stem, self.block, self.head]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(self.stem(x)))
+
+
 MODELS = {
     "resnet20": resnet20,
     "simple_cnn1": lambda: simple_cnn(1),
@@ -39,6 +74,7 @@ MODELS = {
     "sequential_bn1d": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 12), nn.BatchNorm1d(12), nn.ReLU(),
                                              nn.Linear(12, 10)),
     "custom_staged": _CustomStaged,
+    "custom_residual": _CustomResidual,
 }
 
 
@@ -74,6 +110,26 @@ def test_structured_differences_equal_the_loop(model_name, max_batch, train):
         got = staged.coordinate_losses(name, index, 1e-2)
         torch.testing.assert_close(got, _loop(model, x, y, name, index, 1e-2), rtol=1e-5, atol=2e-5)
     assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
+
+
+def test_resnet_blocks_take_the_residual_path():
+    model = resnet20().train()
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    staged = StagedForward(model, F.cross_entropy, x, y)
+    staged.coordinate_losses("stem.0.weight", torch.tensor([0, 5]), 1e-2)  # the change reaches blocks.0 locally
+    staged.coordinate_losses("blocks.4.conv2.weight", torch.tensor([3]), 1e-2)
+    assert staged._residuals[3] is not None and staged._residuals[4 + 3] is not None
+
+
+def test_inconsistent_residual_protocol_is_an_error():
+    class Wrong(_ProjectionBlock):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2
+
+    model = nn.Sequential(Wrong(3, 4), nn.Flatten(), nn.Linear(64, 10))
+    staged = StagedForward(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,)))
+    with pytest.raises(ValueError, match="residual_branch.*differs from its forward"):
+        staged.coordinate_losses("0.conv.weight", torch.tensor([0]), 1e-2)
 
 
 def test_module_oracle_cge_with_reuse_equals_generic_path_with_masks():
