@@ -81,7 +81,9 @@ def lpr_study(args: argparse.Namespace) -> dict:
 def digits_study(epochs: int) -> dict:
     runs = {"dense_cge": ("configs/classification/digits.yaml", None),
             "zo_grasp90": ("configs/classification/digits_zo_grasp90.yaml", None),
-            "random90": ("configs/classification/digits_zo_grasp90.yaml", ("method: zo_grasp", "method: random"))}
+            "random90": ("configs/classification/digits_zo_grasp90.yaml", ("method: zo_grasp", "method: random")),
+            "uniform90": ("configs/classification/digits_zo_grasp90.yaml", ("method: zo_grasp", "method: uniform")),
+            "fo_grasp90": ("configs/classification/digits_zo_grasp90.yaml", ("method: zo_grasp", "method: grasp"))}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (config, swap) in runs.items():
