@@ -45,7 +45,18 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     times: list[float] = []
     cpu_times: list[float] = []
+    coord_times: list[float] = []
+    wait_times: list[float] = []
     first: dict = {}
+    reduce = torch.distributed.all_reduce
+
+    def timed_all_reduce(*a, **k):  # time spent in (mostly waiting for) the step's one collective
+        start = time.perf_counter()
+        out = reduce(*a, **k)
+        wait_times.append(time.perf_counter() - start)
+        return out
+
+    torch.distributed.all_reduce = timed_all_reduce
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -58,6 +69,8 @@ def worker(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
             cpu_times.append(time.process_time() - self.cpu_start)
+            timing = getattr(pl_module, "_zo_timing", None)
+            coord_times.append(sum(timing.seconds.values()) if timing is not None else float("nan"))
             if not first:
                 first.update({n: g.cpu() for n, g in pl_module.last_estimate.grads.items()})
 
@@ -75,9 +88,17 @@ def worker(args: argparse.Namespace) -> None:
     if args.devices > 1:  # the busiest rank's CPU time bounds the step when every rank has its own core
         torch.distributed.all_gather(ranks, cpu)
     cpu = max(ranks)
+    # per rank: mean seconds per step spent on its coordinates and waiting in the all-reduce
+    diag = torch.tensor([sum(coord_times[warm]) / len(coord_times[warm]),
+                         sum(wait_times[warm]) / max(len(wait_times[warm]), 1)], dtype=torch.float64)
+    diags = [diag.clone() for _ in range(args.devices)]
+    if args.devices > 1:
+        torch.distributed.all_gather(diags, diag)
     if trainer.global_rank == 0:
         torch.save({"seconds_per_step": sum(times[warm]) / len(times[warm]), "first_grads": first,
                     "cpu_seconds_per_step": float(cpu), "cpu_seconds_per_rank": [float(r) for r in ranks],
+                    "coordinate_seconds_per_rank": [float(d[0]) for d in diags],
+                    "allreduce_seconds_per_rank": [float(d[1]) for d in diags],
                     "queries_per_step": module.queries_total / args.steps},
                    args.out)
 
@@ -123,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_seconds_per_step": {"1": one["cpu_seconds_per_step"], str(args.devices): many["cpu_seconds_per_step"]},
         "cpu_seconds_per_rank": many["cpu_seconds_per_rank"],
         "cpu_speedup": cpu_speedup, "cpu_efficiency": cpu_speedup / args.devices,
+        # where each rank's step goes: its coordinates (timed per parameter) and the wait in the all-reduce
+        "coordinate_seconds_per_rank": many["coordinate_seconds_per_rank"],
+        "allreduce_seconds_per_rank": many["allreduce_seconds_per_rank"],
         "max_abs_diff": max(float((one["first_grads"][n] - many["first_grads"][n]).abs().max())
                             for n in one["first_grads"]),
     }

@@ -4,18 +4,38 @@ Every rank holds the same parameters, the same batch and the same masks. Each ta
 contiguous share of the step's coordinates, estimates those, and a single ``all_reduce`` (sum) of one flat
 buffer gives every rank the full gradient. The buffer also carries a failure flag and the query count, so a
 rank whose oracle failed makes *every* rank raise after the same collective instead of hanging.
+
+The cost of a coordinate is *measured*: each rank times its queries per parameter
+(:func:`timed_coordinates`), the seconds and coordinate counts ride in the same buffer, and every rank feeds
+the identical sums into its :class:`CostTable` (a moving average of seconds per coordinate). The table
+starts from the static :func:`query_costs` and is only ever updated from all-reduced numbers, so every rank
+computes the same split without another collective.
 All functions return early when no process group exists, so one code path serves one process and DDP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["RankFailedError", "all_reduce_estimate", "query_costs", "rank_and_world", "split_coordinates"]
+__all__ = [
+    "CostTable",
+    "RankFailedError",
+    "Reduced",
+    "all_reduce_estimate",
+    "all_reduce_step",
+    "query_costs",
+    "rank_and_world",
+    "split_coordinates",
+    "timed_coordinates",
+]
 
 
 class RankFailedError(RuntimeError):
@@ -93,8 +113,8 @@ def split_coordinates(
         index: name -> flat coordinate indices ``(n_name,)`` to estimate this step.
         rank: this rank, ``0 <= rank < world_size``.
         world_size: number of ranks.
-        costs: name -> relative cost of one query perturbing that parameter (e.g. the fraction of the
-            forward it recomputes with feature reuse).
+        costs: name -> cost of one coordinate of that parameter, in any unit: measured seconds from a
+            :class:`CostTable`, or the static :func:`query_costs`.
 
     Returns:
         name -> this rank's indices (possibly empty).
@@ -129,6 +149,164 @@ def split_coordinates(
     return out
 
 
+class CostTable:
+    """Seconds per coordinate for every parameter, learned from the all-reduced timings of past steps.
+
+    Before a parameter is measured its cost is its ``prior`` (relative units, e.g. :func:`query_costs`) times a
+    scale that converts the prior into seconds (fitted on the parameters measured so far; 1 before any
+    measurement). Each :meth:`update` moves a measured parameter's cost to ``seconds / count`` by an exponential
+    moving average (the first measurement replaces the prior). Parameters nobody evaluated keep their estimate.
+
+    The table is a pure function of its prior and of the sequence of :meth:`update` arguments, so feeding it only
+    all-reduced numbers keeps it (and every :meth:`split`) identical on all ranks.
+
+    Args:
+        prior: name -> relative cost of one coordinate before any measurement (missing names: 1).
+        momentum: weight of a new measurement in the moving average, in ``(0, 1]``.
+    """
+
+    def __init__(self, prior: Mapping[str, float] | None = None, momentum: float = 0.5) -> None:
+        if not 0 < momentum <= 1:
+            raise ValueError(f"Expected 0 < momentum <= 1, but got momentum={momentum}.")
+        bad = {n: c for n, c in (prior or {}).items() if not c > 0}
+        if bad:
+            raise ValueError(f"Expected every prior cost to be > 0, but got {bad}.")
+        self.prior = {n: float(c) for n, c in (prior or {}).items()}
+        self.momentum = float(momentum)
+        self.seconds: dict[str, float] = {}  # measured seconds per coordinate
+        self.updates = 0
+
+    def _scale(self) -> float:
+        measured = [n for n in self.seconds if n in self.prior]
+        if not measured:
+            return 1.0 if not self.seconds else sum(self.seconds.values()) / len(self.seconds)
+        return sum(self.seconds[n] for n in measured) / sum(self.prior[n] for n in measured)
+
+    def costs(self, names: Any = None) -> dict[str, float]:
+        """name -> current cost of one coordinate (seconds once measured), for ``names`` (default: all known)."""
+        names = list(names) if names is not None else list(dict.fromkeys([*self.prior, *self.seconds]))
+        scale = self._scale()
+        return {n: self.seconds[n] if n in self.seconds else self.prior.get(n, 1.0) * scale for n in names}
+
+    def split(self, index: Mapping[str, Tensor], rank: int, world_size: int) -> dict[str, Tensor]:
+        """:func:`split_coordinates` of ``index`` by the current costs."""
+        return split_coordinates(index, rank, world_size, self.costs(index))
+
+    def update(self, seconds: Mapping[str, float], counts: Mapping[str, float]) -> None:
+        """Fold in one step's timings: ``seconds[n]`` spent on ``counts[n]`` coordinates of ``n`` (all ranks)."""
+        for n, count in counts.items():
+            spent = float(seconds.get(n, 0.0))
+            if not count > 0 or not spent > 0 or spent != spent or spent == float("inf"):
+                continue
+            per = spent / float(count)
+            old = self.seconds.get(n)
+            self.seconds[n] = per if old is None else (1 - self.momentum) * old + self.momentum * per
+        self.updates += 1
+
+
+@contextlib.contextmanager
+def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:
+    """Add the wall time of every ``oracle.coordinate_losses`` call to ``seconds[name]`` while active.
+
+    On CUDA the device is synchronized around each call, so the time is the queries' and not their launch's.
+    The oracle is left as it was on exit.
+    """
+    inner = oracle.coordinate_losses
+    own = "coordinate_losses" in vars(oracle)
+
+    def timed(params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
+        cuda = index.is_cuda or any(v.is_cuda for v in params.values())
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = inner(params, name, index, delta)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    oracle.coordinate_losses = timed
+    try:
+        yield
+    finally:
+        if own:
+            oracle.coordinate_losses = inner
+        else:
+            del oracle.coordinate_losses
+
+
+@dataclass
+class Reduced:
+    """What :func:`all_reduce_step` returns, identical on every rank.
+
+    Attributes:
+        grads: name -> summed gradient.
+        queries: oracle evaluations over all ranks.
+        failed: whether any rank failed.
+        seconds: name -> seconds all ranks spent on that parameter's coordinates (empty if none were sent).
+        counts: name -> coordinates of that parameter evaluated over all ranks (empty if none were sent).
+    """
+
+    grads: dict[str, Tensor]
+    queries: int
+    failed: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+def all_reduce_step(
+    grads: Mapping[str, Tensor],
+    queries: int,
+    failed: bool,
+    seconds: Mapping[str, float] | None = None,
+    counts: Mapping[str, float] | None = None,
+) -> Reduced:
+    """Sum partial gradients, query counts, failure flags and timings over all ranks in one collective.
+
+    Args:
+        grads: this rank's partial gradient (zero outside its share).
+        queries: oracle evaluations spent on this rank.
+        failed: whether this rank failed (its grads and timings are then ignored by everyone).
+        seconds: name -> seconds this rank spent on its coordinates of ``name`` (names of ``grads``).
+        counts: name -> how many coordinates of ``name`` this rank evaluated. Timings travel only when
+            ``counts`` is given.
+
+    Returns:
+        The :class:`Reduced` sums. Without a process group the inputs come back unchanged.
+    """
+    _, world = rank_and_world()
+    names = list(grads)
+    timed = counts is not None
+    seconds = seconds or {}
+    if world == 1:
+        return Reduced(dict(grads), queries, failed,
+                       {n: float(seconds.get(n, 0.0)) for n in names} if timed else {},
+                       {n: float(counts.get(n, 0)) for n in names} if timed else {})
+    first = grads[names[0]]
+    flat = torch.cat([grads[n].reshape(-1).to(first.dtype) for n in names])
+    n_flat = flat.numel()
+    parts = [torch.zeros_like(flat) if failed else flat]
+    if timed:
+        timing = [float(seconds.get(n, 0.0)) for n in names] + [float(counts.get(n, 0)) for n in names]
+        timing_t = torch.tensor(timing, dtype=first.dtype, device=first.device)
+        parts.append(torch.zeros_like(timing_t) if failed else timing_t)
+    parts.append(torch.tensor([float(queries), 1.0 if failed else 0.0], dtype=first.dtype, device=first.device))
+    buf = torch.cat(parts)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    out, offset = {}, 0
+    for n in names:
+        numel = grads[n].numel()
+        out[n] = buf[offset : offset + numel].view_as(grads[n]).to(grads[n].dtype)
+        offset += numel
+    sums_s: dict[str, float] = {}
+    sums_c: dict[str, float] = {}
+    if timed:
+        values = buf[n_flat : n_flat + 2 * len(names)].tolist()
+        sums_s = dict(zip(names, values[: len(names)], strict=True))
+        sums_c = dict(zip(names, values[len(names) :], strict=True))
+    return Reduced(out, int(round(float(buf[-2]))), bool(buf[-1] > 0), sums_s, sums_c)
+
+
 def all_reduce_estimate(
     grads: Mapping[str, Tensor], queries: int, failed: bool
 ) -> tuple[dict[str, Tensor], int, bool]:
@@ -140,20 +318,8 @@ def all_reduce_estimate(
         failed: whether this rank failed (its grads are then ignored by everyone).
 
     Returns:
-        ``(grads, total_queries, any_failed)``, identical on every rank.
+        ``(grads, total_queries, any_failed)``, identical on every rank. See :func:`all_reduce_step` for the
+        variant that also carries timings.
     """
-    _, world = rank_and_world()
-    if world == 1:
-        return dict(grads), queries, failed
-    names = list(grads)
-    first = grads[names[0]]
-    flat = torch.cat([grads[n].reshape(-1).to(first.dtype) for n in names])
-    extra = torch.tensor([float(queries), 1.0 if failed else 0.0], dtype=first.dtype, device=first.device)
-    buf = torch.cat([torch.zeros_like(flat) if failed else flat, extra])
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    out, offset = {}, 0
-    for n in names:
-        numel = grads[n].numel()
-        out[n] = buf[offset : offset + numel].view_as(grads[n]).to(grads[n].dtype)
-        offset += numel
-    return out, int(round(float(buf[-2]))), bool(buf[-1] > 0)
+    r = all_reduce_step(grads, queries, failed)
+    return r.grads, r.queries, r.failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
@@ -31,7 +32,9 @@ class ZOModule(L.LightningModule):
     1. ``oracle = self.make_oracle(batch)``;
     2. CGE (restricted to ``self.zo_masks`` when a callback such as ZO-GraSP set them) or RGE estimates the
        gradient of ``self.zo_parameters()``; under DDP each rank estimates its share of the coordinates (or
-       directions) and one all-reduce combines them;
+       directions) and one all-reduce combines them (CGE coordinates are split by measured cost: the same
+       all-reduce carries each rank's seconds per parameter into an identical :class:`~dz_lightning.distributed.
+       CostTable` on every rank);
     3. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
     Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
@@ -100,10 +103,16 @@ class ZOModule(L.LightningModule):
         self.max_queries = max_queries
         self.seed = seed
         self.zo_masks: dict[str, Tensor] | None = None
-        self.zo_costs: dict[str, float] | None = None
+        self.zo_cost_table: distributed.CostTable | None = None
+        self._zo_timing: _StepTiming | None = None
         self.queries_total = 0
         self._generator = torch.Generator().manual_seed(seed)
         self.last_estimate: Estimate | None = None
+
+    @property
+    def zo_costs(self) -> dict[str, float] | None:
+        """Current cost of one coordinate per parameter under DDP (seconds once measured); ``None`` before."""
+        return None if self.zo_cost_table is None else self.zo_cost_table.costs()
 
     # ------------------------------------------------------------------------------------ template hooks
     def forward(self, x: Tensor) -> Tensor:
@@ -153,16 +162,21 @@ class ZOModule(L.LightningModule):
             return rge(oracle, params, q=self.q, mu=self.mu, distribution=self.distribution,
                        difference=self.difference, generator=self._generator, masks=masks,
                        shard=(rank, world) if world > 1 else None, **kwargs)
-        coordinates = None
-        if world > 1:
-            if self.zo_costs is None:
-                inputs = oracle.inputs if isinstance(oracle, ModuleOracle) else None
-                self.zo_costs = distributed.query_costs(self.model, inputs) if inputs is not None else {}
-            index = {n: (masks[n].reshape(-1).nonzero().reshape(-1) if masks is not None and n in masks
-                         else torch.arange(p.numel(), device=p.device)) for n, p in params.items()}
-            coordinates = distributed.split_coordinates(index, rank, world, self.zo_costs)
-        return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference,
-                   coordinates=coordinates, **kwargs)
+        if world == 1:
+            return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference, **kwargs)
+        if self.zo_cost_table is None:
+            inputs = oracle.inputs if isinstance(oracle, ModuleOracle) else None
+            self.zo_cost_table = distributed.CostTable(
+                distributed.query_costs(self.model, inputs) if inputs is not None else None)
+        index = {n: (masks[n].reshape(-1).nonzero().reshape(-1) if masks is not None and n in masks
+                     else torch.arange(p.numel(), device=p.device)) for n, p in params.items()}
+        coordinates = self.zo_cost_table.split(index, rank, world)
+        timing = _StepTiming(counts={n: c.numel() for n, c in coordinates.items()},
+                             expected={n: i.numel() for n, i in index.items()})
+        self._zo_timing = timing
+        with distributed.timed_coordinates(oracle, timing.seconds):
+            return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference,
+                       coordinates=coordinates, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         start = time.perf_counter()
@@ -170,6 +184,7 @@ class ZOModule(L.LightningModule):
         if getattr(oracle, "model", None) is self.model and hasattr(oracle, "inputs") and self.model.training:
             self._update_batchnorm_stats(oracle)
         params = self.zo_parameters()
+        self._zo_timing = None
         error: BaseException | None = None
         try:
             est = self.estimate(oracle, params)
@@ -177,13 +192,21 @@ class ZOModule(L.LightningModule):
         except Exception as err:  # noqa: BLE001 - re-raised below, after the collective every rank joins
             error = err
             grads, queries, loss = {n: torch.zeros_like(p) for n, p in params.items()}, oracle.queries, float("nan")
-        grads, queries, failed = distributed.all_reduce_estimate(grads, queries, error is not None)
+        timing = self._zo_timing
+        # timings always travel (zeros when there are none), so every rank sends a buffer of the same layout
+        reduced = distributed.all_reduce_step(grads, queries, error is not None,
+                                              seconds=timing.seconds if timing else {},
+                                              counts=timing.counts if timing else {})
+        grads, queries, failed = reduced.grads, reduced.queries, reduced.failed
         if error is not None:
             raise error
         if failed:
             raise distributed.RankFailedError(
                 "Another rank failed to estimate its share of the gradient (see its error); stopping all ranks."
             )
+        if timing is not None and self.zo_cost_table is not None:
+            _check_split(reduced.counts, timing.expected)
+            self.zo_cost_table.update(reduced.seconds, reduced.counts)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise ValueError("The estimated gradient is not finite; refusing to write it into the weights.")
         self.last_estimate = Estimate(grads=grads, queries=queries, loss=loss)
@@ -252,6 +275,26 @@ class ZOModule(L.LightningModule):
         opt = self.optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+
+@dataclass
+class _StepTiming:
+    """This rank's share of one DDP CGE step: coordinates per parameter, how many the step has, seconds spent."""
+
+    counts: dict[str, int]
+    expected: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_split(counts: Mapping[str, float], expected: Mapping[str, int]) -> None:
+    """Every coordinate evaluated by exactly one rank, judged from all-reduced counts (same verdict on all ranks)."""
+    wrong = {n: (counts.get(n, 0.0), e) for n, e in expected.items()
+             if e < 2**24 and abs(counts.get(n, 0.0) - e) > 0.5}
+    if wrong:
+        raise distributed.RankFailedError(
+            "The ranks split the coordinates inconsistently (parameter: (evaluated, expected)): "
+            f"{dict(list(wrong.items())[:5])}. Every rank must see the same batch, masks and cost table."
+        )
 
 
 def build_optimizers(parameters: Any, optimizer_fn: OptimizerCallable, scheduler_fn: LRSchedulerCallable | None,

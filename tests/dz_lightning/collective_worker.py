@@ -3,6 +3,8 @@
 Used by test_distributed.py's fast 2-rank test through a subprocess with a clean environment. Each rank
 estimates its share of a small MLP's coordinates, and ``all_reduce_estimate`` combines them; the script prints
 one line ``RESULT <max_abs_diff> <queries> <failed_flags>`` from rank 0 and exits non-zero on any error.
+Then a few steps split by a measured :class:`CostTable` (timings in the same all-reduce) print
+``TABLE <max_abs_diff over the steps> <tables identical on all ranks: 1/0> <updates>``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dz_lightning import ModuleOracle, cge
-from dz_lightning.distributed import all_reduce_estimate, rank_and_world, split_coordinates
+from dz_lightning.distributed import (
+    CostTable,
+    all_reduce_estimate,
+    all_reduce_step,
+    rank_and_world,
+    split_coordinates,
+    timed_coordinates,
+)
 
 
 def _problem() -> tuple[torch.nn.Module, ModuleOracle]:
@@ -51,6 +60,25 @@ def _rank(rank: int, world: int, port: int) -> None:
         if rank == 0:
             print(f"RESULT {diff:.3e} {queries} {reference.queries} {int(failed)} "
                   f"{''.join(str(int(g.item())) for g in gathered)}", flush=True)
+        # measured costs: each step's timings travel in the gradient's all-reduce; every rank updates its table
+        table = CostTable(costs, momentum=0.5)
+        step_diff = 0.0
+        for _ in range(4):
+            seconds: dict[str, float] = {}
+            share = table.split(index, rank, world)
+            with timed_coordinates(oracle, seconds):
+                part = cge(oracle, params, coordinates=share)
+            reduced = all_reduce_step(part.grads, part.queries, False, seconds=seconds,
+                                      counts={n: c.numel() for n, c in share.items()})
+            assert reduced.counts == {n: float(i.numel()) for n, i in index.items()}, reduced.counts
+            table.update(reduced.seconds, reduced.counts)
+            step_diff = max(step_diff, *(float((reduced.grads[n] - reference.grads[n]).abs().max()) for n in params))
+        mine = torch.tensor([table.costs()[n] for n in params], dtype=torch.float64)
+        tables = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(tables, mine)
+        same = all(torch.equal(t, tables[0]) for t in tables)
+        if rank == 0:
+            print(f"TABLE {step_diff:.3e} {int(same)} {table.updates}", flush=True)
     finally:
         dist.destroy_process_group()
 

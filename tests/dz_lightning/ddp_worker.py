@@ -1,8 +1,8 @@
 """Run a short ZO fit on digits with N CPU processes (Lightning DDP, Gloo) and save what the tests compare.
 
 Used by test_distributed.py through a subprocess with a clean environment (DDP re-launches this script for
-every rank). Writes ``<out>/rank<r>.pt`` with the final parameters, the first step's combined gradient and the
-query counts.
+every rank). Writes ``<out>/rank<r>.pt`` with the final parameters, the first step's combined gradient, the
+query counts and the measured cost table.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def main() -> None:
     trainer.fit(module, DigitsDataModule(batch_size=32))
     torch.save({"params": {n: p.detach().clone() for n, p in module.model.named_parameters()},
                 "first_grads": module.first_grads, "queries_total": module.queries_total,
-                "masks": module.zo_masks}, out / f"rank{trainer.global_rank}.pt")
+                "masks": module.zo_masks, "costs": module.zo_costs,
+                "cost_updates": module.zo_cost_table.updates if module.zo_cost_table else 0},
+               out / f"rank{trainer.global_rank}.pt")
     # rank 0 is the launching process: without this it may exit before rank 1 has written its file
     trainer.strategy.barrier("saved")
 

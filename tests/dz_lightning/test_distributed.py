@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dz_lightning.distributed import all_reduce_estimate, query_costs, split_coordinates
+import dz_lightning as dz
+from dz_lightning.distributed import (
+    CostTable,
+    RankFailedError,
+    all_reduce_estimate,
+    all_reduce_step,
+    query_costs,
+    split_coordinates,
+    timed_coordinates,
+)
 from dz_lightning.models import resnet20
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -37,6 +46,79 @@ def test_query_costs_fall_towards_the_output():
     costs = query_costs(resnet20(), torch.zeros(2, 3, 32, 32))
     assert costs["stem.0.weight"] > costs["blocks.4.conv1.weight"] > costs["blocks.8.conv2.weight"] > 0
     assert costs["head.2.weight"] < 0.05
+
+
+def _loads(parts, true_cost):
+    return [sum(true_cost[n] * p[n].numel() for n in p) for p in parts]
+
+
+def test_cost_table_moves_the_split_towards_balance_with_fake_timings():
+    """The prior says every coordinate costs the same; the (fake) clock says ``a`` is 8x dearer than ``b``."""
+    index = {"a": torch.arange(200), "b": torch.arange(600), "c": torch.arange(0)}
+    true_cost = {"a": 8e-3, "b": 1e-3, "c": 5e-3}
+    tables = [CostTable({"a": 1.0, "b": 1.0, "c": 1.0}, momentum=0.5) for _ in range(2)]  # one per rank
+    ratios = []
+    for _ in range(6):
+        parts = [tables[r].split(index, r, 2) for r in range(2)]
+        for name in index:  # every coordinate once, in order
+            assert torch.equal(torch.cat([p[name] for p in parts]), index[name])
+        loads = _loads(parts, true_cost)
+        ratios.append(max(loads) / min(loads))
+        # each rank times its own share; the all-reduce sums them; every rank updates from the same sums
+        seconds = {n: sum(true_cost[n] * p[n].numel() for p in parts) for n in index}
+        counts = {n: float(sum(p[n].numel() for p in parts)) for n in index}
+        for table in tables:
+            table.update(seconds, counts)
+    assert ratios[0] > 2.0  # the static prior is far off: rank 0 does most of the work
+    assert ratios[-1] < 1.02  # measured costs balance the ranks to within a coordinate or so
+    assert tables[0].costs() == tables[1].costs()
+    costs = tables[0].costs()
+    assert costs["a"] == pytest.approx(8e-3) and costs["b"] == pytest.approx(1e-3)
+    # "c" was never evaluated (no coordinates): it keeps its prior, converted to seconds by the fitted scale
+    assert costs["c"] == pytest.approx(1.0 * (8e-3 + 1e-3) / 2)
+
+
+def test_cost_table_moving_average_and_unmeasured_parameters():
+    table = CostTable({"a": 2.0, "b": 1.0}, momentum=0.25)
+    assert table.costs() == {"a": 2.0, "b": 1.0}  # before any measurement: the prior itself
+    table.update({"a": 4.0}, {"a": 2.0, "b": 0.0})  # "b" not evaluated this step
+    assert table.costs() == {"a": 2.0, "b": 1.0}  # first measurement replaces the prior; b scaled by 2.0/2.0
+    table.update({"a": 12.0, "b": 3.0}, {"a": 2.0, "b": 1.0})
+    assert table.costs() == {"a": pytest.approx(0.75 * 2.0 + 0.25 * 6.0), "b": 3.0}
+    table.update({"a": float("nan")}, {"a": 1.0})  # a broken measurement is ignored
+    assert table.costs()["a"] == pytest.approx(3.0) and table.updates == 3
+    with pytest.raises(ValueError, match="momentum"):
+        CostTable(momentum=0.0)
+    with pytest.raises(ValueError, match="prior"):
+        CostTable({"a": 0.0})
+
+
+def test_timed_coordinates_times_per_parameter_and_restores_the_oracle():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    seconds: dict[str, float] = {}
+    with timed_coordinates(oracle, seconds):
+        timed = dz.cge(oracle, params)
+    assert set(seconds) == set(params) and all(s > 0 for s in seconds.values())
+    assert "coordinate_losses" not in vars(oracle)  # the class method is back
+    plain = dz.cge(oracle, params)
+    assert all(torch.equal(timed.grads[n], plain.grads[n]) for n in params)
+
+
+def test_all_reduce_step_without_process_group_returns_the_inputs():
+    r = all_reduce_step({"w": torch.ones(2), "v": torch.zeros(1)}, 3, False, seconds={"w": 0.5}, counts={"w": 2})
+    assert r.queries == 3 and not r.failed
+    assert r.seconds == {"w": 0.5, "v": 0.0} and r.counts == {"w": 2.0, "v": 0.0}
+    assert all_reduce_step({"w": torch.ones(2)}, 3, False).counts == {}
+
+
+def test_an_inconsistent_split_is_an_error_on_every_rank():
+    from dz_lightning.module import _check_split
+
+    _check_split({"a": 4.0, "b": 2.0}, {"a": 4, "b": 2})
+    with pytest.raises(RankFailedError, match="inconsistently"):
+        _check_split({"a": 3.0, "b": 2.0}, {"a": 4, "b": 2})
 
 
 def test_all_reduce_without_process_group_is_identity():
@@ -77,6 +159,10 @@ def test_two_ranks_match_one_process(tmp_path, estimator, sparsity):
             torch.testing.assert_close(p, single["params"][n], rtol=0, atol=2e-2)
     if sparsity:
         assert all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
+    if estimator == "cge":
+        # the measured cost table is built from all-reduced timings only: identical on both ranks, bit for bit
+        assert r0["cost_updates"] == r1["cost_updates"] == 20
+        assert r0["costs"] == r1["costs"] and set(r0["costs"]) == set(r0["params"])
     # every rank spends its base point; the coordinates (or directions) are split, not repeated
     assert r0["queries_total"] - single["queries_total"] == 20
 
@@ -107,3 +193,6 @@ def test_two_gloo_ranks_combine_to_the_single_process_gradient():
     # each rank spends its own base point; the coordinates themselves are not repeated
     assert int(queries) == int(single_queries) + 1
     assert failed == "0" and failed_later == "11"  # the last rank's failure reaches both ranks
+    # splits by measured costs still combine to the exact gradient, and every rank holds the same cost table
+    _, step_diff, same, updates = next(ln for ln in proc.stdout.splitlines() if ln.startswith("TABLE")).split()
+    assert float(step_diff) <= 1e-6 and same == "1" and updates == "4"
