@@ -231,7 +231,7 @@ class StagedForward:
             j, local = self.where[name]
             self.op_params[j][local] = value
         self._first_pre: dict[int, Tensor] = {}
-        self._unfolded: dict[int, Tensor] = {}
+        self._padded: dict[int, Tensor] = {}
         self._residuals: dict[int, _Residual | None] = {}
         self._channel_major: dict[int, tuple[Tensor, Tensor]] = {}
         # channels-last convolutions and BatchNorm run several times faster than NCHW on CPU
@@ -459,12 +459,16 @@ class StagedForward:
         if isinstance(op, nn.Linear):
             fan_in = op.in_features
             return index // fan_in, x[:, index % fan_in].transpose(0, 1)
-        fan_in = op.in_channels * op.kernel_size[0] * op.kernel_size[1]
-        if id(op) not in self._unfolded:  # (C_in * kh * kw, B, L): a gather of rows gives contiguous columns
-            self._unfolded[id(op)] = F.unfold(x, op.kernel_size, op.dilation, op.padding, op.stride).transpose(0, 1
-                                                                                                      ).contiguous()
-        cols = self._unfolded[id(op)][index % fan_in]  # (k, B, L)
-        return index // fan_in, cols.reshape(k, b, *out_shape[2:])
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = op.kernel_size, op.stride, op.padding, op.dilation
+        if id(op) not in self._padded:  # the column of weight (o, c, a, b) is a strided window of padded channel c
+            self._padded[id(op)] = F.pad(x, (pw, pw, ph, ph))
+        rem = index % (op.in_channels * kh * kw)
+        c, a, bw = rem // (kh * kw), rem % (kh * kw) // kw, rem % kw
+        ho, wo = out_shape[2], out_shape[3]
+        rows = (a * dh).unsqueeze(1) + sh * torch.arange(ho, device=index.device)  # (k, ho)
+        cols = (bw * dw).unsqueeze(1) + sw * torch.arange(wo, device=index.device)  # (k, wo)
+        window = self._padded[id(op)][:, c[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, k, ho, wo)
+        return index // (op.in_channels * kh * kw), window.transpose(0, 1).contiguous()
 
     def _channelwise(self, op: nn.Module, p: Mapping[str, Tensor], z: Tensor, channel: Tensor,
                      perturb: tuple[str, float] | None = None) -> Tensor:
