@@ -9,11 +9,12 @@ train-mode BatchNorm layers are temporarily given a forward that normalizes each
 Beyond batching, the structure of CGE is exploited:
 
 * A coordinate of a Conv2d/Linear weight (or bias) changes the layer output by ``delta`` times one column of the
-  unfolded input, in one output channel only: it is added to the cached output, no convolution is recomputed.
+  unfolded input (a strided window of one padded input channel), in one output channel only: it is added to the
+  cached output, no convolution is recomputed.
 * Channel-wise ops that follow (BatchNorm, activations, pooling) keep the change inside that channel, so they
   run on one channel per query.
 * The next channel-mixing layer then sees a one-channel change: its output is the cached output plus a
-  one-input-channel convolution (a grouped convolution over the batch of queries).
+  one-input-channel convolution (one batched matmul over the kernel taps for all queries of a chunk).
 * A residual block exposing ``residual_branch()``, ``shortcut(x)`` and ``after_add`` (see :func:`residual_parts`)
   gets all of the above inside its branch; a change that stays in one channel through the branch also stays
   there through the add and ``after_add`` (a ReLU), so the next block's first convolution sees a one-channel change.
