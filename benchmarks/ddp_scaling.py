@@ -6,7 +6,11 @@ CPU, NCCL on GPU), one intra-op thread per process on CPU. Each step's coordinat
 cost. Prints one JSON object as the last line: ``seconds_per_step`` for each run, ``speedup``, ``efficiency``
 (speedup / N) and ``max_abs_diff`` (the N-rank combined gradient of the first step vs the single process's),
 plus ``cpu_speedup``/``cpu_efficiency`` from per-step CPU time (the busiest rank's), which stay meaningful when
-other jobs share the cores.
+other jobs share the cores. Where each rank's step goes (wall seconds per step, steps after the first two):
+``coordinate_seconds_per_rank`` (its share of the queries, as timed for the measured-cost split),
+``allreduce_seconds_per_rank`` (the step's one collective, mostly waiting for the slowest rank) and
+``other_seconds_per_rank`` (everything else between two all-reduces: loop, logging, data, base and BatchNorm
+forwards).
 
 Usage: ``python -m benchmarks.ddp_scaling [--devices 2] [--steps 12] [--batch 64] [--accelerator cpu]``
 """
@@ -31,6 +35,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from callbacks.zo_grasp import ZOGraSP
+    from dz_lightning import distributed
     from dz_lightning.models import simple_cnn
     from dz_lightning.sampling import SeededRandomSampler
     from dz_lightning.strategies import ZODDPStrategy
@@ -47,16 +52,22 @@ def worker(args: argparse.Namespace) -> None:
     cpu_times: list[float] = []
     coord_times: list[float] = []
     wait_times: list[float] = []
+    cycle_times: list[float] = []
     first: dict = {}
-    reduce = torch.distributed.all_reduce
+    reduce = distributed.all_reduce_step
+    last_end = [None]
 
     def timed_all_reduce(*a, **k):  # time spent in (mostly waiting for) the step's one collective
         start = time.perf_counter()
         out = reduce(*a, **k)
-        wait_times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        wait_times.append(end - start)
+        if last_end[0] is not None:  # from the end of the previous step's all-reduce to this one's start
+            cycle_times.append(start - last_end[0])
+        last_end[0] = end
         return out
 
-    torch.distributed.all_reduce = timed_all_reduce
+    distributed.all_reduce_step = timed_all_reduce  # ZOModule calls it once per step
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -89,8 +100,11 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.all_gather(ranks, cpu)
     cpu = max(ranks)
     # per rank: mean seconds per step spent on its coordinates and waiting in the all-reduce
+    # and everything else it did between two all-reduces (loop, logging, data, base and BatchNorm forwards)
+    busy = [c - t for c, t in zip(cycle_times[1:], coord_times[2:], strict=True)]
     diag = torch.tensor([sum(coord_times[warm]) / len(coord_times[warm]),
-                         sum(wait_times[warm]) / max(len(wait_times[warm]), 1)], dtype=torch.float64)
+                         sum(wait_times[warm]) / max(len(wait_times[warm]), 1),
+                         sum(busy) / max(len(busy), 1)], dtype=torch.float64)
     diags = [diag.clone() for _ in range(args.devices)]
     if args.devices > 1:
         torch.distributed.all_gather(diags, diag)
@@ -99,6 +113,7 @@ def worker(args: argparse.Namespace) -> None:
                     "cpu_seconds_per_step": float(cpu), "cpu_seconds_per_rank": [float(r) for r in ranks],
                     "coordinate_seconds_per_rank": [float(d[0]) for d in diags],
                     "allreduce_seconds_per_rank": [float(d[1]) for d in diags],
+                    "other_seconds_per_rank": [float(d[2]) for d in diags],
                     "queries_per_step": module.queries_total / args.steps},
                    args.out)
 
@@ -147,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         # where each rank's step goes: its coordinates (timed per parameter) and the wait in the all-reduce
         "coordinate_seconds_per_rank": many["coordinate_seconds_per_rank"],
         "allreduce_seconds_per_rank": many["allreduce_seconds_per_rank"],
+        "other_seconds_per_rank": many["other_seconds_per_rank"],
         "max_abs_diff": max(float((one["first_grads"][n] - many["first_grads"][n]).abs().max())
                             for n in one["first_grads"]),
     }

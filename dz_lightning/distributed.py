@@ -16,6 +16,7 @@ All functions return early when no process group exists, so one code path serves
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -128,20 +129,19 @@ def split_coordinates(
         if bad:
             raise ValueError(f"Expected every cost to be > 0, but got {bad}.")
     names = list(index)
-    counts = torch.tensor([index[n].numel() for n in names], dtype=torch.float64)
-    unit = torch.tensor([float(costs.get(n, 1.0)) if costs else 1.0 for n in names], dtype=torch.float64)
-    total = float((counts * unit).sum())
+    counts = [index[n].numel() for n in names]
+    unit = [float(costs.get(n, 1.0)) if costs else 1.0 for n in names]
+    total = math.fsum(cnt * c for cnt, c in zip(counts, unit, strict=True))
     if total == 0:
         return {n: index[n][:0] for n in names}
     lo_cost, hi_cost = total * rank / world_size, total * (rank + 1) / world_size
     out: dict[str, Tensor] = {}
     start_cost = 0.0
-    for n, cnt, c in zip(names, counts.tolist(), unit.tolist(), strict=True):
-        cnt = int(cnt)
+    for n, cnt, c in zip(names, counts, unit, strict=True):
         # coordinate j of this parameter occupies [start_cost + j c, start_cost + (j+1) c); it belongs to the
         # rank whose interval contains its midpoint.
-        j_lo = max(0, min(cnt, int(torch.ceil(torch.tensor((lo_cost - start_cost) / c - 0.5)).item())))
-        j_hi = max(0, min(cnt, int(torch.ceil(torch.tensor((hi_cost - start_cost) / c - 0.5)).item())))
+        j_lo = max(0, min(cnt, math.ceil((lo_cost - start_cost) / c - 0.5)))
+        j_hi = max(0, min(cnt, math.ceil((hi_cost - start_cost) / c - 0.5)))
         if rank == world_size - 1:
             j_hi = cnt
         out[n] = index[n][j_lo:j_hi]
@@ -149,13 +149,18 @@ def split_coordinates(
     return out
 
 
+_MAX_JUMP = 4.0
+
+
 class CostTable:
     """Seconds per coordinate for every parameter, learned from the all-reduced timings of past steps.
 
     Before a parameter is measured its cost is its ``prior`` (relative units, e.g. :func:`query_costs`) times a
     scale that converts the prior into seconds (fitted on the parameters measured so far; 1 before any
-    measurement). Each :meth:`update` moves a measured parameter's cost to ``seconds / count`` by an exponential
-    moving average (the first measurement replaces the prior). Parameters nobody evaluated keep their estimate.
+    measurement). Each :meth:`update` moves a measured parameter's cost towards ``seconds / count`` by an
+    exponential moving average (the first measurement replaces the prior; a later one counts at most 4x above or
+    below the current estimate, so one disturbed step cannot swing the split). Parameters nobody evaluated keep
+    their estimate.
 
     The table is a pure function of its prior and of the sequence of :meth:`update` arguments, so feeding it only
     all-reduced numbers keeps it (and every :meth:`split`) identical on all ranks.
@@ -200,6 +205,8 @@ class CostTable:
                 continue
             per = spent / float(count)
             old = self.seconds.get(n)
+            if old is not None:  # one step's hiccup (another process, a pause) moves an estimate at most 4x
+                per = min(max(per, old / _MAX_JUMP), old * _MAX_JUMP)
             self.seconds[n] = per if old is None else (1 - self.momentum) * old + self.momentum * per
         self.updates += 1
 

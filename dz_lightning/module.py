@@ -111,8 +111,16 @@ class ZOModule(L.LightningModule):
 
     @property
     def zo_costs(self) -> dict[str, float] | None:
-        """Current cost of one coordinate per parameter under DDP (seconds once measured); ``None`` before."""
+        """Current cost of one coordinate per parameter under DDP (seconds once measured); ``None`` before.
+
+        Setting a dict name -> relative cost starts a fresh :class:`~dz_lightning.distributed.CostTable` with it
+        as the prior (instead of :func:`~dz_lightning.distributed.query_costs`); ``None`` resets the table.
+        """
         return None if self.zo_cost_table is None else self.zo_cost_table.costs()
+
+    @zo_costs.setter
+    def zo_costs(self, prior: Mapping[str, float] | None) -> None:
+        self.zo_cost_table = None if prior is None else distributed.CostTable(prior)
 
     # ------------------------------------------------------------------------------------ template hooks
     def forward(self, x: Tensor) -> Tensor:

@@ -87,6 +87,8 @@ def test_cost_table_moving_average_and_unmeasured_parameters():
     assert table.costs() == {"a": pytest.approx(0.75 * 2.0 + 0.25 * 6.0), "b": 3.0}
     table.update({"a": float("nan")}, {"a": 1.0})  # a broken measurement is ignored
     assert table.costs()["a"] == pytest.approx(3.0) and table.updates == 3
+    table.update({"a": 300.0}, {"a": 1.0})  # one disturbed step counts at most 4x the current estimate
+    assert table.costs()["a"] == pytest.approx(0.75 * 3.0 + 0.25 * 12.0)
     with pytest.raises(ValueError, match="momentum"):
         CostTable(momentum=0.0)
     with pytest.raises(ValueError, match="prior"):
@@ -104,6 +106,16 @@ def test_timed_coordinates_times_per_parameter_and_restores_the_oracle():
     assert "coordinate_losses" not in vars(oracle)  # the class method is back
     plain = dz.cge(oracle, params)
     assert all(torch.equal(timed.grads[n], plain.grads[n]) for n in params)
+
+
+def test_zo_costs_setter_gives_the_prior():
+    module = dz.ZOModule(torch.nn.Linear(2, 1))
+    assert module.zo_costs is None
+    prior = {"weight": 3.0, "bias": 1.0}
+    module.zo_costs = prior
+    assert module.zo_cost_table.prior == prior and module.zo_costs == prior
+    module.zo_costs = None
+    assert module.zo_cost_table is None
 
 
 def test_all_reduce_step_without_process_group_returns_the_inputs():
