@@ -222,13 +222,17 @@ def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:
     own = "coordinate_losses" in vars(oracle)
 
     def timed(params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
-        cuda = index.is_cuda or any(v.is_cuda for v in params.values())
+        value = params.get(name)
+        device = value.device if isinstance(value, Tensor) else index.device
+        cuda = device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         out = inner(params, name, index, delta)
+        if isinstance(out, Tensor) and out.is_cuda:
+            device, cuda = out.device, True
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
         return out
 
