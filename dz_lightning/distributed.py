@@ -58,6 +58,10 @@ def query_costs(model: nn.Module, inputs: Tensor) -> dict[str, float]:
     The result depends only on the model and the input shape, so every rank computes the same numbers. A fixed
     0.02 per query stands for the work that does not scale with the network.
 
+    This static count ignores the engine's shortcuts (a perturbed channel stays one channel through channel-wise
+    ops), so it can be far from the real cost. :class:`~dz_lightning.ZOModule` uses it only as the
+    :class:`CostTable` prior for the first step and splits later steps by measured seconds.
+
     Args:
         model: the network.
         inputs: a batch ``(B, ...)`` (only shapes matter).
