@@ -29,7 +29,9 @@ from torch import Tensor, nn
 __all__ = [
     "CostTable",
     "RankFailedError",
+    "RecordingOracle",
     "Reduced",
+    "ReplayOracle",
     "all_reduce_estimate",
     "all_reduce_step",
     "query_costs",
@@ -248,6 +250,87 @@ def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:
             oracle.coordinate_losses = inner
         else:
             del oracle.coordinate_losses
+
+
+class RecordingOracle:
+    """First pass of an exact distributed RGE step: evaluate a round-robin share of the points, record the losses.
+
+    Wraps ``oracle``. Point ``g`` of the step (counted over every ``losses`` call, in order) is evaluated on rank
+    ``g % world_size``; the wrapper returns 0 for the others, so the estimate computed through it is meaningless.
+    What counts is :meth:`payload`: ``(n_points,)`` float64 losses, zero outside this rank's share. Summed over the
+    ranks (exactly: every entry has one non-zero term), it holds every loss of the step, and each rank replays the
+    estimator through a :class:`ReplayOracle` with the same random state. The estimate is then built in the same
+    order as on one process, so it matches one process bit for bit whenever each loss does.
+
+    Args:
+        oracle: the real oracle.
+        rank: this rank.
+        world_size: number of ranks.
+        n_points: perturbed points the estimator will ask for this step (``q``, or ``2q`` for central differences).
+        device: where the payload lives (the parameters' device, so NCCL can reduce it).
+    """
+
+    def __init__(self, oracle: Any, rank: int, world_size: int, n_points: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.oracle, self.rank, self.world_size, self.n_points = oracle, rank, world_size, n_points
+        self.base: Tensor | None = None
+        self._values = torch.zeros(n_points, dtype=torch.float64, device=device)
+        self._cursor = 0
+
+    @property
+    def queries(self) -> int:
+        return self.oracle.queries
+
+    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        self.base = self.oracle.loss(params)
+        return self.base
+
+    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        k = next(iter(varied.values())).shape[0]
+        start = self._cursor
+        if start + k > self.n_points:
+            raise RuntimeError(f"The estimator asked for more than the expected {self.n_points} perturbed points.")
+        self._cursor += k
+        mine = ((torch.arange(start, start + k) % self.world_size) == self.rank).nonzero().reshape(-1)
+        ref = self.base if self.base is not None else torch.zeros(())
+        out = torch.zeros(k, dtype=ref.dtype, device=ref.device)
+        if mine.numel():
+            values = self.oracle.losses(params, {n: v[mine.to(v.device)] for n, v in varied.items()}).reshape(-1)
+            out = out.to(values.dtype)
+            out[mine.to(out.device)] = values.to(out.device)
+            self._values[(start + mine).to(self._values.device)] = values.to(self._values.device, torch.float64)
+        return out
+
+    def payload(self) -> Tensor:
+        """This rank's losses at their positions, zeros elsewhere: ``(n_points,)`` float64."""
+        if self._cursor != self.n_points:
+            raise RuntimeError(f"The estimator asked for {self._cursor} perturbed points, expected {self.n_points}.")
+        return self._values
+
+
+class ReplayOracle:
+    """Second pass of an exact distributed RGE step: answer the estimator's queries from all-reduced losses.
+
+    Args:
+        base: the loss at the unperturbed point (every rank evaluated it).
+        values: every perturbed point's loss, in the order the estimator asks for them.
+    """
+
+    def __init__(self, base: Tensor, values: Tensor) -> None:
+        self.base, self.values = base, values
+        self.queries = 0  # nothing is evaluated again
+        self._cursor = 0
+
+    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        return self.base
+
+    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        k = next(iter(varied.values())).shape[0]
+        out = self.values[self._cursor : self._cursor + k]
+        if out.numel() != k:
+            raise RuntimeError("The estimator asked for more points on replay than were recorded.")
+        self._cursor += k
+        return out
 
 
 @dataclass

@@ -34,7 +34,8 @@ class ZOModule(L.LightningModule):
        gradient of ``self.zo_parameters()``; under DDP each rank estimates its share of the coordinates (or
        directions) and one all-reduce combines them (CGE coordinates are split by measured cost: the same
        all-reduce carries each rank's seconds per parameter into an identical :class:`~dz_lightning.distributed.
-       CostTable` on every rank);
+       CostTable` on every rank; RGE all-reduces the directions' losses and every rank sums the directions in the
+       single process's order);
     3. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
     Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
@@ -105,6 +106,7 @@ class ZOModule(L.LightningModule):
         self.zo_masks: dict[str, Tensor] | None = None
         self.zo_cost_table: distributed.CostTable | None = None
         self._zo_timing: _StepTiming | None = None
+        self._zo_rge: _RGEShare | None = None
         self.queries_total = 0
         self._generator = torch.Generator().manual_seed(seed)
         self.last_estimate: Estimate | None = None
@@ -161,15 +163,24 @@ class ZOModule(L.LightningModule):
             )
 
     def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> Estimate:
-        """This rank's share of the gradient estimate (before the all-reduce)."""
+        """The gradient estimate on one process; under DDP this rank's share of it (before the all-reduce).
+
+        Under DDP, CGE returns this rank's coordinates (zero elsewhere). RGE evaluates this rank's round-robin share
+        of the directions and records their losses; the returned grads are meaningless, and the step finishes after
+        the all-reduce by replaying RGE on every rank from all the losses (the same sum as on one process).
+        """
         rank, world = distributed.rank_and_world()
         masks = self.zo_masks
         validate_masks(params, masks)
         kwargs = {"nonfinite": self.nonfinite}
         if self.estimator == "rge":
-            return rge(oracle, params, q=self.q, mu=self.mu, distribution=self.distribution,
-                       difference=self.difference, generator=self._generator, masks=masks,
-                       shard=(rank, world) if world > 1 else None, **kwargs)
+            rge_kwargs = {"q": self.q, "mu": self.mu, "distribution": self.distribution,
+                          "difference": self.difference, "masks": masks, **kwargs}
+            if world == 1:
+                return rge(oracle, params, generator=self._generator, **rge_kwargs)
+            recorder = distributed.RecordingOracle(oracle, rank, world, self._rge_points(), _device(params))
+            self._zo_rge = _RGEShare(recorder, self._generator.get_state(), rge_kwargs)
+            return rge(recorder, params, generator=self._generator, **rge_kwargs)
         if world == 1:
             return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference, **kwargs)
         if self.zo_cost_table is None:
@@ -192,14 +203,20 @@ class ZOModule(L.LightningModule):
         if getattr(oracle, "model", None) is self.model and hasattr(oracle, "inputs") and self.model.training:
             self._update_batchnorm_stats(oracle)
         params = self.zo_parameters()
-        self._zo_timing = None
+        self._zo_timing, self._zo_rge = None, None
+        # exact distributed RGE sends the step's losses instead of partial gradients
+        rge_losses = self.estimator == "rge" and distributed.rank_and_world()[1] > 1
         error: BaseException | None = None
         try:
             est = self.estimate(oracle, params)
             grads, queries, loss = est.grads, est.queries, est.loss
+            if rge_losses:
+                grads = {_LOSSES: self._zo_rge.recorder.payload()}
         except Exception as err:  # noqa: BLE001 - re-raised below, after the collective every rank joins
             error = err
-            grads, queries, loss = {n: torch.zeros_like(p) for n, p in params.items()}, oracle.queries, float("nan")
+            queries, loss = oracle.queries, float("nan")
+            grads = ({_LOSSES: torch.zeros(self._rge_points(), dtype=torch.float64, device=_device(params))}
+                     if rge_losses else {n: torch.zeros_like(p) for n, p in params.items()})
         timing = self._zo_timing
         # timings always travel (zeros when there are none), so every rank sends a buffer of the same layout
         reduced = distributed.all_reduce_step(grads, queries, error is not None,
@@ -215,6 +232,8 @@ class ZOModule(L.LightningModule):
         if timing is not None and self.zo_cost_table is not None:
             _check_split(reduced.counts, timing.expected)
             self.zo_cost_table.update(reduced.seconds, reduced.counts)
+        if rge_losses:
+            grads = self._zo_rge.finish(params, grads[_LOSSES])
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise ValueError("The estimated gradient is not finite; refusing to write it into the weights.")
         self.last_estimate = Estimate(grads=grads, queries=queries, loss=loss)
@@ -260,6 +279,10 @@ class ZOModule(L.LightningModule):
         for sch in scheds if isinstance(scheds, list) else [scheds]:
             sch.step()
 
+    def _rge_points(self) -> int:
+        """Perturbed points one RGE step evaluates."""
+        return self.q * (2 if self.difference == "central" else 1)
+
     def _update_batchnorm_stats(self, oracle: Oracle) -> None:
         """One plain forward of ``oracle.inputs`` so BatchNorm running statistics follow training.
 
@@ -292,6 +315,30 @@ class _StepTiming:
     counts: dict[str, int]
     expected: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+_LOSSES = "__rge_losses__"
+
+
+def _device(params: Mapping[str, Tensor]) -> torch.device:
+    return next(iter(params.values())).device
+
+
+@dataclass
+class _RGEShare:
+    """A DDP RGE step between its two passes: the recorder of this rank's losses and the random state to replay."""
+
+    recorder: distributed.RecordingOracle
+    generator_state: Tensor
+    kwargs: dict[str, Any]
+
+    def finish(self, params: Mapping[str, Tensor], losses: Tensor) -> dict[str, Tensor]:
+        """Every rank: RGE again over the same directions, answered from the all-reduced ``losses``."""
+        base = self.recorder.base
+        replay = distributed.ReplayOracle(base, losses.to(base.device, base.dtype))
+        generator = torch.Generator()
+        generator.set_state(self.generator_state)
+        return rge(replay, params, generator=generator, **self.kwargs).grads
 
 
 def _check_split(counts: Mapping[str, float], expected: Mapping[str, int]) -> None:

@@ -4,7 +4,9 @@ Used by test_distributed.py's fast 2-rank test through a subprocess with a clean
 estimates its share of a small MLP's coordinates, and ``all_reduce_estimate`` combines them; the script prints
 one line ``RESULT <max_abs_diff> <queries> <failed_flags>`` from rank 0 and exits non-zero on any error.
 Then a few steps split by a measured :class:`CostTable` (timings in the same all-reduce) print
-``TABLE <max_abs_diff over the steps> <tables identical on all ranks: 1/0> <updates>``.
+``TABLE <max_abs_diff over the steps> <tables identical on all ranks: 1/0> <updates>``. Last, exact RGE (record
+a round-robin share of the losses, all-reduce them, replay RGE on every rank) prints
+``RGE <bit-identical to one process: 1/0> <queries> <single-process queries>``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dz_lightning import ModuleOracle, cge
+from dz_lightning import ModuleOracle, cge, rge
 from dz_lightning.distributed import (
     CostTable,
+    RecordingOracle,
+    ReplayOracle,
     all_reduce_estimate,
     all_reduce_step,
     rank_and_world,
@@ -79,6 +83,21 @@ def _rank(rank: int, world: int, port: int) -> None:
         same = all(torch.equal(t, tables[0]) for t in tables)
         if rank == 0:
             print(f"TABLE {step_diff:.3e} {int(same)} {table.updates}", flush=True)
+        # exact RGE: central differences over several chunks, so the points of one call land on both ranks
+        settings = {"q": 10, "mu": 5e-3, "distribution": "sphere", "difference": "central", "chunk": 4}
+        single = rge(oracle, params, generator=torch.Generator().manual_seed(3), **settings)
+        generator = torch.Generator().manual_seed(3)
+        state = generator.get_state()
+        recorder = RecordingOracle(oracle, rank, world, 20)
+        first = rge(recorder, params, generator=generator, **settings)
+        reduced = all_reduce_step({"losses": recorder.payload()}, first.queries, False)
+        replay_generator = torch.Generator()
+        replay_generator.set_state(state)
+        replayed = rge(ReplayOracle(recorder.base, reduced.grads["losses"].to(recorder.base.dtype)), params,
+                       generator=replay_generator, **settings)
+        exact = all(torch.equal(replayed.grads[n], single.grads[n]) for n in params)
+        if rank == 0:
+            print(f"RGE {int(exact)} {reduced.queries} {single.queries}", flush=True)
     finally:
         dist.destroy_process_group()
 
