@@ -15,6 +15,8 @@ import dz_lightning as dz
 from dz_lightning.distributed import (
     CostTable,
     RankFailedError,
+    RecordingOracle,
+    ReplayOracle,
     all_reduce_estimate,
     all_reduce_step,
     query_costs,
@@ -116,6 +118,29 @@ def test_zo_costs_setter_gives_the_prior():
     assert module.zo_cost_table.prior == prior and module.zo_costs == prior
     module.zo_costs = None
     assert module.zo_cost_table is None
+
+
+def test_recorded_rge_losses_summed_over_ranks_replay_to_the_single_process_estimate():
+    """Three simulated ranks in one process: record round-robin shares, add the payloads, replay RGE."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(6, 4), torch.randint(0, 2, (6,)),
+                             max_batch=1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    settings = {"q": 7, "mu": 1e-2, "distribution": "gaussian", "chunk": 3}
+    single = dz.rge(oracle, params, generator=torch.Generator().manual_seed(5), **settings)
+    recorders = [RecordingOracle(oracle, r, 3, 7) for r in range(3)]
+    for recorder in recorders:
+        dz.rge(recorder, params, generator=torch.Generator().manual_seed(5), **settings)
+    payloads = [r.payload() for r in recorders]
+    assert all(int((p != 0).sum()) in (2, 3) for p in payloads)  # points 0..6 dealt round-robin to 3 ranks
+    losses = sum(payloads).to(recorders[0].base.dtype)
+    replayed = dz.rge(ReplayOracle(recorders[0].base, losses), params, generator=torch.Generator().manual_seed(5),
+                      **settings)
+    assert all(torch.equal(replayed.grads[n], single.grads[n]) for n in params) and replayed.queries == 0
+    with pytest.raises(RuntimeError, match="asked for 0 perturbed points, expected 7"):
+        RecordingOracle(oracle, 0, 2, 7).payload()
+    with pytest.raises(RuntimeError, match="more points on replay"):
+        dz.rge(ReplayOracle(recorders[0].base, losses[:4]), params, **settings)
 
 
 def test_all_reduce_step_without_process_group_returns_the_inputs():
