@@ -204,8 +204,10 @@ class ZOModule(L.LightningModule):
             self._update_batchnorm_stats(oracle)
         params = self.zo_parameters()
         self._zo_timing, self._zo_rge = None, None
-        # exact distributed RGE sends the step's losses instead of partial gradients
-        rge_losses = self.estimator == "rge" and distributed.rank_and_world()[1] > 1
+        # exact distributed RGE sends the step's losses instead of partial gradients (a subclass that overrides
+        # `estimate` keeps sending its partial gradients)
+        rge_losses = (self.estimator == "rge" and distributed.rank_and_world()[1] > 1
+                      and type(self).estimate is ZOModule.estimate)
         error: BaseException | None = None
         try:
             est = self.estimate(oracle, params)
@@ -234,6 +236,7 @@ class ZOModule(L.LightningModule):
             self.zo_cost_table.update(reduced.seconds, reduced.counts)
         if rge_losses:
             grads = self._zo_rge.finish(params, grads[_LOSSES])
+            self._zo_rge = None  # it holds the oracle (and its cached activations)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise ValueError("The estimated gradient is not finite; refusing to write it into the weights.")
         self.last_estimate = Estimate(grads=grads, queries=queries, loss=loss)
