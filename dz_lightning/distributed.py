@@ -222,10 +222,10 @@ def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:
     """Add the wall time of every ``oracle.coordinate_losses`` call to ``seconds[name]`` while active.
 
     On CUDA the device is synchronized around each call, so the time is the queries' and not their launch's.
-    The oracle is left as it was on exit.
+    The oracle is left as it was on exit. An oracle that takes no instance attributes (``__slots__``) is not timed.
     """
     inner = oracle.coordinate_losses
-    own = "coordinate_losses" in vars(oracle)
+    own = "coordinate_losses" in getattr(oracle, "__dict__", {})
 
     def timed(params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         value = params.get(name)
@@ -242,7 +242,11 @@ def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
         return out
 
-    oracle.coordinate_losses = timed
+    try:
+        oracle.coordinate_losses = timed
+    except AttributeError:  # an oracle that takes no instance attributes is not timed (its costs stay the prior)
+        yield
+        return
     try:
         yield
     finally:

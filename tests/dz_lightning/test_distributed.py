@@ -109,6 +109,17 @@ def test_timed_coordinates_times_per_parameter_and_restores_the_oracle():
     plain = dz.cge(oracle, params)
     assert all(torch.equal(timed.grads[n], plain.grads[n]) for n in params)
 
+    class Slotted:  # takes no instance attributes: it runs untimed
+        __slots__ = ()
+
+        def coordinate_losses(self, params, name, index, delta):
+            return torch.zeros(index.numel())
+
+    untimed: dict[str, float] = {}
+    with timed_coordinates(Slotted(), untimed):
+        pass
+    assert untimed == {}
+
 
 def test_zo_costs_setter_gives_the_prior():
     module = dz.ZOModule(torch.nn.Linear(2, 1))
