@@ -108,6 +108,7 @@ class ZOModule(L.LightningModule):
         self._zo_timing: _StepTiming | None = None
         self._zo_rge: _RGEShare | None = None
         self.queries_total = 0
+        self.last_train_outputs: Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self.last_estimate: Estimate | None = None
 
@@ -199,6 +200,7 @@ class ZOModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         start = time.perf_counter()
+        self.last_train_outputs = None
         oracle = self.make_oracle(batch)
         if getattr(oracle, "model", None) is self.model and hasattr(oracle, "inputs") and self.model.training:
             self._update_batchnorm_stats(oracle)
@@ -290,11 +292,12 @@ class ZOModule(L.LightningModule):
         """One plain forward of ``oracle.inputs`` so BatchNorm running statistics follow training.
 
         Queries never touch the statistics; oracles over ``self.model`` that expose ``model`` and ``inputs``
-        (:class:`ModuleOracle` and task oracles alike) get this update.
+        (:class:`ModuleOracle` and task oracles alike) get this update. Its outputs (before the step's update) are
+        kept in ``last_train_outputs`` for subclasses that log training metrics without another forward.
         """
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             with torch.no_grad(), torch.autocast(oracle.inputs.device.type, enabled=False):
-                self.model(oracle.inputs)
+                self.last_train_outputs = self.model(oracle.inputs)
 
     def _log_step(self, loss: float, queries: int, elapsed: float, params: Mapping[str, Tensor]) -> None:
         total = sum(p.numel() for p in params.values())

@@ -92,13 +92,17 @@ class ZOClassifier(_ClassificationMetrics, ZOModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits = None
-        if self.train_accuracy:
-            x, y = batch
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if self.train_accuracy and not (has_bn and self.model.training):
+            x, _ = batch
             with query_mode(self.model, x.device):
                 logits = self.model(x)
         loss = super().training_step(batch, batch_idx)
-        if logits is not None:
-            self._log_train_acc(logits, batch[1])
+        if self.train_accuracy:
+            # a BatchNorm model in train mode got one plain forward of the batch before the update (its statistics)
+            logits = self.last_train_outputs if logits is None else logits
+            if logits is not None:
+                self._log_train_acc(logits, batch[1])
         return loss
 
     def make_oracle(self, batch: Any) -> Oracle:

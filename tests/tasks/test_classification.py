@@ -81,6 +81,22 @@ def test_train_accuracy_can_be_switched_off():
     assert "train/acc_step" not in trainer.logged_metrics and "train/loss_step" in trainer.logged_metrics
 
 
+def test_train_accuracy_of_a_batchnorm_model_reuses_the_statistics_forward():
+    from dz_lightning.models import simple_cnn
+
+    torch.manual_seed(0)
+    model = simple_cnn(1, in_channels=1)
+    module = ZOClassifier(model, optimizer=_sgd())
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(out.detach().clone()))
+    scored = []
+    module._log_train_acc = lambda logits, y: scored.append(logits)
+    trainer = _trainer(2)
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert len(calls) == 2 and len(scored) == 2  # one plain forward per step serves BN statistics and accuracy
+    assert all(torch.equal(a, b) for a, b in zip(calls, scored, strict=True))
+
+
 @pytest.mark.slow
 def test_zo_and_fo_learn_digits_and_test():
     results = {}
