@@ -137,6 +137,17 @@ def _delta_if(perturb: tuple[str, float], name: str) -> float:
     return perturb[1] if perturb[0] == name else 0.0
 
 
+def _on_queries(model: nn.Module, fn: Callable[..., Tensor], *hs: Tensor) -> Tensor:
+    """``fn`` applied to per-query tensors ``(k, B, ...)`` as one flat batch of ``k * B`` examples, reshaped back.
+
+    Train-mode BatchNorm inside keeps per-query statistics.
+    """
+    k = hs[0].shape[0]
+    with _grouped_batch_norm(model, k):
+        out = fn(*(h.reshape(k * h.shape[1], *h.shape[2:]) for h in hs))
+    return out.reshape(k, -1, *out.shape[1:])
+
+
 def _materialize(base: Tensor, z: Tensor, channel: Tensor) -> Tensor:
     """``k`` copies of ``base`` ``(B, C, ...)``, channel ``channel[i]`` of copy i replaced by ``z[i]``."""
     k = z.shape[0]
@@ -349,7 +360,8 @@ class StagedForward:
             elif _is_mixing(op) and x.dim() == (2 if isinstance(op, nn.Linear) else 4):
                 # the next mixing layer sees a one-channel change: cached output plus a one-input-channel conv
                 d = h - self._channels(x, channel)
-                h = chain.acts[t + 1].unsqueeze(0) + self._one_channel_mix(op, chain.params[t], d, channel)
+                out = chain.acts[t + 1]
+                h = out.unsqueeze(0) + self._one_channel_mix(op, chain.params[t], d, channel, out.shape)
                 channel = None
             elif chain.top and x.dim() == 4 and self._residual(t) is not None:
                 h, channel = self._residual_input_change(t, h, channel)
@@ -358,18 +370,19 @@ class StagedForward:
                 break
             t += 1
         if channel is None and t < n:
-            k = h.shape[0]
-            flat = h.reshape(k * h.shape[1], *h.shape[2:])
-            with _grouped_batch_norm(self.model, k):
-                for s in range(t, n):
-                    if flat.dim() == 4:
-                        flat = flat.contiguous(memory_format=self._layout)
-                    if _is_tiling_max_pool(chain.ops[s]) and flat.dim() == 4:
-                        flat = _tiling_max(chain.ops[s], flat)
-                    else:
-                        flat = functional_call(chain.ops[s], chain.params[s], (flat,))
-            h = flat.reshape(k, -1, *flat.shape[1:])
+            h = _on_queries(self.model, lambda flat: self._run_ops(chain, t, flat), h)
         return h, channel
+
+    def _run_ops(self, chain: _Chain, t: int, flat: Tensor) -> Tensor:
+        """Ops ``t`` to the end of ``chain`` on a flat batch of queries."""
+        for s in range(t, len(chain.ops)):
+            if flat.dim() == 4:
+                flat = flat.contiguous(memory_format=self._layout)
+            if _is_tiling_max_pool(chain.ops[s]) and flat.dim() == 4:
+                flat = _tiling_max(chain.ops[s], flat)
+            else:
+                flat = functional_call(chain.ops[s], chain.params[s], (flat,))
+        return flat
 
     def _channels(self, x: Tensor, channel: Tensor) -> Tensor:
         """``x[:, channel[i]]`` for each i, ``(k, B, ...)``, gathered from a cached contiguous channel-major copy."""
@@ -431,9 +444,8 @@ class StagedForward:
         else:
             h = h + shortcut
         if block.after_add is not None:
-            k = h.shape[0]
-            flat = functional_call(block.after_add, block.after_add_params, (h.reshape(k * h.shape[1], *h.shape[2:]),))
-            h = flat.reshape(k, -1, *flat.shape[1:])
+            after_add, params = block.after_add, block.after_add_params
+            h = _on_queries(self.model, lambda flat: functional_call(after_add, params, (flat,)), h)
         return h, None
 
     def _residual_input_change(self, t: int, z: Tensor, channel: Tensor) -> tuple[Tensor, None]:
@@ -443,12 +455,11 @@ class StagedForward:
         h, c = self._advance(block.branch, 0, z, channel)
         if c is not None:
             h = _materialize(block.branch.acts[-1], h, c)
-        x = _materialize(self.acts[t], z, channel)
-        k = x.shape[0]
-        with _grouped_batch_norm(self.model, k):
-            flat = functional_call(_Method(self.ops[t], "shortcut"), self._block_params(t),
-                                   (x.reshape(k * x.shape[1], *x.shape[2:]),))
-        h, _ = self._after_add(block, h, None, flat.reshape(k, -1, *flat.shape[1:]))
+        shortcut = _Method(self.ops[t], "shortcut")
+        params = self._block_params(t)
+        sc = _on_queries(self.model, lambda flat: functional_call(shortcut, params, (flat,)),
+                         _materialize(self.acts[t], z, channel))
+        h, _ = self._after_add(block, h, None, sc)
         return h, None
 
     def _column(self, op: nn.Module, x: Tensor, local: str, index: Tensor,
@@ -502,17 +513,18 @@ class StagedForward:
             return out.reshape(k, b, *out.shape[2:])
         return op(z)
 
-    def _one_channel_mix(self, op: nn.Module, p: Mapping[str, Tensor], d: Tensor, channel: Tensor) -> Tensor:
-        """Change of mixing ``op``'s output when input channel ``channel[i]`` changes by ``d[i]`` (bias excluded)."""
+    def _one_channel_mix(self, op: nn.Module, p: Mapping[str, Tensor], d: Tensor, channel: Tensor,
+                         out_shape: torch.Size) -> Tensor:
+        """Change of mixing ``op``'s output (``out_shape``, one query) when input channel ``channel[i]`` changes by
+        ``d[i]`` (bias excluded)."""
         w = p["weight"]
         k = d.shape[0]
         if isinstance(op, nn.Linear):
             return d.unsqueeze(-1) * w[:, channel].transpose(0, 1).unsqueeze(1)  # (k, B, out)
         # a one-input-channel convolution as one batched matmul over the kernel taps (shifted views of the padded
         # change), far faster than a grouped conv2d on CPU; the result comes out channels-last
-        b, h, wd = d.shape[1:]
+        b, (ho, wo) = d.shape[1], out_shape[2:]
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = op.kernel_size, op.stride, op.padding, op.dilation
-        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         dp = F.pad(d, (pw, pw, ph, ph))
         taps = torch.stack([dp[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, c * dw : c * dw + sw * (wo - 1) + 1 : sw]
                             for a in range(kh) for c in range(kw)], dim=-1)  # (k, B, ho, wo, kh * kw)
@@ -530,13 +542,7 @@ class StagedForward:
             self._first_pre[j] = functional_call(first, first_params, (self.acts[j],))
         pre_base = self._first_pre[j]
         channel, col = self._column(first, self.acts[j], local[len(prefix) + 1 :], index, pre_base.shape)
-        k = index.numel()
-        pre = pre_base.unsqueeze(0).repeat(k, *([1] * pre_base.dim()))
-        ar = torch.arange(k, device=index.device)
-        pre[ar, :, channel] += delta * col
-        x = self.acts[j].unsqueeze(0).expand(k, *self.acts[j].shape).reshape(k * self.acts[j].shape[0],
-                                                                               *self.acts[j].shape[1:])
-        with _grouped_batch_norm(self.model, k):
-            h = functional_call(_Method(op, "forward_after_first"), self._block_params(j),
-                                (x, pre.reshape(x.shape[0], *pre.shape[2:])))
-        return h.reshape(k, -1, *h.shape[1:])
+        pre = _materialize(pre_base, self._channels(pre_base, channel) + delta * col, channel)
+        x = self.acts[j].unsqueeze(0).expand(index.numel(), *self.acts[j].shape)
+        after_first, params = _Method(op, "forward_after_first"), self._block_params(j)
+        return _on_queries(self.model, lambda xs, pres: functional_call(after_first, params, (xs, pres)), x, pre)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 import dz_lightning as dz
 from dz_lightning.models import MLP, resnet20, simple_cnn
+from dz_lightning.models.resnet import BasicBlock
 from dz_lightning.reuse import StagedForward
 
 
@@ -65,6 +66,12 @@ class _CustomResidual(nn.Module):
         return self.head(self.block(self.stem(x)))
 
 
+class _FirstLayerOnlyBlock(BasicBlock):
+    """A ResNet block that exposes only ``first_layer`` / ``forward_after_first`` (the simpler protocol)."""
+
+    residual_branch = None
+
+
 MODELS = {
     "resnet20": resnet20,
     "simple_cnn1": lambda: simple_cnn(1),
@@ -75,6 +82,8 @@ MODELS = {
                                              nn.Linear(12, 10)),
     "custom_staged": _CustomStaged,
     "custom_residual": _CustomResidual,
+    "first_layer_only": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _FirstLayerOnlyBlock(4, 8, stride=2),
+                                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
 }
 
 
