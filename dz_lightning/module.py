@@ -288,6 +288,9 @@ class ZOModule(L.LightningModule):
         """Perturbed points one RGE step evaluates."""
         return self.q * (2 if self.difference == "central" else 1)
 
+    def _has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+
     def _update_batchnorm_stats(self, oracle: Oracle) -> None:
         """One plain forward of ``oracle.inputs`` so BatchNorm running statistics follow training.
 
@@ -295,7 +298,7 @@ class ZOModule(L.LightningModule):
         (:class:`ModuleOracle` and task oracles alike) get this update. Its outputs (before the step's update) are
         kept in ``last_train_outputs`` for subclasses that log training metrics without another forward.
         """
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        if self._has_batchnorm():
             with torch.no_grad(), torch.autocast(oracle.inputs.device.type, enabled=False):
                 self.last_train_outputs = self.model(oracle.inputs)
 

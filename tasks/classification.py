@@ -92,8 +92,7 @@ class ZOClassifier(_ClassificationMetrics, ZOModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits = None
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        if self.train_accuracy and not (has_bn and self.model.training):
+        if self.train_accuracy and not (self._has_batchnorm() and self.model.training):
             x, _ = batch
             with query_mode(self.model, x.device):
                 logits = self.model(x)
