@@ -25,6 +25,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ from torch.func import functional_call
 from dz_lightning.models import resnet20, simple_cnn
 from dz_lightning.oracle import frozen_batchnorm_stats
 from dz_lightning.reuse import StagedForward, flatten_ops, get_stages
+
+_T = TypeVar("_T")
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "simple_cnn": lambda: simple_cnn(depth=3)}
 
@@ -112,7 +115,7 @@ def ours(model: nn.Module, x: Tensor, y: Tensor, coords: list[tuple[str, int]], 
     return out
 
 
-def _timed(fn: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, float]:
+def _timed(fn: Callable[[], _T], device: torch.device) -> tuple[_T, float]:
     _sync(device)
     start = time.perf_counter()
     result = fn()
@@ -139,9 +142,8 @@ def project_step(model: nn.Module, x: Tensor, y: Tensor, delta: float, max_batch
     time costs the same for every coordinate of a tensor), scaled to the tensor's count; each includes its base
     forward once.
     """
-    _, total = _timed(lambda: StagedForward(model, F.cross_entropy, x, y, dict(model.named_parameters()),
-                                            max_batch=max_batch), x.device)
-    staged = StagedForward(model, F.cross_entropy, x, y, dict(model.named_parameters()), max_batch=max_batch)
+    staged, total = _timed(lambda: StagedForward(model, F.cross_entropy, x, y, dict(model.named_parameters()),
+                                                 max_batch=max_batch), x.device)
     acts, loop_total = _timed(lambda: base_acts(model, x), x.device)
     queries = 0
     for name, n in _sparse_counts(model, 0.1).items():
