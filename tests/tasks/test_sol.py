@@ -43,6 +43,42 @@ def test_batched_perturbations_equal_one_at_a_time(data):
     assert len(set(batched.tolist())) == 5
 
 
+def test_black_box_cge_matches_backprop_through_the_differentiable_solver(data):
+    """CGE through the jit-compiled black-box solver agrees with autograd through the eager differentiable one.
+
+    Checked at the settings ZO-SOL uses: forward differences with a small ``mu`` (the loss is deterministic, so a
+    small step costs no noise) and central differences.
+    """
+    import torch.nn.functional as F
+
+    import dz_lightning as dz
+    from tasks.sol import corrector_input
+
+    data.setup()
+    torch.manual_seed(0)
+    corrector = SOLCorrector(width=2)
+    torch.nn.init.normal_(corrector[-1].weight, std=0.01)
+    windows, re = next(iter(data.train_dataloader()))
+    solver = KarmanSolver(RES, differentiable=True)
+    u, loss = windows[:, 0], 0.0
+    for step in range(1, windows.shape[1]):
+        u = solver(u, re)
+        u = u + corrector(corrector_input(u, re))
+        loss = loss + F.mse_loss(u, windows[:, step])
+    (loss / (windows.shape[1] - 1)).backward()
+    exact = torch.cat([p.grad.flatten() for p in corrector.parameters()])
+    params = {n: p.detach() for n, p in corrector.named_parameters()}
+    oracle = SOLOracle(corrector, KarmanSolver(RES), windows, re)
+    torch.testing.assert_close(oracle.loss(params), loss.detach() / (windows.shape[1] - 1), rtol=1e-4, atol=0)
+
+    def cosine(**kw) -> float:
+        grads = dz.cge(oracle, params, **kw).grads
+        return F.cosine_similarity(torch.cat([grads[n].flatten() for n in params]), exact, 0).item()
+
+    assert cosine(mu=1e-4, difference="forward") > 0.99
+    assert cosine(mu=5e-3, difference="central") > 0.99
+
+
 def test_reference_data_are_cached_and_reused(tmp_path, monkeypatch):
     first = load_or_generate(str(tmp_path), [100.0], [150.0], RES, factor=2, warmup=2, steps=3)
     assert first["train"].shape == (1, 4, 2, *RES) and torch.isfinite(first["train"]).all()
