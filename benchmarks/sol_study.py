@@ -2,8 +2,8 @@
 
 Generates (or reuses) the cached reference data, trains NON, ZO-SOL and FO-SOL for the same number of epochs with
 the settings of configs/sol/, evaluates all four methods on the test simulations (MAE against the reference over
-all time steps), writes a bar chart, and prints as its last line
-``{"mae": {"src", "non", "zo_sol", "fo_sol"}, "queries": int, "seconds": float, ...}``.
+all recorded time steps, and over a longer rollout of the same Reynolds numbers), writes a bar chart, and prints as
+its last line ``{"mae": {"src", "non", "zo_sol", "fo_sol"}, "queries": int, "seconds": float, ...}``.
 """
 
 from __future__ import annotations
@@ -19,21 +19,35 @@ import torch
 
 from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import SOLCorrector
-from tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SourceOnly
+from tasks.karman import KarmanSolver, load_or_generate
+from tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--cache", default="data/karman")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of NON and FO-SOL")
+    parser.add_argument("--zo-lr", type=float, default=3e-3,
+                        help="Adam learning rate of ZO-SOL: each step estimates only 1 - sparsity of the weights")
+    parser.add_argument("--mu", type=float, default=1e-4, help="ZO-SOL finite-difference step (see tasks.sol.ZOSOL)")
+    parser.add_argument("--difference", default="forward", choices=["forward", "central"],
+                        help="ZO-SOL finite differences; central ones cost twice the queries")
+    parser.add_argument("--methods", default="non,zo_sol,fo_sol",
+                        help="comma-separated methods to train (SRC is always evaluated)")
     parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--long-steps", type=int, default=300,
+                        help="also roll every method out this many steps on the test Reynolds numbers (0: skip); "
+                             "the regular test covers the 60 recorded steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     data = KarmanDataModule(cache_dir=args.cache)
     data.prepare_data()
+    long = load_or_generate(args.cache, [], data.test_re, data.resolution, data.factor, data.warmup,
+                            args.long_steps) if args.long_steps else None
     seconds = {"data": time.perf_counter() - start}
     root = tempfile.mkdtemp()
 
@@ -42,12 +56,19 @@ def main(argv: list[str] | None = None) -> dict:
                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                          callbacks=callbacks or [], default_root_dir=root)
 
-    adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
-    results, queries = {}, 0
-    results["src"] = trainer().test(SourceOnly(), data, verbose=False)[0]["test/mae"]
+    adam = lambda p: torch.optim.Adam(p, lr=args.lr)  # noqa: E731
+    zo_adam = lambda p: torch.optim.Adam(p, lr=args.zo_lr)  # noqa: E731
+    results, long_results, queries = {}, {}, 0
+    source = SourceOnly()
+    results["src"] = trainer().test(source, data, verbose=False)[0]["test/mae"]
+    if long is not None:
+        long_results["src"] = _long_mae(source, long)
     for name, make in (("non", lambda: NONCorrector(SOLCorrector(width=args.width), optimizer=adam)),
-                       ("zo_sol", lambda: ZOSOL(SOLCorrector(width=args.width), optimizer=adam, nonfinite="skip")),
+                       ("zo_sol", lambda: ZOSOL(SOLCorrector(width=args.width), optimizer=zo_adam, nonfinite="skip",
+                                                  mu=args.mu, difference=args.difference)),
                        ("fo_sol", lambda: FOSOL(SOLCorrector(width=args.width), optimizer=adam))):
+        if name not in args.methods.split(","):
+            continue
         L.seed_everything(args.seed, verbose=False)
         module = make()
         callbacks = [ZOGraSP(sparsity=args.sparsity, method="uniform", resample_every_n_epochs=1)] \
@@ -56,18 +77,56 @@ def main(argv: list[str] | None = None) -> dict:
         trainer(args.epochs, callbacks).fit(module, data)
         seconds[name] = time.perf_counter() - t
         results[name] = trainer().test(module, data, verbose=False)[0]["test/mae"]
+        if long is not None:
+            long_results[name] = _long_mae(module, long)
         if name == "zo_sol":
             queries = module.queries_total
         print(f"{name}: MAE {results[name]:.5f} in {seconds[name]:.0f} s", flush=True)
+    seconds["batched_vs_loop"] = batched_vs_loop(data, args.width)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(results, out / "sol_study.png")
-    result = {"mae": results, "queries": queries, "seconds": time.perf_counter() - start,
+    result = {"mae": results, f"mae_{args.long_steps}_steps": long_results, "queries": queries,
+              "seconds": time.perf_counter() - start,
               "seconds_by_method": seconds, "epochs": args.epochs,
-              "relative_to_non": results["zo_sol"] / results["non"] - 1,
-              "relative_to_src": results["zo_sol"] / results["src"] - 1}
+              "mu": args.mu, "difference": args.difference, "lr": args.lr,
+              "zo_lr": args.zo_lr, "sparsity": args.sparsity}
+    if {"zo_sol", "non"} <= set(results):
+        result["relative_to_non"] = results["zo_sol"] / results["non"] - 1
+    if "zo_sol" in results:
+        result["relative_to_src"] = results["zo_sol"] / results["src"] - 1
     print(json.dumps(result))
     return result
+
+
+def _long_mae(module: SourceOnly | NONCorrector | ZOSOL | FOSOL, long: dict) -> float:
+    """MAE against the reference over every step of a long rollout of the test simulations."""
+    traj, re = long["test"], long["test_re"]
+    return float((module.rollout(traj[:, 0], re, traj.shape[1] - 1) - traj[:, 1:]).abs().mean())
+
+
+def batched_vs_loop(data: KarmanDataModule, width: int, k: int = 32) -> dict[str, float]:
+    """Seconds for ``k`` perturbed ZO-SOL queries on one batch: one PhiFlow batch of ``k * B`` simulations vs a loop.
+
+    Both paths are warmed up first (PhiFlow traces the jit-compiled step once per batch shape).
+    """
+    data.setup()
+    windows, re = next(iter(data.train_dataloader()))
+    corrector = SOLCorrector(width=width)
+    params = {n: p.detach() for n, p in corrector.named_parameters()}
+    name = next(reversed(params))  # the last layer's bias: every perturbation changes the loss
+    stacked = params[name] + 1e-3 * torch.randn(k, *params[name].shape)
+    oracle = SOLOracle(corrector, KarmanSolver(data.resolution), windows, re, max_batch=k)
+    oracle.losses(params, {name: stacked})
+    oracle.loss({**params, name: stacked[0]})
+    t = time.perf_counter()
+    batched = oracle.losses(params, {name: stacked})
+    t_batched = time.perf_counter() - t
+    t = time.perf_counter()
+    loop = torch.stack([oracle.loss({**params, name: w}) for w in stacked])
+    t_loop = time.perf_counter() - t
+    return {"queries": k, "batched": t_batched, "loop": t_loop, "speedup": t_loop / t_batched,
+            "max_abs_diff": float((batched - loop).abs().max())}
 
 
 def _plot(results: dict, path: Path) -> None:
