@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "the regular test covers the 60 recorded steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    unknown = set(args.methods.split(",")) - {"non", "zo_sol", "fo_sol"}
+    if unknown:
+        parser.error(f"unknown --methods {sorted(unknown)}; choose from non, zo_sol, fo_sol")
     start = time.perf_counter()
     data = KarmanDataModule(cache_dir=args.cache)
     data.prepare_data()
@@ -86,11 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(results, out / "sol_study.png")
-    result = {"mae": results, f"mae_{args.long_steps}_steps": long_results, "queries": queries,
-              "seconds": time.perf_counter() - start,
+    result = {"mae": results, "queries": queries, "seconds": time.perf_counter() - start,
               "seconds_by_method": seconds, "epochs": args.epochs,
               "mu": args.mu, "difference": args.difference, "lr": args.lr,
               "zo_lr": args.zo_lr, "sparsity": args.sparsity}
+    if long is not None:
+        result[f"mae_{args.long_steps}_steps"] = long_results
     if {"zo_sol", "non"} <= set(results):
         result["relative_to_non"] = results["zo_sol"] / results["non"] - 1
     if "zo_sol" in results:
