@@ -216,6 +216,19 @@ class CostTable:
             self.seconds[n] = per if old is None else (1 - self.momentum) * old + self.momentum * per
         self.updates += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The whole table as plain Python values (for checkpoints)."""
+        return {"prior": dict(self.prior), "momentum": self.momentum, "seconds": dict(self.seconds),
+                "updates": self.updates}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> CostTable:
+        """The table :meth:`state_dict` saved: same costs, so the same split on every rank that loads it."""
+        table = cls(state["prior"], state["momentum"])
+        table.seconds = {n: float(c) for n, c in state["seconds"].items()}
+        table.updates = int(state["updates"])
+        return table
+
 
 @contextlib.contextmanager
 def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:

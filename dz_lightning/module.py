@@ -266,7 +266,9 @@ class ZOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dz_lightning"] = {"generator_state": self._generator.get_state(),
-                                      "queries_total": self.queries_total}
+                                      "queries_total": self.queries_total,
+                                      "cost_table": None if self.zo_cost_table is None
+                                      else self.zo_cost_table.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("dz_lightning")
@@ -275,6 +277,9 @@ class ZOModule(L.LightningModule):
             return
         self._generator.set_state(state["generator_state"])
         self.queries_total = int(state["queries_total"])
+        # every rank loads the same file, so the resumed split is the same on all of them
+        table = state.get("cost_table")
+        self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _step_schedulers(self) -> None:

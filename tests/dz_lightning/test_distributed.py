@@ -97,6 +97,28 @@ def test_cost_table_moving_average_and_unmeasured_parameters():
         CostTable({"a": 0.0})
 
 
+def test_cost_table_survives_a_checkpoint(tmp_path):
+    """A resumed run splits like the interrupted one: the module saves its table and every rank loads the same."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    module = dz.ZOModule(model)
+    module.zo_costs = {"0.weight": 3.0, "0.bias": 1.0, "2.weight": 1.0, "2.bias": 1.0}
+    module.zo_cost_table.update({"0.weight": 6e-3, "2.weight": 1e-3}, {"0.weight": 12.0, "2.weight": 6.0})
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    resumed = dz.ZOModule(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)))
+    resumed.on_load_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert resumed.zo_costs == module.zo_costs and resumed.zo_cost_table.updates == 1
+    index = {n: torch.arange(p.numel()) for n, p in model.named_parameters()}
+    for rank in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(resumed.zo_cost_table.split(index, rank, 2).values(),
+                                                     module.zo_cost_table.split(index, rank, 2).values(), strict=True))
+    fresh: dict = {}
+    dz.ZOModule(model).on_save_checkpoint(fresh)  # no DDP step yet: no table, and none after loading
+    resumed.on_load_checkpoint(fresh)
+    assert resumed.zo_cost_table is None
+
+
 def test_timed_coordinates_times_per_parameter_and_restores_the_oracle():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(5, 4), torch.randint(0, 2, (5,)))
