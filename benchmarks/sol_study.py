@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mu", type=float, default=1e-4, help="ZO-SOL finite-difference step (see tasks.sol.ZOSOL)")
     parser.add_argument("--difference", default="forward", choices=["forward", "central"],
                         help="ZO-SOL finite differences; central ones cost twice the queries")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                        help="learning rate of every method: constant, or cosine decay to 0 over the run's steps")
     parser.add_argument("--methods", default="non,zo_sol,fo_sol",
                         help="comma-separated methods to train (SRC is always evaluated)")
     parser.add_argument("--out", default="benchmarks/out")
@@ -61,15 +63,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     adam = lambda p: torch.optim.Adam(p, lr=args.lr)  # noqa: E731
     zo_adam = lambda p: torch.optim.Adam(p, lr=args.zo_lr)  # noqa: E731
+    data.setup()
+    total_steps = len(data.train_dataloader()) * args.epochs
+    cosine = (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, total_steps)) \
+        if args.schedule == "cosine" else None
     results, long_results, queries = {}, {}, 0
     source = SourceOnly()
     results["src"] = trainer().test(source, data, verbose=False)[0]["test/mae"]
     if long is not None:
         long_results["src"] = _long_mae(source, long)
-    for name, make in (("non", lambda: NONCorrector(SOLCorrector(width=args.width), optimizer=adam)),
+    for name, make in (("non", lambda: NONCorrector(SOLCorrector(width=args.width), optimizer=adam,
+                                                     lr_scheduler=cosine)),
                        ("zo_sol", lambda: ZOSOL(SOLCorrector(width=args.width), optimizer=zo_adam, nonfinite="skip",
-                                                  mu=args.mu, difference=args.difference)),
-                       ("fo_sol", lambda: FOSOL(SOLCorrector(width=args.width), optimizer=adam))):
+                                                  mu=args.mu, difference=args.difference, lr_scheduler=cosine)),
+                       ("fo_sol", lambda: FOSOL(SOLCorrector(width=args.width), optimizer=adam, lr_scheduler=cosine))):
         if name not in args.methods.split(","):
             continue
         L.seed_everything(args.seed, verbose=False)
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"mae": results, "queries": queries, "seconds": time.perf_counter() - start,
               "seconds_by_method": seconds, "epochs": args.epochs,
               "mu": args.mu, "difference": args.difference, "lr": args.lr,
-              "zo_lr": args.zo_lr, "sparsity": args.sparsity}
+              "zo_lr": args.zo_lr, "sparsity": args.sparsity, "schedule": args.schedule}
     if long is not None:
         result[f"mae_{args.long_steps}_steps"] = long_results
     if {"zo_sol", "non"} <= set(results):

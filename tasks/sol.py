@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -261,26 +261,32 @@ class ZOSOL(_SOLEvaluation, ZOModule):
 
 class _BackpropSOL(_SOLEvaluation, L.LightningModule):
     def __init__(self, corrector: nn.Module, resolution: tuple[int, int], optimizer: OptimizerCallable,
-                 differentiable: bool) -> None:
+                 lr_scheduler: LRSchedulerCallable | None, differentiable: bool) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["corrector", "optimizer"])
-        self.corrector, self.optimizer_fn = corrector, optimizer
+        self.save_hyperparameters(ignore=["corrector", "optimizer", "lr_scheduler"])
+        self.corrector, self.optimizer_fn, self.lr_scheduler_fn = corrector, optimizer, lr_scheduler
         self.solver = KarmanSolver(tuple(resolution))
         self.train_solver = KarmanSolver(tuple(resolution), differentiable=True) if differentiable else self.solver
 
     def configure_optimizers(self) -> Any:
-        return self.optimizer_fn(self.corrector.parameters())
+        optimizer = self.optimizer_fn(self.corrector.parameters())
+        if self.lr_scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer), "interval": "step"}}
 
 
 class NONCorrector(_BackpropSOL):
     """NON: the corrector trained by backprop on precomputed one-step pairs (no solver in the training loop).
 
     Pairs: ``s~ = P(ref_t)`` (one source step from a reference state) and the target correction ``ref_{t+1} - s~``.
+    The optional ``lr_scheduler`` is stepped every optimizer step.
     """
 
     def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
-                 optimizer: OptimizerCallable = torch.optim.Adam) -> None:
-        super().__init__(corrector, resolution, optimizer, differentiable=False)
+                 optimizer: OptimizerCallable = torch.optim.Adam,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__(corrector, resolution, optimizer, lr_scheduler, differentiable=False)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         windows, re = batch
@@ -291,11 +297,15 @@ class NONCorrector(_BackpropSOL):
 
 
 class FOSOL(_BackpropSOL):
-    """FO-SOL: backprop through ``m`` unrolled steps of the differentiable PhiFlow solver (FO reference)."""
+    """FO-SOL: backprop through ``m`` unrolled steps of the differentiable PhiFlow solver (FO reference).
+
+    The optional ``lr_scheduler`` is stepped every optimizer step.
+    """
 
     def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
-                 optimizer: OptimizerCallable = torch.optim.Adam) -> None:
-        super().__init__(corrector, resolution, optimizer, differentiable=True)
+                 optimizer: OptimizerCallable = torch.optim.Adam,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__(corrector, resolution, optimizer, lr_scheduler, differentiable=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         windows, re = batch

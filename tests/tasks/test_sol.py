@@ -135,3 +135,13 @@ def test_bad_resolution_and_window():
         KarmanSolver((8, 8))
     with pytest.raises(ValueError, match="window=5, steps=5"):
         KarmanDataModule(window=5, steps=5)
+
+
+@pytest.mark.parametrize("cls", [NONCorrector, FOSOL])
+def test_backprop_baselines_take_a_per_step_scheduler(cls):
+    module = cls(SOLCorrector(width=1, depth=2), RES, optimizer=lambda p: torch.optim.Adam(p, lr=1.0),
+                 lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4))
+    config = module.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert config["lr_scheduler"]["scheduler"].optimizer is config["optimizer"]
+    assert isinstance(cls(SOLCorrector(width=1, depth=2), RES).configure_optimizers(), torch.optim.Adam)
