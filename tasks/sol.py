@@ -24,6 +24,7 @@ from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
+from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values
 from dz_lightning.sampling import SeededRandomSampler
 from tasks.karman import KarmanSolver, load_or_generate
@@ -136,10 +137,14 @@ class _SOLEvaluation:
                 states.append(u)
         return torch.stack(states, 1)
 
+    def rollout_mae(self, traj: Tensor, re: Tensor) -> tuple[Tensor, Tensor]:
+        """Roll out from ``traj[:, 0]`` over every later step of ``traj``; the states and their MAE against it."""
+        pred = self.rollout(traj[:, 0], re, traj.shape[1] - 1)
+        return pred, (pred - traj[:, 1:]).abs().mean()
+
     def _evaluate(self, batch: Any, split: str) -> Tensor:
         traj, re = batch
-        pred = self.rollout(traj[:, 0], re, traj.shape[1] - 1)
-        mae = (pred - traj[:, 1:]).abs().mean()
+        pred, mae = self.rollout_mae(traj, re)
         self.log(f"{split}/mae", mae, prog_bar=True)  # type: ignore[attr-defined]
         if split == "test":
             self._images(traj, pred, re)
@@ -269,11 +274,7 @@ class _BackpropSOL(_SOLEvaluation, L.LightningModule):
         self.train_solver = KarmanSolver(tuple(resolution), differentiable=True) if differentiable else self.solver
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_fn(self.corrector.parameters())
-        if self.lr_scheduler_fn is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer), "interval": "step"}}
+        return build_optimizers(self.corrector.parameters(), self.optimizer_fn, self.lr_scheduler_fn, "step")
 
 
 class NONCorrector(_BackpropSOL):
