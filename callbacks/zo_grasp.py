@@ -1,4 +1,4 @@
-"""ZO-GraSP: layer-wise pruning ratios at fit start, random gradient masks redrawn every N epochs.
+"""ZO-GraSP: layer-wise pruning ratios at fit start, random gradient masks redrawn every N epochs (or steps).
 
 Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule that follows this protocol:
 
@@ -36,15 +36,18 @@ class ZOGraSP(L.Callback):
     At the start of training the callback scores the freshly initialized model (or loads LPRs from
     ``ratios_path``), draws a random mask per conv/linear weight at its LPR, and sets ``pl_module.zo_masks``; CGE
     then estimates only the masked-in coordinates while the dense model trains. Masks are redrawn every
-    ``resample_every_n_epochs`` epochs from the callback's own seeded generator, so every DDP rank draws the same
-    masks, and LPRs, masks and generator state are saved in checkpoints (a resumed run continues with the same
-    masks and the same future draws).
+    ``resample_every_n_epochs`` epochs (or every ``resample_every_n_steps`` optimizer steps) from the callback's own
+    seeded generator, so every DDP rank draws the same masks, and LPRs, masks and generator state are saved in
+    checkpoints (a resumed run continues with the same masks and the same future draws).
 
     Args:
         sparsity: fraction of the conv/linear weights NOT estimated per step, in [0, 1).
         method: ``"zo_grasp"`` (scores from loss queries: RGE), ``"grasp"`` (FO reference, autograd),
             ``"random"`` (global prune of random scores) or ``"uniform"`` (every layer at ``sparsity``).
         resample_every_n_epochs: redraw the masks every this many epochs (>= 1).
+        resample_every_n_steps: redraw the masks every this many optimizer steps instead (>= 1; takes precedence
+            over ``resample_every_n_epochs``). With few steps per epoch and many epochs, a redraw every step spreads
+            the estimated coordinates evenly over the run instead of training one 1 - sparsity block per epoch.
         q: RGE directions for ZO-GraSP.
         mu: RGE smoothing radius for ZO-GraSP.
         samples_per_class: class-balanced examples used for scoring.
@@ -60,6 +63,7 @@ class ZOGraSP(L.Callback):
         sparsity: float = 0.9,
         method: Method = "zo_grasp",
         resample_every_n_epochs: int = 5,
+        resample_every_n_steps: int | None = None,
         q: int = 192,
         mu: float = 5e-3,
         samples_per_class: int = 25,
@@ -72,6 +76,7 @@ class ZOGraSP(L.Callback):
         sp.check_sparsity(sparsity)
         check_choice("method", method, ("zo_grasp", "grasp", "random", "uniform"))
         check_positive_int("resample_every_n_epochs", resample_every_n_epochs)
+        check_positive_int("resample_every_n_steps", resample_every_n_steps, minimum=1, allow_none=True)
         check_positive_int("q", q)
         check_positive_float("mu", mu)
         check_positive_int("samples_per_class", samples_per_class)
@@ -81,6 +86,7 @@ class ZOGraSP(L.Callback):
         self.sparsity = float(sparsity)
         self.method = method
         self.resample_every_n_epochs = resample_every_n_epochs
+        self.resample_every_n_steps = resample_every_n_steps
         self.q, self.mu = q, mu
         self.samples_per_class = samples_per_class
         self.num_classes = num_classes
@@ -92,6 +98,7 @@ class ZOGraSP(L.Callback):
         self.ratios: dict[str, float] | None = None
         self.masks: dict[str, torch.Tensor] | None = None
         self._drawn_epoch = -1
+        self._drawn_step = -1
         self.queries = 0
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -102,6 +109,7 @@ class ZOGraSP(L.Callback):
             "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None,
             "generator_state": self._generator.get_state(),
             "drawn_epoch": self._drawn_epoch,
+            "drawn_step": self._drawn_step,
             "sparsity": self.sparsity,
             "queries": self.queries,
         }
@@ -115,6 +123,7 @@ class ZOGraSP(L.Callback):
         self.masks = state_dict["masks"]
         self._generator.set_state(state_dict["generator_state"])
         self._drawn_epoch = state_dict["drawn_epoch"]
+        self._drawn_step = state_dict.get("drawn_step", -1)
         self.queries = state_dict.get("queries", 0)
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -145,7 +154,7 @@ class ZOGraSP(L.Callback):
                            f"{time.perf_counter() - start:.1f} s ({self.queries} queries).")
             self._save_ratios()
         if self.masks is None:
-            self._draw(pl_module, trainer.current_epoch)
+            self._draw(pl_module, trainer)
         else:
             self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
         pl_module.zo_masks = self.masks
@@ -154,15 +163,27 @@ class ZOGraSP(L.Callback):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch % self.resample_every_n_epochs == 0 and epoch != self._drawn_epoch:
-            self._draw(pl_module, epoch)
+        if (self.resample_every_n_steps is None and epoch % self.resample_every_n_epochs == 0
+                and epoch != self._drawn_epoch):
+            self._draw(pl_module, trainer)
             pl_module.zo_masks = self.masks
             self._log(trainer, pl_module)
 
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if (self.resample_every_n_steps is not None and step % self.resample_every_n_steps == 0
+                and step != self._drawn_step):
+            self._draw(pl_module, trainer)
+            pl_module.zo_masks = self.masks
+            if batch_idx == 0:  # scalars and the chart once per epoch, not every step
+                self._log(trainer, pl_module)
+
     # -------------------------------------------------------------------------------------------- helpers
-    def _draw(self, pl_module: L.LightningModule, epoch: int) -> None:
+    def _draw(self, pl_module: L.LightningModule, trainer: L.Trainer) -> None:
         self.masks = sp.draw_masks(pl_module.zo_parameters(), self.ratios, self._generator)
-        self._drawn_epoch = epoch
+        self._drawn_epoch, self._drawn_step = trainer.current_epoch, trainer.global_step
 
     def _compute_ratios(self, trainer: L.Trainer, pl_module: L.LightningModule,
                         params: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -50,9 +50,31 @@ def test_masks_reach_the_estimator_and_are_redrawn_on_schedule(tmp_path):
     assert cb.queries == 2 * (8 + 1)
 
 
-def test_resume_keeps_masks_and_future_draws(tmp_path):
+def test_masks_redrawn_every_n_steps(tmp_path):
+    cb = ZOGraSP(sparsity=0.9, method="uniform", resample_every_n_steps=3)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            seen.append({n: m.clone() for n, m in pl_module.zo_masks.items()})
+
+    _trainer(tmp_path, [cb, Spy()], max_epochs=2, limit_train_batches=4).fit(_module(), DigitsDataModule(batch_size=16))
+    assert len(seen) == 8
+
+    def same(i: int, j: int) -> bool:
+        return all(torch.equal(seen[i][n], seen[j][n]) for n in seen[i])
+
+    # draws at steps 0, 3 and 6, across the epoch boundary, and not at the epoch start (step 4)
+    assert same(0, 1) and same(1, 2) and not same(2, 3)
+    assert same(3, 4) and same(4, 5) and not same(5, 6) and same(6, 7)
+    assert cb._drawn_step == 6
+
+
+@pytest.mark.parametrize("schedule", [{"resample_every_n_epochs": 2}, {"resample_every_n_steps": 3}],
+                         ids=["epochs", "steps"])
+def test_resume_keeps_masks_and_future_draws(tmp_path, schedule):
     def run(root: Path, epochs: int, ckpt: str | None = None) -> tuple[ZOGraSP, ZOClassifier]:
-        cb = ZOGraSP(sparsity=0.8, method="random", resample_every_n_epochs=2)
+        cb = ZOGraSP(sparsity=0.8, method="random", **schedule)
         module = _module()
         ckpt_cb = ModelCheckpoint(dirpath=root, save_last=True)
         _trainer(root, [cb, ckpt_cb], max_epochs=epochs).fit(module, DigitsDataModule(batch_size=16), ckpt_path=ckpt)
@@ -113,6 +135,7 @@ def test_callback_works_with_a_plain_lightning_module(tmp_path):
         ({"sparsity": 1.0}, r"`sparsity`.*\[0, 1\).*1.0"),
         ({"sparsity": -0.1}, r"`sparsity`.*-0.1"),
         ({"resample_every_n_epochs": 0}, "`resample_every_n_epochs`.*>= 1.*0"),
+        ({"resample_every_n_steps": 0}, "`resample_every_n_steps`.*>= 1 or None.*0"),
         ({"method": "snip"}, "`method`.*'zo_grasp'.*'snip'"),
         ({"ratios_path": "/nonexistent.json"}, "`ratios_path`.*existing JSON file"),
     ],
