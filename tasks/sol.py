@@ -77,6 +77,9 @@ class KarmanDataModule(L.LightningDataModule):
         warmup: reference steps discarded before recording. The default 250 skips the start-up transient: the
             shedding grows until about step 250 on the default grid, so the data show a developed vortex street.
         steps: recorded steps per simulation.
+        test_steps: recorded steps per test simulation, when they should differ from ``steps`` (the paper evaluates
+            500-step sequences; training windows need far fewer). The test simulations are then cached on their
+            own. ``None``: ``steps``.
         window: unrolled steps ``m`` per training example.
         batch_size: windows per batch.
         seed: shuffling seed.
@@ -84,10 +87,13 @@ class KarmanDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str = "data/karman", resolution: tuple[int, int] = (16, 32), factor: int = 4,
                  train_re: Sequence[float] = (100.0, 150.0, 250.0, 400.0), test_re: Sequence[float] = (125.0, 300.0),
-                 warmup: int = 250, steps: int = 60, window: int = 4, batch_size: int = 8, seed: int = 0) -> None:
+                 warmup: int = 250, steps: int = 60, test_steps: int | None = None, window: int = 4,
+                 batch_size: int = 8, seed: int = 0) -> None:
         super().__init__()
         if window < 1 or steps <= window:
             raise ValueError(f"Expected 1 <= window < steps, but got window={window}, steps={steps}.")
+        if test_steps is not None and test_steps < 1:
+            raise ValueError(f"Expected test_steps >= 1 or None, but got test_steps={test_steps}.")
         if not train_re or not test_re or min(*train_re, *test_re) <= 0:
             raise ValueError(f"Expected non-empty positive Reynolds numbers, got train_re={train_re}, "
                              f"test_re={test_re}.")
@@ -95,16 +101,24 @@ class KarmanDataModule(L.LightningDataModule):
         self.cache_dir, self.resolution, self.factor = cache_dir, tuple(resolution), factor
         self.train_re, self.test_re = list(train_re), list(test_re)
         self.warmup, self.steps, self.window, self.batch_size, self.seed = warmup, steps, window, batch_size, seed
+        self.test_steps = steps if test_steps is None else test_steps
         self.data: dict[str, Tensor] | None = None
 
+    def _load(self) -> dict[str, Tensor]:
+        data = load_or_generate(self.cache_dir, self.train_re, self.test_re, self.resolution, self.factor,
+                                self.warmup, self.steps)
+        if self.test_steps != self.steps:
+            test = load_or_generate(self.cache_dir, [], self.test_re, self.resolution, self.factor, self.warmup,
+                                    self.test_steps)
+            data = {**data, "test": test["test"]}
+        return data
+
     def prepare_data(self) -> None:
-        load_or_generate(self.cache_dir, self.train_re, self.test_re, self.resolution, self.factor, self.warmup,
-                         self.steps)
+        self._load()
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            self.data = load_or_generate(self.cache_dir, self.train_re, self.test_re, self.resolution, self.factor,
-                                         self.warmup, self.steps)
+            self.data = self._load()
 
     def train_dataloader(self) -> DataLoader:
         ds = _Windows(self.data["train"], self.data["train_re"], self.window)

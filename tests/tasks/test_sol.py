@@ -89,6 +89,22 @@ def test_reference_data_are_cached_and_reused(tmp_path, monkeypatch):
     assert torch.equal(first["train"], again["train"])
 
 
+def test_longer_test_sequences_are_cached_on_their_own(tmp_path):
+    short = KarmanDataModule(cache_dir=str(tmp_path), **DATA)
+    long = KarmanDataModule(cache_dir=str(tmp_path), **{**DATA, "test_steps": 9})
+    short.setup()
+    long.setup()
+    assert long.data["test"].shape == (1, 10, 2, *RES) and short.data["test"].shape == (1, 7, 2, *RES)
+    assert torch.equal(long.data["train"], short.data["train"])
+    # the same simulation run on its own: its first 6 steps agree with the joint run's
+    torch.testing.assert_close(long.data["test"][:, :7], short.data["test"], rtol=0, atol=1e-5)
+    assert len(list(tmp_path.glob("karman_*/meta.json"))) == 2
+    (traj, re), = list(long.test_dataloader())
+    assert traj.shape[1] == 10
+    with pytest.raises(ValueError, match="test_steps=0"):
+        KarmanDataModule(test_steps=0)
+
+
 def test_all_four_methods_train_and_evaluate(data, tmp_path):
     results = {"src": _trainer(tmp_path).test(SourceOnly(RES), data, verbose=False)[0]["test/mae"]}
     adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
