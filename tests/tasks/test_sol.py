@@ -43,6 +43,25 @@ def test_batched_perturbations_equal_one_at_a_time(data):
     assert len(set(batched.tolist())) == 5
 
 
+def test_first_solver_step_runs_once_per_batch(data):
+    """Every query starts from the same reference states, so the uncorrected first step is shared."""
+    data.setup()
+    windows, re = next(iter(data.train_dataloader()))
+    solver, calls = KarmanSolver(RES), []
+
+    def counting(u, r):
+        calls.append(u.shape[0])
+        return solver(u, r)
+
+    corrector = SOLCorrector(width=2)
+    oracle = SOLOracle(corrector, counting, windows, re, max_batch=8)
+    params = {n: p.detach() for n, p in corrector.named_parameters()}
+    oracle.loss(params)
+    oracle.losses(params, {"2.bias": params["2.bias"] + 0.01 * torch.randn(3, 2)})
+    b, m = windows.shape[0], windows.shape[1] - 1
+    assert calls == [b] + [b] * (m - 1) + [3 * b] * (m - 1)
+
+
 def test_black_box_cge_matches_backprop_through_the_differentiable_solver(data):
     """CGE through the jit-compiled black-box solver agrees with autograd through the eager differentiable one.
 
