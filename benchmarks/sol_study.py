@@ -19,13 +19,13 @@ import torch
 
 from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import SOLCorrector
-from tasks.karman import KarmanSolver, load_or_generate
+from tasks.karman import KarmanSolver
 from tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--cache", default="data/karman")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--width", type=int, default=4)
@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mu", type=float, default=1e-4, help="ZO-SOL finite-difference step (see tasks.sol.ZOSOL)")
     parser.add_argument("--difference", default="forward", choices=["forward", "central"],
                         help="ZO-SOL finite differences; central ones cost twice the queries")
-    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                        help="learning rate of every method: constant, or cosine decay to 0 over the run's steps")
+    parser.add_argument("--schedule", default="cosine", choices=["constant", "cosine"],
+                        help="learning rate of every method: cosine decay to 0 over the run's steps, or constant")
+    parser.add_argument("--window", type=int, default=8, help="unrolled solver steps m per training window")
+    parser.add_argument("--resample-steps", type=int, default=1,
+                        help="ZO-SOL redraws its sparse masks every N optimizer steps (0: every epoch instead)")
     parser.add_argument("--methods", default="non,zo_sol,fo_sol",
                         help="comma-separated methods to train (SRC is always evaluated)")
     parser.add_argument("--out", default="benchmarks/out")
@@ -49,10 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown --methods {sorted(unknown)}; choose from non, zo_sol, fo_sol")
     start = time.perf_counter()
-    data = KarmanDataModule(cache_dir=args.cache)
+    data = KarmanDataModule(cache_dir=args.cache, window=args.window)
     data.prepare_data()
-    long = load_or_generate(args.cache, [], data.test_re, data.resolution, data.factor, data.warmup,
-                            args.long_steps) if args.long_steps else None
+    long = None
+    if args.long_steps:
+        long = KarmanDataModule(cache_dir=args.cache, test_steps=args.long_steps)
+        long.setup()
     seconds = {"data": time.perf_counter() - start}
     root = tempfile.mkdtemp()
 
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         L.seed_everything(args.seed, verbose=False)
         module = make()
-        callbacks = [ZOGraSP(sparsity=args.sparsity, method="uniform", resample_every_n_epochs=1)] \
+        callbacks = [ZOGraSP(sparsity=args.sparsity, method="uniform", resample_every_n_epochs=1,
+                             resample_every_n_steps=args.resample_steps or None)] \
             if name == "zo_sol" and args.sparsity > 0 else []
         t = time.perf_counter()
         trainer(args.epochs, callbacks).fit(module, data)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"mae": results, "queries": queries, "seconds": time.perf_counter() - start,
               "seconds_by_method": seconds, "epochs": args.epochs,
               "mu": args.mu, "difference": args.difference, "lr": args.lr,
-              "zo_lr": args.zo_lr, "sparsity": args.sparsity, "schedule": args.schedule}
+              "zo_lr": args.zo_lr, "sparsity": args.sparsity, "schedule": args.schedule, "window": args.window,
+              "resample_steps": args.resample_steps}
     if long is not None:
         result[f"mae_{args.long_steps}_steps"] = long_results
     if {"zo_sol", "non"} <= set(results):
@@ -110,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _long_mae(module: SourceOnly | NONCorrector | ZOSOL | FOSOL, long: dict) -> float:
+def _long_mae(module: SourceOnly | NONCorrector | ZOSOL | FOSOL, long: KarmanDataModule) -> float:
     """MAE against the reference over every step of a long rollout of the test simulations."""
-    return float(module.rollout_mae(long["test"], long["test_re"])[1])
+    return float(module.rollout_mae(long.data["test"], long.data["test_re"])[1])
 
 
 def batched_vs_loop(data: KarmanDataModule, width: int, k: int = 32) -> dict[str, float]:
