@@ -126,7 +126,7 @@ def generate_reference(train_re: list[float], test_re: list[float], resolution: 
 
 
 def load_or_generate(cache_dir: str, train_re: list[float], test_re: list[float], resolution: tuple[int, int],
-                     factor: int = 4, warmup: int = 250, steps: int = 60) -> dict[str, Tensor]:
+                     factor: int = 4, warmup: int = 250, steps: int = 300) -> dict[str, Tensor]:
     """The reference data, computed once and cached in ``cache_dir/<hash>/`` with a ``meta.json``."""
     meta = {"train_re": list(map(float, train_re)), "test_re": list(map(float, test_re)),
             "resolution": list(resolution), "factor": factor, "warmup": warmup, "steps": steps, "version": 2,
