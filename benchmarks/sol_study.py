@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown --methods {sorted(unknown)}; choose from non, zo_sol, fo_sol")
     start = time.perf_counter()
     data = KarmanDataModule(cache_dir=args.cache, steps=args.steps, window=args.window)
-    data.prepare_data()
+    data.setup()  # generates the data on a cold cache, else loads it once
     long = None
     if args.long_steps:
         long = KarmanDataModule(cache_dir=args.cache, steps=args.steps, test_steps=args.long_steps)
@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     adam = lambda p: torch.optim.Adam(p, lr=args.lr)  # noqa: E731
     zo_adam = lambda p: torch.optim.Adam(p, lr=args.zo_lr)  # noqa: E731
-    data.setup()
     total_steps = len(data.train_dataloader()) * args.epochs
     cosine = (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, total_steps)) \
         if args.schedule == "cosine" else None

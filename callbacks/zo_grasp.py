@@ -157,7 +157,7 @@ class ZOGraSP(L.Callback):
             self._draw(pl_module, trainer)
         else:
             self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
-        pl_module.zo_masks = self.masks
+            pl_module.zo_masks = self.masks
         self._log(trainer, pl_module)
 
     @override
@@ -166,7 +166,6 @@ class ZOGraSP(L.Callback):
         if (self.resample_every_n_steps is None and epoch % self.resample_every_n_epochs == 0
                 and epoch != self._drawn_epoch):
             self._draw(pl_module, trainer)
-            pl_module.zo_masks = self.masks
             self._log(trainer, pl_module)
 
     @override
@@ -176,13 +175,14 @@ class ZOGraSP(L.Callback):
         if (self.resample_every_n_steps is not None and step % self.resample_every_n_steps == 0
                 and step != self._drawn_step):
             self._draw(pl_module, trainer)
-            pl_module.zo_masks = self.masks
             if batch_idx == 0:  # scalars and the chart once per epoch, not every step
                 self._log(trainer, pl_module)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _draw(self, pl_module: L.LightningModule, trainer: L.Trainer) -> None:
+        """Draw fresh masks, hand them to the module, and remember when (for the schedule and checkpoints)."""
         self.masks = sp.draw_masks(pl_module.zo_parameters(), self.ratios, self._generator)
+        pl_module.zo_masks = self.masks
         self._drawn_epoch, self._drawn_step = trainer.current_epoch, trainer.global_step
 
     def _compute_ratios(self, trainer: L.Trainer, pl_module: L.LightningModule,
