@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
+    from dz_lightning.callbacks.zo_grasp import ZOGraSP
+    from dz_lightning.tasks.classification import ZOClassifier
     from torch.utils.data import DataLoader, TensorDataset
 
-    from callbacks.zo_grasp import ZOGraSP
     from dz_lightning import distributed
     from dz_lightning.models import simple_cnn
     from dz_lightning.sampling import SeededRandomSampler
     from dz_lightning.strategies import ZODDPStrategy
-    from tasks.classification import ZOClassifier
 
     if args.accelerator == "cpu":
         torch.set_num_threads(1)

@@ -15,11 +15,11 @@ import time
 
 import lightning as L
 import torch
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.classification import DigitsDataModule, FOClassifier
+from dz_lightning.tasks.defense import BlackBoxClassifier, FODenoisedSmoothing, NoDenoiser, ZODenoisedSmoothing
 
-from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import MLP, DnCNN
-from tasks.classification import DigitsDataModule, FOClassifier
-from tasks.defense import BlackBoxClassifier, FODenoisedSmoothing, NoDenoiser, ZODenoisedSmoothing
 
 
 def _trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.karman import KarmanSolver
+from dz_lightning.tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
-from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import SOLCorrector
-from tasks.karman import KarmanSolver
-from tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of NON and FO-SOL")
     parser.add_argument("--zo-lr", type=float, default=3e-3,
                         help="Adam learning rate of ZO-SOL: each step estimates only 1 - sparsity of the weights")
-    parser.add_argument("--mu", type=float, default=1e-4, help="ZO-SOL finite-difference step (see tasks.sol.ZOSOL)")
+    parser.add_argument("--mu", type=float, default=1e-4, help="ZO-SOL finite-difference step (see ZOSOL)")
     parser.add_argument("--difference", default="forward", choices=["forward", "central"],
                         help="ZO-SOL finite differences; central ones cost twice the queries")
     parser.add_argument("--schedule", default="cosine", choices=["constant", "cosine"],

@@ -44,9 +44,8 @@ def stand_in_data(per_class: int, gen: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def cifar_data(root: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from dz_lightning.tasks.vision import CIFAR10DataModule
     from torch.utils.data import DataLoader
-
-    from tasks.vision import CIFAR10DataModule
 
     dm = CIFAR10DataModule(root=root, download=False, augment=False, num_workers=0, batch_size=500)
     dm.setup("fit")

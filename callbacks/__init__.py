@@ -1,6 +1,6 @@
 """Lightning callbacks for zeroth-order training; they work in any Lightning project."""
 
-from callbacks.fidelity import GradientFidelity
-from callbacks.zo_grasp import ZOGraSP
+from dz_lightning.callbacks.fidelity import GradientFidelity
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
 
 __all__ = ["GradientFidelity", "ZOGraSP"]

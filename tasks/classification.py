@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from dz_lightning.tasks.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,7 +23,6 @@ from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import ModuleOracle, Oracle, query_mode
 from dz_lightning.sampling import SeededRandomSampler
 from dz_lightning.validation import check_choice
-from tasks.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -113,9 +113,10 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
     """The first-order (backprop) twin of :class:`ZOClassifier`: same model, data, optimizer and schedule.
 
     FO only: it differentiates through the model and is never used on a black-box path. With a
-    :class:`~callbacks.zo_grasp.ZOGraSP` callback it gives the paper's two FO baselines at the same layer-wise
-    ratios: ``sparse="gradients"`` trains the dense model but keeps only the masked-in gradient entries (the masks
-    are redrawn like DeepZero's), ``sparse="weights"`` trains a sparse model (weights outside the mask stay 0).
+    :class:`~dz_lightning.callbacks.zo_grasp.ZOGraSP` callback it gives the paper's two FO baselines at the same
+    layer-wise ratios: ``sparse="gradients"`` trains the dense model but keeps only the masked-in gradient entries
+    (the masks are redrawn like DeepZero's), ``sparse="weights"`` trains a sparse model (weights outside the mask
+    stay 0).
 
     Args:
         model: maps images to logits.

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from dz_lightning.tasks.smoothing import ABSTAIN, _check, certify
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
@@ -24,7 +25,6 @@ from torch.func import functional_call, vmap
 
 from dz_lightning import ZOModule
 from dz_lightning.oracle import Oracle, parameter_values, query_mode
-from tasks.smoothing import ABSTAIN, _check, certify
 
 __all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing"]
 

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
@@ -27,7 +28,6 @@ from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values
 from dz_lightning.sampling import SeededRandomSampler
-from tasks.karman import KarmanSolver, load_or_generate
 
 __all__ = ["FOSOL", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
 

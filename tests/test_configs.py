@@ -36,7 +36,7 @@ def _tiny_overrides(path: Path) -> list[str]:
         args += ["--model.init_args.model.init_args.num_blocks", "1"]
     if "DnCNN" in text and "CIFAR10" in text:
         args += ["--model.init_args.denoiser.init_args.width", "4"]
-    if "tasks.sol." in text:
+    if "dz_lightning.tasks.sol." in text:
         args += ["--data.init_args.resolution", "[8, 16]", "--data.init_args.factor", "2",
                  "--data.init_args.steps", "6", "--data.init_args.warmup", "3", "--data.init_args.window", "2",
                  "--data.init_args.batch_size", "2", "--data.init_args.train_re", "[100.0]",

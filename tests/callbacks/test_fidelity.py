@@ -5,11 +5,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from dz_lightning.callbacks.fidelity import GradientFidelity
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 
-from callbacks.fidelity import GradientFidelity
-from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import MLP
-from tasks.classification import DigitsDataModule, ZOClassifier
 
 
 def _fit(callbacks: list, **module_kw) -> None:

@@ -9,13 +9,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import dz_lightning as dz
-from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import MLP
-from tasks.classification import DigitsDataModule, ZOClassifier
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
@@ -162,10 +162,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks.zo_grasp import ZOGraSP
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import MLP
 from dz_lightning.strategies import ZODDPStrategy
-from tasks.classification import DigitsDataModule, ZOClassifier
+from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 
 
 class Spy(L.Callback):

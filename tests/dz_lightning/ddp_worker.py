@@ -12,13 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import dz_lightning as dz
-from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import simple_cnn
 from dz_lightning.strategies import ZODDPStrategy
-from tasks.classification import DigitsDataModule, ZOClassifier
 
 
 class Recorder(ZOClassifier):

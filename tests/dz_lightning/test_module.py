@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 from torch import nn
 
 import dz_lightning as dz
 from dz_lightning.cli import build_cli
 from dz_lightning.models import MLP
-from tasks.classification import DigitsDataModule, ZOClassifier
 
 
 def _config(tmp_path: Path, estimator: str = "rge", **model_args) -> Path:
@@ -27,7 +27,7 @@ def _config(tmp_path: Path, estimator: str = "rge", **model_args) -> Path:
                            "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
         },
         "model": {
-            "class_path": "tasks.classification.ZOClassifier",
+            "class_path": "dz_lightning.tasks.classification.ZOClassifier",
             "init_args": {
                 "model": {"class_path": "dz_lightning.models.MLP", "init_args": {"hidden": [6]}},
                 "estimator": estimator, "q": 6, "mu": 0.01,
@@ -37,7 +37,7 @@ def _config(tmp_path: Path, estimator: str = "rge", **model_args) -> Path:
                 **model_args,
             },
         },
-        "data": {"class_path": "tasks.classification.DigitsDataModule", "init_args": {"batch_size": 32}},
+        "data": {"class_path": "dz_lightning.tasks.classification.DigitsDataModule", "init_args": {"batch_size": 32}},
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.yaml"

@@ -5,11 +5,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torchvision import datasets
-
-from callbacks.zo_grasp import ZOGraSP
-from dz_lightning.models import MLP
-from tasks.classification import (
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.classification import (
     CIFAR10DataModule,
     DigitsDataModule,
     FashionMNISTDataModule,
@@ -17,6 +14,9 @@ from tasks.classification import (
     MNISTDataModule,
     ZOClassifier,
 )
+from torchvision import datasets
+
+from dz_lightning.models import MLP
 
 
 def _trainer(steps: int = 3, **kw) -> L.Trainer:

@@ -7,11 +7,11 @@ import csv
 import lightning as L
 import pytest
 import torch
+from dz_lightning.tasks.classification import DigitsDataModule, FOClassifier
+from dz_lightning.tasks.defense import BlackBoxClassifier, FODenoisedSmoothing, NoDenoiser, ZODenoisedSmoothing
 from torch import nn
 
 from dz_lightning.models import MLP, DnCNN
-from tasks.classification import DigitsDataModule, FOClassifier
-from tasks.defense import BlackBoxClassifier, FODenoisedSmoothing, NoDenoiser, ZODenoisedSmoothing
 
 CERT = {"n0": 10, "n": 50, "alpha": 0.01, "max_certified": 4, "certify_batch": 50}
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tasks.karman import KarmanSolver, generate_reference, initial_state
+from dz_lightning.tasks.karman import KarmanSolver, generate_reference, initial_state
 
 RES = (8, 16)
 

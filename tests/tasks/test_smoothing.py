@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dz_lightning.tasks.smoothing import ABSTAIN, certify, lower_confidence_bound, predict, sample_counts
 from scipy.stats import beta, norm
-
-from tasks.smoothing import ABSTAIN, certify, lower_confidence_bound, predict, sample_counts
 
 
 def _threshold(t: float):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dz_lightning.tasks.karman as karman
 import lightning as L
 import pytest
 import torch
+from dz_lightning.callbacks.zo_grasp import ZOGraSP
+from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
+from dz_lightning.tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
-import tasks.karman as karman
-from callbacks.zo_grasp import ZOGraSP
 from dz_lightning.models import SOLCorrector
-from tasks.karman import KarmanSolver, load_or_generate
-from tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
 RES = (8, 16)
 DATA = {"resolution": RES, "factor": 2, "train_re": (100.0, 200.0), "test_re": (150.0,), "warmup": 3, "steps": 6,
@@ -69,9 +69,9 @@ def test_black_box_cge_matches_backprop_through_the_differentiable_solver(data):
     small step costs no noise) and central differences.
     """
     import torch.nn.functional as F
+    from dz_lightning.tasks.sol import corrector_input
 
     import dz_lightning as dz
-    from tasks.sol import corrector_input
 
     data.setup()
     torch.manual_seed(0)

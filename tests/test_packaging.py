@@ -1,0 +1,34 @@
+"""The installed project adds one import name, ``dz_lightning``, so a user's own ``callbacks``/``tasks`` never clash."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+
+def test_user_project_with_own_callbacks_and_tasks_imports_ours(tmp_path: Path) -> None:
+    (tmp_path / "callbacks.py").write_text("MINE = 'user callbacks'\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "__init__.py").write_text("MINE = 'user tasks'\n")
+    script = textwrap.dedent(
+        """
+        import callbacks, tasks
+        from dz_lightning.callbacks import ZOGraSP
+        from dz_lightning.callbacks.zo_grasp import ZOGraSP as Z2
+        from dz_lightning.tasks.classification import ZOClassifier
+        assert callbacks.MINE == "user callbacks" and tasks.MINE == "user tasks"
+        assert ZOGraSP is Z2 and ZOClassifier.__module__ == "dz_lightning.tasks.classification"
+        print("ok")
+        """
+    )
+    # Run from the user's project folder, as a user would: their folder comes first on sys.path.
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_installed_top_level_names_are_only_dz_lightning() -> None:
+    from importlib.metadata import distribution
+
+    top = distribution("dz_lightning").read_text("top_level.txt")
+    assert top is not None and top.split() == ["dz_lightning"], top
