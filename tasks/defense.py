@@ -9,6 +9,7 @@ is the white-box reference that backpropagates through ``f``; ``NoDenoiser`` cer
 from __future__ import annotations
 
 import csv
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,38 @@ from torch.func import functional_call, vmap
 from dz_lightning import ZOModule
 from dz_lightning.oracle import Oracle, parameter_values, query_mode
 
-__all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing"]
+__all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing",
+           "load_state_dict"]
+
+
+def load_state_dict(path: str | Path, argument: str = "checkpoint") -> dict[str, Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, read without running any code stored in the file.
+
+    ``torch.load(..., weights_only=True)`` unpickles only tensors and plain containers, so a crafted file (a pickle
+    whose ``__reduce__`` calls ``os.system``, say) is refused instead of executed.
+
+    Args:
+        path: the checkpoint file.
+        argument: the argument that named it (for the error message).
+
+    Raises:
+        ValueError: the file holds other Python objects, or has no ``state_dict`` of tensors.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"Refusing to load `{argument}` {str(path)!r}: it holds Python objects other than tensors and plain "
+            f"containers, which could run code when unpickled ({reason}). Load only checkpoints you trust; export "
+            "the weights (`{'state_dict': model.state_dict()}`) in a trusted session to use this one."
+        ) from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"Expected `{argument}` {str(path)!r} to be a Lightning checkpoint with a 'state_dict' of "
+                         f"tensors, but it holds {type(checkpoint).__name__}"
+                         f"{' with keys ' + str(sorted(checkpoint)[:8]) if isinstance(checkpoint, dict) else ''}.")
+    return state
 
 
 class BlackBoxClassifier:
@@ -56,7 +88,7 @@ class BlackBoxClassifier:
         if checkpoint is not None:
             if model is None:
                 raise ValueError("Expected argument `model` (the architecture) together with `checkpoint`.")
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_state_dict(checkpoint, "checkpoint")
             model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             fn = model.eval()
         elif torchscript is not None:
@@ -312,7 +344,7 @@ class FODenoisedSmoothing(_CertifiedTest, L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser", "classifier_model", "optimizer", "lr_scheduler"])
         if classifier_checkpoint is not None:
-            state = torch.load(classifier_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_state_dict(classifier_checkpoint, "classifier_checkpoint")
             classifier_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         self.denoiser = denoiser
         self.white_box = classifier_model.eval().requires_grad_(False)

@@ -88,3 +88,33 @@ def test_black_box_bad_input():
         NoDenoiser(BlackBoxClassifier(fn=lambda x: x), sigma=-0.5)
     with pytest.raises(TypeError, match="BlackBoxClassifier.*Sequential"):
         ZODenoisedSmoothing(DnCNN(), nn.Sequential())
+
+
+class _Payload:
+    """Unpickling this object runs a shell command that creates ``marker`` (what a crafted checkpoint can do)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_runs_nothing_and_is_refused_clearly(tmp_path):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": MLP(64, (8,), 10).state_dict(), "hyper_parameters": _Payload(marker)}, crafted)
+    with pytest.raises(ValueError, match=r"Refusing to load `checkpoint` '.*crafted\.ckpt'.*could run code"):
+        BlackBoxClassifier(model=MLP(64, (8,), 10), checkpoint=str(crafted))
+    with pytest.raises(ValueError, match=r"Refusing to load `classifier_checkpoint` '.*crafted\.ckpt'"):
+        FODenoisedSmoothing(DnCNN(1, 4, 3), MLP(64, (8,), 10), classifier_checkpoint=str(crafted))
+    # Lightning's own resume (`dz fit --ckpt_path`) loads with torch's safe default too
+    with pytest.raises(Exception, match="Weights only load failed"):
+        _trainer(tmp_path, max_steps=1).fit(FOClassifier(MLP(64, (8,), 10)), DigitsDataModule(batch_size=16),
+                                            ckpt_path=str(crafted))
+    assert not marker.exists(), "the crafted checkpoint ran its command"
+    torch.save({"weights": MLP(64, (8,), 10).state_dict()}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"'state_dict' of tensors.*keys \['weights'\]"):
+        BlackBoxClassifier(model=MLP(64, (8,), 10), checkpoint=str(tmp_path / "plain.pt"))
