@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,13 +13,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 
 from dz_lightning import distributed
 from dz_lightning.estimators import Estimate, cge, rge, validate_masks
 from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["ZOModule", "build_optimizers"]
+__all__ = ["NonFiniteStepError", "ZOModule", "build_optimizers"]
 
 _PRECISIONS = ("32-true", "64-true", "32", "64")
 
@@ -56,6 +58,12 @@ class ZOModule(L.LightningModule):
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
         nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
             A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
+        nonfinite_step: what to do when an optimizer step leaves a parameter or an optimizer state tensor
+            non-finite (finite but huge losses, a large learning rate, momentum overflowing): the step is always
+            undone first (parameters and optimizer state restored to their values before it), then ``"raise"``
+            stops the run with :class:`NonFiniteStepError` (the last checkpoint is the last good state) or
+            ``"skip"`` goes on to the next batch with a warning. The check is one fused ``isfinite`` reduction (one
+            host sync) per step; the undo keeps one copy of the parameters and optimizer state.
         max_queries: stop training once this many queries have been spent (``None``: no budget).
         seed: seed of the module's private generator for random directions.
     """
@@ -78,12 +86,14 @@ class ZOModule(L.LightningModule):
         max_batch: int | None = None,
         memory_budget: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
+        nonfinite_step: Literal["raise", "skip"] = "raise",
         max_queries: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
                               nonfinite, max_queries)
+        check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
@@ -101,6 +111,8 @@ class ZOModule(L.LightningModule):
         self.max_batch = max_batch
         self.memory_budget = memory_budget
         self.nonfinite = nonfinite
+        self.nonfinite_step = nonfinite_step
+        self.steps_undone = 0
         self.max_queries = max_queries
         self.seed = seed
         self.zo_masks: dict[str, Tensor] | None = None
@@ -246,11 +258,13 @@ class ZOModule(L.LightningModule):
             p.grad = grads[name].to(p.dtype)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
+        undo = _StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
         for opt in opts:
             if self.gradient_clip_val is not None:
                 self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad(set_to_none=True)
+        self._undo_nonfinite_step(undo)
         if self.scheduler_interval == "step":
             self._step_schedulers()
         self.queries_total += queries
@@ -282,6 +296,25 @@ class ZOModule(L.LightningModule):
         self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
 
     # -------------------------------------------------------------------------------------------- helpers
+    def _undo_nonfinite_step(self, undo: _StepUndo) -> None:
+        """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
+        bad = undo.nonfinite()
+        if not bad:
+            return
+        undo.restore()
+        self.steps_undone += 1
+        names = {id(p): n for n, p in self.named_parameters()}
+        where = ", ".join(names.get(id(t), "optimizer state") for t in bad[:5])
+        message = (f"Optimizer step {self.global_step} made {len(bad)} tensor(s) non-finite "
+                   f"({where}{', ...' if len(bad) > 5 else ''}) although the estimated gradient was finite (huge "
+                   "losses, a large learning rate or overflowing momentum). The step was undone: parameters and "
+                   "optimizer state are back at their values before it.")
+        if self.nonfinite_step == "raise":
+            raise NonFiniteStepError(f"{message} Lower the learning rate, set `gradient_clip_val`, or pass "
+                                     "nonfinite_step='skip' to skip such steps with a warning.")
+        rank_zero_warn(f"{message} Skipping it (nonfinite_step='skip'); {self.steps_undone} step(s) skipped so far.",
+                       category=RuntimeWarning)
+
     def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
         if scheds is None:
@@ -320,6 +353,45 @@ class ZOModule(L.LightningModule):
         opt = self.optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+
+class NonFiniteStepError(FloatingPointError):
+    """An optimizer step made a parameter or an optimizer state tensor non-finite (the step has been undone)."""
+
+
+class _StepUndo:
+    """The parameters and optimizer state before a step: enough to check the step and undo it exactly."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        self.params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        with torch.no_grad():
+            self.saved_params = [p.detach().clone() for p in self.params]
+            self.saved_state = [{p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                                     for k, v in state.items()} for p, state in opt.state.items()}
+                                for opt in optimizers]
+
+    def _tensors(self) -> list[Tensor]:
+        state = [v for opt in self.optimizers for s in opt.state.values() for v in s.values()
+                 if isinstance(v, Tensor) and v.is_floating_point()]
+        return self.params + state
+
+    def nonfinite(self) -> list[Tensor]:
+        """The non-finite tensors after the step (empty when all are finite): one fused max-abs, one host sync."""
+        tensors = self._tensors()
+        with torch.no_grad():
+            if not tensors or bool(torch.isfinite(get_total_norm(tensors, norm_type=float("inf")))):
+                return []
+            return [t for t in tensors if not bool(torch.isfinite(t).all())]  # only on failure: name them
+
+    def restore(self) -> None:
+        """Put the parameters and the optimizer state back as they were before the step."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.saved_params, strict=True):
+                p.copy_(saved)
+        for opt, saved in zip(self.optimizers, self.saved_state, strict=True):
+            opt.state.clear()
+            opt.state.update(saved)
 
 
 @dataclass
