@@ -243,7 +243,7 @@ def cge(
     _check_params(params)
     validate_masks(params, masks)
     _check_coordinates(params, coordinates)
-    _check_step_resolves(params, mu, masks if coordinates is None else None)
+    _check_step_resolves(params, mu, masks)
     start = oracle.queries
     f0 = _base_loss(oracle, params)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
