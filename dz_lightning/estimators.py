@@ -238,6 +238,12 @@ def cge(
 
     Returns:
         The :class:`Estimate`.
+
+    Raises:
+        ValueError: before any query, when ``theta_i + mu == theta_i`` in the parameters' dtype for every estimated
+            coordinate (``mu`` below the floating-point resolution; the message gives the smallest ``mu`` that
+            works), or when ``coordinates`` holds unknown names or out-of-range indices. When only some
+            coordinates are unchanged, a ``RuntimeWarning`` says so once.
     """
     _check_common(mu, difference, nonfinite)
     _check_params(params)
@@ -334,6 +340,10 @@ def rge(
 
     Returns:
         The :class:`Estimate`.
+
+    Raises:
+        ValueError: when no direction of the first chunk moves the parameters in their dtype (``mu`` below the
+            floating-point resolution); a ``RuntimeWarning`` says once when only some do not.
     """
     _check_common(mu, difference, nonfinite)
     check_choice("distribution", distribution, ("gaussian", "sphere"))
