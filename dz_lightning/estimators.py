@@ -93,8 +93,14 @@ def _check_step_resolves(params: Mapping[str, Tensor], mu: float, masks: Mapping
     """CGE: raise when ``theta_i + mu == theta_i`` for every estimated coordinate, warn once when for some.
 
     Such a coordinate's perturbed point is the base point in the parameters' dtype, so its finite difference is
-    exactly 0 whatever the loss. One elementwise pass and one host sync, before any query is spent.
+    exactly 0 whatever the loss. Checked before any query is spent: one max-abs per parameter and one host sync;
+    the exact count (one more pass) only when ``mu`` is within the resolution of the largest entries.
     """
+    # theta + mu != theta whenever mu > ulp(theta) / 2, and ulp(theta) <= eps * |theta|
+    limits = [v.detach().abs().amax().to(torch.float64) * (torch.finfo(v.dtype).eps / 2)
+              for v in params.values() if v.numel()]
+    if not limits or mu > float(torch.stack([x.to(limits[0].device) for x in limits]).max()):
+        return
     stats = []
     for name, value in params.items():
         v = value.detach()
