@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 
 from dz_lightning.estimators import _check_step_resolves
+from dz_lightning.finite_step import StepUndo
 from dz_lightning.models import resnet20
-from dz_lightning.module import _StepUndo
 
 
 def _ms(fn: Callable[[], object], repeats: int) -> float:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()  # momentum buffers exist, as in training
-    undo = _StepUndo([opt])
+    undo = StepUndo([opt])
     x = torch.randn(args.batch, 3, 32, 32, device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": args.device,
             "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in params.values()),
-            "snapshot_ms": _ms(timed(lambda: _StepUndo([opt])), args.repeats),
+            "snapshot_ms": _ms(timed(lambda: StepUndo([opt])), args.repeats),
             "finite_check_ms": _ms(timed(undo.nonfinite), args.repeats),
             "mu_check_ms": _ms(timed(lambda: _check_step_resolves(params, 5e-3, None)), args.repeats),
             "one_query_ms": _ms(timed(lambda: model(x)), max(3, args.repeats // 10)),

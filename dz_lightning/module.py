@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,10 +12,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 
 from dz_lightning import distributed
 from dz_lightning.estimators import Estimate, cge, rge, validate_masks
+from dz_lightning.finite_step import NonFiniteStepError, StepUndo
 from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
@@ -258,7 +257,7 @@ class ZOModule(L.LightningModule):
             p.grad = grads[name].to(p.dtype)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
-        undo = _StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
+        undo = StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
         for opt in opts:
             if self.gradient_clip_val is not None:
                 self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
@@ -296,7 +295,7 @@ class ZOModule(L.LightningModule):
         self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _undo_nonfinite_step(self, undo: _StepUndo) -> None:
+    def _undo_nonfinite_step(self, undo: StepUndo) -> None:
         """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
         bad = undo.nonfinite()
         if not bad:
@@ -353,45 +352,6 @@ class ZOModule(L.LightningModule):
         opt = self.optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
-
-
-class NonFiniteStepError(FloatingPointError):
-    """An optimizer step made a parameter or an optimizer state tensor non-finite (the step has been undone)."""
-
-
-class _StepUndo:
-    """The parameters and optimizer state before a step: enough to check the step and undo it exactly."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.optimizers = optimizers
-        self.params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-        with torch.no_grad():
-            self.saved_params = [p.detach().clone() for p in self.params]
-            self.saved_state = [{p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-                                     for k, v in state.items()} for p, state in opt.state.items()}
-                                for opt in optimizers]
-
-    def _tensors(self) -> list[Tensor]:
-        state = [v for opt in self.optimizers for s in opt.state.values() for v in s.values()
-                 if isinstance(v, Tensor) and v.is_floating_point()]
-        return self.params + state
-
-    def nonfinite(self) -> list[Tensor]:
-        """The non-finite tensors after the step (empty when all are finite): one fused max-abs, one host sync."""
-        tensors = self._tensors()
-        with torch.no_grad():
-            if not tensors or bool(torch.isfinite(get_total_norm(tensors, norm_type=float("inf")))):
-                return []
-            return [t for t in tensors if not bool(torch.isfinite(t).all())]  # only on failure: name them
-
-    def restore(self) -> None:
-        """Put the parameters and the optimizer state back as they were before the step."""
-        with torch.no_grad():
-            for p, saved in zip(self.params, self.saved_params, strict=True):
-                p.copy_(saved)
-        for opt, saved in zip(self.optimizers, self.saved_state, strict=True):
-            opt.state.clear()
-            opt.state.update(saved)
 
 
 @dataclass

@@ -89,3 +89,25 @@ def test_skip_undoes_every_overflowing_step_exactly(tmp_path):
 def test_nonfinite_step_option_is_checked():
     with pytest.raises(ValueError, match="`nonfinite_step`.*'ignore'"):
         _HugeLosses(nn.Linear(3, 2), nonfinite_step="ignore")
+
+
+def test_step_undo_restores_adam_state_and_step_count_exactly():
+    from dz_lightning.finite_step import StepUndo
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = ([p.detach().clone() for p in model.parameters()],
+              [{k: v.clone() for k, v in s.items()} for s in opt.state.values()])
+    undo = StepUndo([opt])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e38)  # its square overflows Adam's second moment
+    opt.step()
+    assert undo.nonfinite()  # the second moments are inf
+    undo.restore()
+    assert not undo.nonfinite()
+    assert all(torch.equal(a, p) for a, p in zip(before[0], model.parameters(), strict=True))
+    for saved, state in zip(before[1], opt.state.values(), strict=True):
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
