@@ -129,7 +129,7 @@ def launch(devices: int, args: argparse.Namespace, out: Path) -> dict:
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"the {devices}-process run failed:\n{proc.stderr[-4000:]}")
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

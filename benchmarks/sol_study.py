@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,15 @@ from dz_lightning.models import SOLCorrector
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the study; Lightning's scratch folder is removed afterwards, also when a run fails."""
+    root = tempfile.mkdtemp(prefix="sol_study_")
+    try:
+        return _study(argv, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _study(argv: list[str] | None, root: str) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cache", default="data/karman")
@@ -61,7 +71,6 @@ def main(argv: list[str] | None = None) -> dict:
         long = KarmanDataModule(cache_dir=args.cache, steps=args.steps, test_steps=args.long_steps)
         long.setup()
     seconds = {"data": time.perf_counter() - start}
-    root = tempfile.mkdtemp()
 
     def trainer(epochs: int = 1, callbacks: list | None = None) -> L.Trainer:
         return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from dz_lightning import sparsity as sp
@@ -93,6 +93,8 @@ class ZOGraSP(L.Callback):
         self.seed = seed
         self.ratios_path = ratios_path
         self.save_ratios_path = save_ratios_path
+        if dense is not None and (isinstance(dense, str) or not all(isinstance(n, str) for n in dense)):
+            raise TypeError(f"Expected argument `dense` to be a list of parameter names, but got {dense!r}.")
         self.dense = list(dense or [])
         self._generator = torch.Generator().manual_seed(seed)
         self.ratios: dict[str, float] | None = None
@@ -134,8 +136,13 @@ class ZOGraSP(L.Callback):
             raise TypeError(f"ZOGraSP needs a module with `zo_parameters()` and a `zo_masks` attribute (see the "
                             f"README's protocol), but {type(pl_module).__name__} lacks {missing}.")
         params = pl_module.zo_parameters()
-        names = [n for n in sp.prunable_parameters(pl_module.model if hasattr(pl_module, "model") else pl_module,
-                                                   self.dense) if n in params]
+        model = pl_module.model if hasattr(pl_module, "model") else pl_module
+        unknown = sorted(set(self.dense) - {n for n, _ in model.named_parameters()})
+        if unknown:
+            raise ValueError(f"Expected argument `dense` to name parameters of {type(model).__name__}, but "
+                             f"{unknown} {'is' if len(unknown) == 1 else 'are'} not among them; its parameters: "
+                             f"{[n for n, _ in model.named_parameters()][:20]}.")
+        names = [n for n in sp.prunable_parameters(model, self.dense) if n in params]
         if not names:
             raise ValueError(f"{type(pl_module).__name__} has no prunable layer among its `zo_parameters()`.")
         self._names = names
@@ -204,11 +211,32 @@ class ZOGraSP(L.Callback):
         return sp.layerwise_ratios(scores, self.sparsity)
 
     def _load_ratios(self, path: str, params: dict[str, torch.Tensor]) -> dict[str, float]:
-        ratios = json.loads(Path(path).read_text())
+        try:
+            ratios = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"The LPR file {path!r} is not valid JSON ({err}); expected an object mapping every "
+                             f"prunable layer {self._names} to its pruning ratio in [0, 1].") from None
         if not isinstance(ratios, dict) or set(ratios) != set(self._names):
             got = sorted(ratios) if isinstance(ratios, dict) else type(ratios).__name__
             raise ValueError(f"The LPR file {path!r} does not match the model: it names {got}, but the prunable "
                              f"layers are {self._names}.")
+        bad = {n: r for n, r in ratios.items()
+               if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1}  # NaN fails 0 <= r
+        if bad:
+            raise ValueError(f"The LPR file {path!r} holds pruning ratios outside [0, 1]: {bad}.")
+        frozen = [n for n, r in ratios.items() if round((1 - r) * params[n].numel()) == 0]
+        if len(frozen) == len(ratios):
+            raise ValueError(f"The LPR file {path!r} prunes every coordinate of every prunable layer (ratios "
+                             f"{ratios}): no weight would ever be estimated, so training would only move biases. "
+                             f"Use ratios below 1 (the callback's sparsity is {self.sparsity}).")
+        if frozen:
+            rank_zero_warn(f"The LPR file {path!r} freezes {frozen}: their ratio keeps no coordinate, so these "
+                           "weights are never estimated.")
+        total = sum(params[n].numel() for n in ratios)
+        pruned = sum(r * params[n].numel() for n, r in ratios.items()) / total
+        if abs(pruned - self.sparsity) > 0.02:
+            rank_zero_warn(f"The LPR file {path!r} prunes {pruned:.3f} of the prunable coordinates, but the "
+                           f"callback's sparsity is {self.sparsity}; the file's ratios are used as they are.")
         return {n: float(r) for n, r in ratios.items()}
 
     @rank_zero_only

@@ -6,7 +6,7 @@ It knows nothing about any task; ``tasks`` and ``callbacks`` build on it.
 
 from dz_lightning.distributed import RankFailedError
 from dz_lightning.estimators import Estimate, cge, rge
-from dz_lightning.module import ZOModule
+from dz_lightning.module import NonFiniteStepError, ZOModule
 from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle
 from dz_lightning.sampling import SeededRandomSampler
 
@@ -17,6 +17,7 @@ __all__ = [
     "FunctionOracle",
     "ModuleOracle",
     "NonFiniteLossError",
+    "NonFiniteStepError",
     "Oracle",
     "RankFailedError",
     "SeededRandomSampler",

@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from dz_lightning import distributed
 from dz_lightning.estimators import Estimate, cge, rge, validate_masks
+from dz_lightning.finite_step import NonFiniteStepError, StepUndo
 from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["ZOModule", "build_optimizers"]
+__all__ = ["NonFiniteStepError", "ZOModule", "build_optimizers"]
 
 _PRECISIONS = ("32-true", "64-true", "32", "64")
 
@@ -56,6 +57,12 @@ class ZOModule(L.LightningModule):
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
         nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
             A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
+        nonfinite_step: what to do when an optimizer step leaves a parameter or an optimizer state tensor
+            non-finite (finite but huge losses, a large learning rate, momentum overflowing): the step is always
+            undone first (parameters and optimizer state restored to their values before it), then ``"raise"``
+            stops the run with :class:`NonFiniteStepError` (the last checkpoint is the last good state) or
+            ``"skip"`` goes on to the next batch with a warning. The check is one fused ``isfinite`` reduction (one
+            host sync) per step; the undo keeps one copy of the parameters and optimizer state.
         max_queries: stop training once this many queries have been spent (``None``: no budget).
         seed: seed of the module's private generator for random directions.
     """
@@ -78,12 +85,14 @@ class ZOModule(L.LightningModule):
         max_batch: int | None = None,
         memory_budget: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
+        nonfinite_step: Literal["raise", "skip"] = "raise",
         max_queries: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
                               nonfinite, max_queries)
+        check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
@@ -101,6 +110,8 @@ class ZOModule(L.LightningModule):
         self.max_batch = max_batch
         self.memory_budget = memory_budget
         self.nonfinite = nonfinite
+        self.nonfinite_step = nonfinite_step
+        self.steps_undone = 0
         self.max_queries = max_queries
         self.seed = seed
         self.zo_masks: dict[str, Tensor] | None = None
@@ -246,11 +257,13 @@ class ZOModule(L.LightningModule):
             p.grad = grads[name].to(p.dtype)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
+        undo = StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
         for opt in opts:
             if self.gradient_clip_val is not None:
                 self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad(set_to_none=True)
+        self._undo_nonfinite_step(undo)
         if self.scheduler_interval == "step":
             self._step_schedulers()
         self.queries_total += queries
@@ -282,6 +295,25 @@ class ZOModule(L.LightningModule):
         self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
 
     # -------------------------------------------------------------------------------------------- helpers
+    def _undo_nonfinite_step(self, undo: StepUndo) -> None:
+        """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
+        bad = undo.nonfinite()
+        if not bad:
+            return
+        undo.restore()
+        self.steps_undone += 1
+        names = {id(p): n for n, p in self.named_parameters()}
+        where = ", ".join(names.get(id(t), "optimizer state") for t in bad[:5])
+        message = (f"Optimizer step {self.global_step} made {len(bad)} tensor(s) non-finite "
+                   f"({where}{', ...' if len(bad) > 5 else ''}) although the estimated gradient was finite (huge "
+                   "losses, a large learning rate or overflowing momentum). The step was undone: parameters and "
+                   "optimizer state are back at their values before it.")
+        if self.nonfinite_step == "raise":
+            raise NonFiniteStepError(f"{message} Lower the learning rate, set `gradient_clip_val`, or pass "
+                                     "nonfinite_step='skip' to skip such steps with a warning.")
+        rank_zero_warn(f"{message} Skipping it (nonfinite_step='skip'); {self.steps_undone} step(s) skipped so far.",
+                       category=RuntimeWarning)
+
     def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
         if scheds is None:

@@ -29,14 +29,28 @@ class NonFiniteLossError(ValueError):
     """Raised when the oracle returns NaN or infinity where a finite loss is needed."""
 
 
+def _reject_bool_or_complex(value: object, where: str) -> None:
+    """A loss is real: a bool (a comparison's result) or a complex value is a bug in the black box, not a loss."""
+    kind = value.dtype if isinstance(value, Tensor) else type(value)
+    if (kind == torch.bool or isinstance(value, complex) or type(value).__name__ in ("bool", "bool_")
+            or (isinstance(value, Tensor) and value.is_complex())):
+        raise TypeError(f"The loss returned by {where} must be real (a float, an int or a real tensor), but got "
+                        f"{str(kind).replace('<class ', '').rstrip('>')}.")
+
+
 def _as_scalar(value: object, where: str) -> Tensor:
-    """Convert an oracle answer to a 0-d float64-or-float32 tensor, checking that it is a scalar."""
+    """Convert an oracle answer to a 0-d float64-or-float32 tensor, checking that it is a scalar.
+
+    Integer losses are accepted as floats; bool and complex ones are rejected with a ``TypeError``.
+    """
+    _reject_bool_or_complex(value, where)
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(
                 f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(value.shape)}."
             )
-        return value.detach().reshape(())
+        value = value.detach().reshape(())
+        return value if value.is_floating_point() else value.double()
     try:
         return torch.tensor(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError) as err:
@@ -92,9 +106,12 @@ class Oracle:
         for start in range(0, k, chunk):
             part = {n: v[start : start + chunk] for n, v in varied.items()}
             values = self._losses(params, part)
+            _reject_bool_or_complex(values, type(self).__name__)
             if not isinstance(values, Tensor):
                 values = torch.as_tensor(values)
+            _reject_bool_or_complex(values, type(self).__name__)
             values = values.detach().reshape(-1)
+            values = values if values.is_floating_point() else values.double()
             n_part = min(chunk, k - start)
             if values.numel() != n_part:
                 raise ValueError(
@@ -170,7 +187,8 @@ class FunctionOracle(Oracle):
     """An oracle around any callable ``fn(params) -> loss``: the black-box case.
 
     Args:
-        fn: called with a dict name -> tensor and returning a float or a 0-d tensor. It may convert the
+        fn: called with a dict name -> tensor and returning a float or a 0-d tensor (an int is taken as a float;
+            a bool or a complex value is rejected with a ``TypeError``). It may convert the
             tensors to NumPy, call a subprocess or a remote service: nothing is differentiated.
         batched: if ``True``, ``fn`` accepts a dict of stacked values ``(K, ...)`` for *every* parameter and
             returns ``K`` losses; otherwise it is called one point at a time.
@@ -268,12 +286,16 @@ class ModuleOracle(Oracle):
         super().__init__(max_batch=max_batch)
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
+        if isinstance(inputs, Tensor) and (inputs.dim() == 0 or inputs.shape[0] == 0):
+            raise ValueError(f"Expected a non-empty batch of inputs, but got shape {tuple(inputs.shape)}: the mean "
+                             "loss over no samples is NaN. Check the data loader (drop_last, an empty split).")
         self.model = model
         self.loss_fn = loss_fn
         self.inputs = inputs
         self.targets = targets
         self.memory_budget = memory_budget
         self.feature_reuse = feature_reuse
+        self._names = frozenset(n for n, _ in model.named_parameters())
         self._staged = None
         self._staged_key: tuple | None = None
 
@@ -283,6 +305,12 @@ class ModuleOracle(Oracle):
 
     def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return parameter_values(self.model, params)
+
+    def _check_names(self, params: Mapping[str, Tensor]) -> None:
+        unknown = params.keys() - self._names
+        if unknown:
+            raise ValueError(f"`params` names {sorted(unknown)[:5]}, which {'is' if len(unknown) == 1 else 'are'} not "
+                             f"a parameter of {type(self.model).__name__}; valid names: {sorted(self._names)[:20]}.")
 
     def _chunk_size(self, k: int) -> int:
         """``max_batch`` if set, else as many points as ``memory_budget`` allows."""
@@ -301,6 +329,7 @@ class ModuleOracle(Oracle):
 
     # ----------------------------------------------------------------------------------------- overrides
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        self._check_names(params)
         staged = self._staged_forward(params) if self.feature_reuse else None
         if staged is not None:  # its cached base forward is this query; coordinate queries restart from it
             return staged.base_loss()
@@ -309,6 +338,7 @@ class ModuleOracle(Oracle):
             return self.loss_fn(out, self.targets)
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
+        self._check_names(params)
         fixed = {n: v for n, v in self._full(params).items() if n not in varied}
         names = list(varied)
 
@@ -321,6 +351,7 @@ class ModuleOracle(Oracle):
             return vmap(one, randomness="same")(*(varied[n] for n in names))
 
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
+        self._check_names(params)
         staged = self._staged_forward(params) if self.feature_reuse else None
         if staged is None:
             return super().coordinate_losses(params, name, index, delta)

@@ -9,6 +9,7 @@ is the white-box reference that backpropagates through ``f``; ``NoDenoiser`` cer
 from __future__ import annotations
 
 import csv
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,16 +18,49 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from dz_lightning.tasks.smoothing import ABSTAIN, _check, certify
+from dz_lightning.tasks.smoothing import ABSTAIN, NonFiniteOutputError, _check, certify
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import ZOModule
 from dz_lightning.oracle import Oracle, parameter_values, query_mode
+from dz_lightning.validation import check_choice, check_positive_int
 
-__all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing"]
+__all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing",
+           "load_state_dict"]
+
+
+def load_state_dict(path: str | Path, argument: str = "checkpoint") -> dict[str, Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, read without running any code stored in the file.
+
+    ``torch.load(..., weights_only=True)`` unpickles only tensors and plain containers, so a crafted file (a pickle
+    whose ``__reduce__`` calls ``os.system``, say) is refused instead of executed.
+
+    Args:
+        path: the checkpoint file.
+        argument: the argument that named it (for the error message).
+
+    Raises:
+        ValueError: the file holds other Python objects, or has no ``state_dict`` of tensors.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"Refusing to load `{argument}` {str(path)!r}: it holds Python objects other than tensors and plain "
+            f"containers, which could run code when unpickled ({reason}). Load only checkpoints you trust; export "
+            "the weights (`{'state_dict': model.state_dict()}`) in a trusted session to use this one."
+        ) from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"Expected `{argument}` {str(path)!r} to be a Lightning checkpoint with a 'state_dict' of "
+                         f"tensors, but it holds {type(checkpoint).__name__}"
+                         f"{' with keys ' + str(sorted(checkpoint)[:8]) if isinstance(checkpoint, dict) else ''}.")
+    return state
 
 
 class BlackBoxClassifier:
@@ -56,7 +90,7 @@ class BlackBoxClassifier:
         if checkpoint is not None:
             if model is None:
                 raise ValueError("Expected argument `model` (the architecture) together with `checkpoint`.")
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_state_dict(checkpoint, "checkpoint")
             model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             fn = model.eval()
         elif torchscript is not None:
@@ -130,10 +164,15 @@ class _CertifiedTest:
 
     def _setup_certification(self, sigma: float, n0: int, n: int, alpha: float, radii: Sequence[float],
                              num_classes: int, certify_batch: int, max_certified: int | None,
-                             output_dir: str | None, seed: int) -> None:
+                             output_dir: str | None, seed: int, nonfinite: str = "raise") -> None:
         _check(sigma, alpha, n0, n)
         if any(r < 0 for r in radii):
             raise ValueError(f"Expected non-negative `radii`, but got {list(radii)}.")
+        check_positive_int("num_classes", num_classes, minimum=2)
+        check_positive_int("certify_batch", certify_batch)
+        check_positive_int("max_certified", max_certified, allow_none=True)
+        check_choice("certify_nonfinite", nonfinite, ("raise", "abstain"))
+        self.certify_nonfinite, self.nonfinite_abstains = nonfinite, 0
         self.sigma, self.n0, self.n, self.alpha = sigma, n0, n, alpha
         self.radii, self.num_classes, self.certify_batch = list(radii), num_classes, certify_batch
         self.max_certified, self.output_dir, self.certify_seed = max_certified, output_dir, seed
@@ -147,21 +186,36 @@ class _CertifiedTest:
 
     def on_test_epoch_start(self) -> None:
         self._rows = []
+        self.nonfinite_abstains = 0
         self._cert_gen = torch.Generator().manual_seed(self.certify_seed)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
+        _check_labels(y, self.num_classes)
         for xi, yi in zip(x, y.tolist(), strict=True):
             if self.max_certified is not None and len(self._rows) >= self.max_certified:
                 return
             start = time.perf_counter()
-            pred, radius = certify(self.smoothed_base, xi, self.sigma, self.n0, self.n, self.alpha,
-                                   self.num_classes, self.certify_batch, self._cert_gen)
+            try:
+                pred, radius = certify(self.smoothed_base, xi, self.sigma, self.n0, self.n, self.alpha,
+                                       self.num_classes, self.certify_batch, self._cert_gen)
+            except NonFiniteOutputError:
+                if self.certify_nonfinite == "raise":
+                    raise
+                self.nonfinite_abstains += 1  # an abstention, counted and reported apart
+                pred, radius = ABSTAIN, 0.0
             self._rows.append({"label": yi, "prediction": pred, "radius": radius, "correct": int(pred == yi),
                                "time": time.perf_counter() - start})
 
     def on_test_epoch_end(self) -> None:
         rows = self._rows
+        if not rows:
+            raise ValueError("No test image was certified (an empty test set?), so there is no certified accuracy to "
+                             "report; give the test set at least one image.")
+        if self.nonfinite_abstains:
+            rank_zero_warn(f"Abstained on {self.nonfinite_abstains} of {len(rows)} test image(s) because the "
+                           "classifier returned non-finite outputs (certify_nonfinite='abstain').")
+        self.log("test/nonfinite_abstains", float(self.nonfinite_abstains))  # type: ignore[attr-defined]
         self.certified = {r: sum(1 for row in rows if row["correct"] and row["radius"] >= r) / max(len(rows), 1)
                           for r in self.radii}
         for r, acc in self.certified.items():
@@ -206,8 +260,18 @@ def _plot_certified(certified: dict[float, float], path: Path, title: str, sigma
     return image
 
 
-def _noisy_targets(classifier: Any, x: Tensor, y: Tensor, target: str) -> Tensor:
-    return classifier(x).argmax(1) if target == "prediction" else y
+def _check_labels(y: Tensor, num_classes: int) -> None:
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"Expected labels in 0..{num_classes - 1} (num_classes={num_classes}), but the batch holds "
+                         f"{y[bad][:5].tolist()}.")
+
+
+def _noisy_targets(classifier: Any, x: Tensor, y: Tensor, target: str, num_classes: int) -> Tensor:
+    if target == "prediction":
+        return classifier(x).argmax(1)
+    _check_labels(y, num_classes)
+    return y
 
 
 class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
@@ -229,6 +293,8 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
         max_certified: certify at most this many test images (``None``: all).
         output_dir: where ``certification/certify.csv`` and the plot go (default: the trainer's root dir).
         certify_seed: seed of the certification noise.
+        certify_nonfinite: when the classifier returns non-finite logits for an image's noisy copies, ``"raise"``
+            an error or ``"abstain"`` on that image (counted in ``test/nonfinite_abstains``); never certified.
         **kwargs: estimator/optimizer options of :class:`~dz_lightning.ZOModule`.
     """
 
@@ -238,7 +304,8 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
                  target: Literal["prediction", "label"] = "prediction", n0: int = 100, n: int = 10_000,
                  alpha: float = 0.001, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75), num_classes: int = 10,
                  certify_batch: int = 1000, max_certified: int | None = None, output_dir: str | None = None,
-                 certify_seed: int = 0, **kwargs: Any) -> None:
+                 certify_seed: int = 0, certify_nonfinite: Literal["raise", "abstain"] = "raise",
+                 **kwargs: Any) -> None:
         # a residual denoiser D(x) = x - body(x) with a staged body: queries use feature reuse over the body
         self.residual_body = isinstance(getattr(denoiser, "body", None), nn.Sequential) and getattr(
             denoiser, "residual", False)
@@ -249,7 +316,7 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
             raise ValueError(f"Expected argument `target` to be 'prediction' or 'label', but got {target!r}.")
         self.denoiser, self.classifier, self.target = denoiser, classifier, target
         self._setup_certification(sigma, n0, n, alpha, radii, num_classes, certify_batch, max_certified,
-                                  output_dir, certify_seed)
+                                  output_dir, certify_seed, certify_nonfinite)
         self._noise = torch.Generator().manual_seed(self.seed + 1)
 
     def on_fit_start(self) -> None:
@@ -261,7 +328,7 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
     def make_oracle(self, batch: Any) -> Oracle:
         x, y = batch
         noisy = x + self.sigma * torch.randn(x.shape, generator=self._noise).to(x)
-        targets = _noisy_targets(self.classifier, x, y, self.target)
+        targets = _noisy_targets(self.classifier, x, y, self.target, self.num_classes)
         if self.residual_body:
             def loss_fn(noise: Tensor, t: Tensor) -> Tensor:  # the black box sits inside the loss
                 return F.cross_entropy(self.classifier(noisy - noise), t)
@@ -296,8 +363,8 @@ class FODenoisedSmoothing(_CertifiedTest, L.LightningModule):
         denoiser: the denoiser ``D``.
         classifier_model: ``f`` as a white-box network (weights from ``classifier_checkpoint``), frozen.
         classifier_checkpoint: Lightning checkpoint with ``f``'s weights under ``model.``.
-        sigma, target, n0, n, alpha, radii, num_classes, certify_batch, max_certified, output_dir, certify_seed:
-            as in :class:`ZODenoisedSmoothing`.
+        sigma, target, n0, n, alpha, radii, num_classes, certify_batch, max_certified, output_dir, certify_seed,
+        certify_nonfinite: as in :class:`ZODenoisedSmoothing`.
         optimizer: optimizer factory for the denoiser.
         lr_scheduler: optional scheduler factory.
     """
@@ -307,25 +374,26 @@ class FODenoisedSmoothing(_CertifiedTest, L.LightningModule):
                  n: int = 10_000, alpha: float = 0.001, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
                  num_classes: int = 10, certify_batch: int = 1000, max_certified: int | None = None,
                  output_dir: str | None = None, certify_seed: int = 0,
+                 certify_nonfinite: Literal["raise", "abstain"] = "raise",
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None
                  ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser", "classifier_model", "optimizer", "lr_scheduler"])
         if classifier_checkpoint is not None:
-            state = torch.load(classifier_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_state_dict(classifier_checkpoint, "classifier_checkpoint")
             classifier_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         self.denoiser = denoiser
         self.white_box = classifier_model.eval().requires_grad_(False)
         self.classifier = self.white_box
         self.target, self.optimizer_fn, self.scheduler_fn = target, optimizer, lr_scheduler
         self._setup_certification(sigma, n0, n, alpha, radii, num_classes, certify_batch, max_certified,
-                                  output_dir, certify_seed)
+                                  output_dir, certify_seed, certify_nonfinite)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
         self.white_box.eval()
         with torch.no_grad():
-            t = _noisy_targets(self.white_box, x, y, self.target)
+            t = _noisy_targets(self.white_box, x, y, self.target, self.num_classes)
         loss = F.cross_entropy(self.white_box(self.denoiser(x + self.sigma * torch.randn_like(x))), t)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -345,19 +413,19 @@ class NoDenoiser(_CertifiedTest, L.LightningModule):
 
     Args:
         classifier: the black box ``f``.
-        sigma, n0, n, alpha, radii, num_classes, certify_batch, max_certified, output_dir, certify_seed:
-            as in :class:`ZODenoisedSmoothing`.
+        sigma, n0, n, alpha, radii, num_classes, certify_batch, max_certified, output_dir, certify_seed,
+        certify_nonfinite: as in :class:`ZODenoisedSmoothing`.
     """
 
     def __init__(self, classifier: BlackBoxClassifier, sigma: float = 0.25, n0: int = 100, n: int = 10_000,
                  alpha: float = 0.001, radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75), num_classes: int = 10,
                  certify_batch: int = 1000, max_certified: int | None = None, output_dir: str | None = None,
-                 certify_seed: int = 0) -> None:
+                 certify_seed: int = 0, certify_nonfinite: Literal["raise", "abstain"] = "raise") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
         self.classifier, self.denoiser = classifier, nn.Identity()
         self._setup_certification(sigma, n0, n, alpha, radii, num_classes, certify_batch, max_certified,
-                                  output_dir, certify_seed)
+                                  output_dir, certify_seed, certify_nonfinite)
 
     def on_test_start(self) -> None:
         self.classifier.to(self.device)

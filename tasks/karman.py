@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,18 +131,66 @@ def generate_reference(train_re: list[float], test_re: list[float], resolution: 
 
 def load_or_generate(cache_dir: str, train_re: list[float], test_re: list[float], resolution: tuple[int, int],
                      factor: int = 4, warmup: int = 250, steps: int = 300) -> dict[str, Tensor]:
-    """The reference data, computed once and cached in ``cache_dir/<hash>/`` with a ``meta.json``."""
+    """The reference data, computed once and cached in ``cache_dir/<hash>/`` with a ``meta.json``.
+
+    A cached ``data.pt`` is used only when it loads whole and matches its ``meta.json`` (the Reynolds numbers, the
+    resolution and the number of steps) with finite values; otherwise it is rebuilt, with a warning that says why.
+    Files are written under a name unique to the writer and renamed into place, so concurrent writers (DDP ranks,
+    two runs) never share a temporary file and a reader sees a whole file or none.
+    """
     meta = {"train_re": list(map(float, train_re)), "test_re": list(map(float, test_re)),
             "resolution": list(resolution), "factor": factor, "warmup": warmup, "steps": steps, "version": 2,
             "domain": [100, 200], "cylinder": [CYLINDER_X, 50, 10]}
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"karman_{key}"
     if (folder / "data.pt").exists() and (folder / "meta.json").exists():
-        return torch.load(folder / "data.pt", weights_only=True)
+        data, problem = _load_cached(folder, meta)
+        if data is not None:
+            return data
+        warnings.warn(f"Rebuilding the Karman cache {str(folder / 'data.pt')!r}: {problem}.", RuntimeWarning,
+                      stacklevel=2)
     data = generate_reference(train_re, test_re, resolution, factor, warmup, steps)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "data.pt.tmp"
-    torch.save(data, tmp)
-    tmp.replace(folder / "data.pt")  # whole or not at all
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    _write_atomically(folder / "data.pt", lambda path: torch.save(data, path))
+    _write_atomically(folder / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
     return data
+
+
+def _load_cached(folder: Path, meta: dict) -> tuple[dict[str, Tensor] | None, str]:
+    """``(data, "")`` when the cache is whole and matches ``meta``, else ``(None, what is wrong)``."""
+    try:
+        stored = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return None, f"its meta.json cannot be read ({err})"
+    if stored != meta:
+        return None, f"its meta.json {stored} does not describe this data set {meta}"
+    try:
+        data = torch.load(folder / "data.pt", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        return None, f"the file is truncated or corrupted ({str(err).splitlines()[0] if str(err) else type(err)})"
+    if not isinstance(data, dict) or not {"train", "test", "train_re", "test_re"} <= set(data):
+        return None, "it does not hold the train and test trajectories"
+    x, y = meta["resolution"]
+    for split in ("train", "test"):
+        want = (len(meta[f"{split}_re"]), meta["steps"] + 1, 2, x, y)
+        got = data[split]
+        if not isinstance(got, Tensor) or tuple(got.shape) != want:
+            return None, f"its {split} trajectories have shape {tuple(getattr(got, 'shape', ()))}, expected {want}"
+        if not bool(torch.isfinite(got).all()):
+            return None, f"its {split} trajectories hold NaN or infinite values"
+        re, want_re = data[f"{split}_re"], torch.tensor(meta[f"{split}_re"], dtype=torch.float64)
+        if not isinstance(re, Tensor) or re.shape != want_re.shape or not torch.allclose(re.double(), want_re):
+            return None, f"its {split} Reynolds numbers differ from {want_re.tolist()}"
+    return data, ""
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file unique to this writer, then rename it into place (whole or not at all)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

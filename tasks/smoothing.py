@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor
 
-__all__ = ["ABSTAIN", "certify", "lower_confidence_bound", "predict", "sample_counts"]
+from dz_lightning.validation import check_choice, check_positive_int
+
+__all__ = ["ABSTAIN", "NonFiniteOutputError", "certify", "lower_confidence_bound", "predict", "sample_counts"]
 
 ABSTAIN = -1
+
+
+class NonFiniteOutputError(ValueError):
+    """The classifier returned NaN or infinite logits (or labels) for noisy copies of an image."""
 
 
 def _check(sigma: float, alpha: float, n0: int | None = None, n: int | None = None) -> None:
@@ -45,6 +52,8 @@ def sample_counts(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float,
                   batch_size: int = 1000, generator: torch.Generator | None = None) -> Tensor:
     """Class counts of ``classify(x + delta)`` over ``num`` noise draws.
 
+    Non-finite logits are never counted: ``argmax`` would read NaN logits as class 0 and certify it.
+
     Args:
         classify: images ``(N, C, H, W)`` -> labels ``(N,)`` or logits ``(N, num_classes)``.
         x: one image ``(C, H, W)``.
@@ -56,30 +65,60 @@ def sample_counts(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float,
 
     Returns:
         ``(num_classes,)`` int64 counts.
+
+    Raises:
+        NonFiniteOutputError: the classifier returned a non-finite logit or label.
+        ValueError: a label outside ``[0, num_classes)``, an output of the wrong shape, or a bad argument.
     """
+    check_positive_int("num", num, minimum=0)
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("batch_size", batch_size)
     counts = torch.zeros(num_classes, dtype=torch.long)
     remaining = num
     while remaining > 0:
         b = min(batch_size, remaining)
         noise = torch.randn((b, *x.shape), generator=generator).to(x.device, x.dtype)
         out = classify(x.unsqueeze(0) + sigma * noise)
-        if out.dim() == 2 and out.shape == (b, num_classes):
-            labels = out.argmax(1)
-        elif out.dim() == 1 and out.shape[0] == b:
-            labels = out.long()
-        else:
+        if not (out.dim() == 2 and out.shape == (b, num_classes)) and not (out.dim() == 1 and out.shape[0] == b):
             raise ValueError(f"The classifier must return labels ({b},) or logits ({b}, {num_classes}) for a batch of "
                              f"{b}, but returned shape {tuple(out.shape)}.")
-        counts += torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes]
+        if out.is_floating_point() or out.is_complex():
+            finite = torch.isfinite(out).all(1) if out.dim() == 2 else torch.isfinite(out)
+            n_bad = int((~finite).sum())
+            if n_bad:
+                raise NonFiniteOutputError(
+                    f"The classifier returned non-finite {'logits' if out.dim() == 2 else 'labels'} for {n_bad} of "
+                    f"{b} noisy copies; refusing to count them as a class (pass nonfinite='abstain' to abstain on "
+                    "such images instead)."
+                )
+        if out.dim() == 2:
+            labels = out.argmax(1).cpu()
+        else:
+            labels = out.cpu().long()
+            bad = (labels < 0) | (labels >= num_classes) | (labels.to(out.dtype) != out.cpu())
+            if bool(bad.any()):
+                raise ValueError(f"The classifier returned labels outside the integers 0..{num_classes - 1} "
+                                 f"(num_classes={num_classes}): {out.cpu()[bad][:5].tolist()}.")
+        counts += torch.bincount(labels, minlength=num_classes)
         remaining -= b
     return counts
 
 
 def predict(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float, n: int, alpha: float, num_classes: int,
-            batch_size: int = 1000, generator: torch.Generator | None = None) -> int:
-    """PREDICT: the smoothed prediction, or ``ABSTAIN`` when the top two classes are not separated at ``alpha``."""
+            batch_size: int = 1000, generator: torch.Generator | None = None,
+            nonfinite: Literal["raise", "abstain"] = "raise") -> int:
+    """PREDICT: the smoothed prediction, or ``ABSTAIN`` when the top two classes are not separated at ``alpha``.
+
+    ``nonfinite``: on non-finite classifier outputs, ``"raise"`` :class:`NonFiniteOutputError` or ``"abstain"``.
+    """
     _check(sigma, alpha, n=n)
-    counts = sample_counts(classify, x, sigma, n, num_classes, batch_size, generator)
+    check_choice("nonfinite", nonfinite, ("raise", "abstain"))
+    try:
+        counts = sample_counts(classify, x, sigma, n, num_classes, batch_size, generator)
+    except NonFiniteOutputError:
+        if nonfinite == "raise":
+            raise
+        return ABSTAIN
     top2 = counts.topk(2)
     n_a, n_b = int(top2.values[0]), int(top2.values[1])
     if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
@@ -89,12 +128,23 @@ def predict(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float, n: in
 
 def certify(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float, n0: int = 100, n: int = 10_000,
             alpha: float = 0.001, num_classes: int = 10, batch_size: int = 1000,
-            generator: torch.Generator | None = None) -> tuple[int, float]:
-    """CERTIFY: ``(prediction, radius)``; ``(ABSTAIN, 0.0)`` when the lower bound on the top class is below 1/2."""
+            generator: torch.Generator | None = None,
+            nonfinite: Literal["raise", "abstain"] = "raise") -> tuple[int, float]:
+    """CERTIFY: ``(prediction, radius)``; ``(ABSTAIN, 0.0)`` when the lower bound on the top class is below 1/2.
+
+    ``nonfinite``: on non-finite classifier outputs, ``"raise"`` :class:`NonFiniteOutputError` or ``"abstain"``
+    (return ``(ABSTAIN, 0.0)``): such an image is never certified.
+    """
     _check(sigma, alpha, n0=n0, n=n)
-    selection = sample_counts(classify, x, sigma, n0, num_classes, batch_size, generator)
-    top = int(selection.argmax())
-    counts = sample_counts(classify, x, sigma, n, num_classes, batch_size, generator)
+    check_choice("nonfinite", nonfinite, ("raise", "abstain"))
+    try:
+        selection = sample_counts(classify, x, sigma, n0, num_classes, batch_size, generator)
+        top = int(selection.argmax())
+        counts = sample_counts(classify, x, sigma, n, num_classes, batch_size, generator)
+    except NonFiniteOutputError:
+        if nonfinite == "raise":
+            raise
+        return ABSTAIN, 0.0
     p_lower = lower_confidence_bound(int(counts[top]), n, alpha)
     if p_lower < 0.5:
         return ABSTAIN, 0.0

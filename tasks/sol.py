@@ -28,6 +28,7 @@ from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values
 from dz_lightning.sampling import SeededRandomSampler
+from dz_lightning.validation import check_positive_int
 
 __all__ = ["FOSOL", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
 
@@ -97,6 +98,7 @@ class KarmanDataModule(L.LightningDataModule):
             raise ValueError(f"Expected 1 <= window < steps, but got window={window}, steps={steps}.")
         if test_steps is not None and test_steps < 1:
             raise ValueError(f"Expected test_steps >= 1 or None, but got test_steps={test_steps}.")
+        check_positive_int("batch_size", batch_size)
         if not train_re or not test_re or min(*train_re, *test_re) <= 0:
             raise ValueError(f"Expected non-empty positive Reynolds numbers, got train_re={train_re}, "
                              f"test_re={test_re}.")

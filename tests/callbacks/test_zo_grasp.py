@@ -85,8 +85,8 @@ def test_resume_keeps_masks_and_future_draws(tmp_path, schedule):
     resumed, _ = run(tmp_path / "b", 5, ckpt=str(tmp_path / "b" / "last.ckpt"))
     assert straight.ratios == resumed.ratios
     assert all(torch.equal(straight.masks[n], resumed.masks[n]) for n in straight.masks)
-    a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -207,7 +207,7 @@ def test_two_ddp_ranks_share_ratios_and_masks(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ratios"] == r1["ratios"]
     assert len(r0["history"]) == len(r1["history"]) == 2
     for m0, m1 in zip(r0["history"], r1["history"], strict=True):

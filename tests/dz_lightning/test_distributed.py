@@ -215,8 +215,8 @@ def test_two_ranks_match_one_process(tmp_path, estimator, sparsity):
         proc = _run(out, "--devices", devices, "--estimator", estimator, "--sparsity", str(sparsity),
                     "--max-batch", "1")
         assert proc.returncode == 0, proc.stderr[-3000:]
-    single = torch.load(one / "rank0.pt", weights_only=False)
-    r0, r1 = (torch.load(two / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = torch.load(one / "rank0.pt", weights_only=True)
+    r0, r1 = (torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for n, g in single["first_grads"].items():
         assert (r0["first_grads"][n] - g).abs().max() <= 1e-6, n
     for n, p in r0["params"].items():
@@ -240,7 +240,7 @@ def test_a_failing_rank_stops_every_rank_without_hanging(tmp_path, estimator):
     proc = _run(tmp_path, "--devices", "2", "--nan-rank", "1", "--estimator", estimator, timeout=180)
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "Another rank failed" in proc.stderr
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
 
 

@@ -46,7 +46,7 @@ def _config(tmp_path: Path, estimator: str = "rge", **model_args) -> Path:
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, weights_only=False)["state_dict"]
+    return torch.load(ckpt, weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("estimator", ["cge", "rge"])
@@ -62,7 +62,7 @@ def test_cli_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, estima
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     assert not all(torch.equal(a[k], first_half[k]) for k in a), "the second half must have trained"
-    state = torch.load(straight / "ckpt" / "last.ckpt", weights_only=False)
+    state = torch.load(straight / "ckpt" / "last.ckpt", weights_only=True)
     # 4 epochs x 3 steps: every step spends (coordinates or directions) + 1 base query
     per_step = 6 + 1 if estimator == "rge" else sum(p.numel() for p in MLP(hidden=(6,)).parameters()) + 1
     assert state["dz_lightning"]["queries_total"] == 12 * per_step

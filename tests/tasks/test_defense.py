@@ -88,3 +88,74 @@ def test_black_box_bad_input():
         NoDenoiser(BlackBoxClassifier(fn=lambda x: x), sigma=-0.5)
     with pytest.raises(TypeError, match="BlackBoxClassifier.*Sequential"):
         ZODenoisedSmoothing(DnCNN(), nn.Sequential())
+
+
+class _Payload:
+    """Unpickling this object runs a shell command that creates ``marker`` (what a crafted checkpoint can do)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_runs_nothing_and_is_refused_clearly(tmp_path):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": MLP(64, (8,), 10).state_dict(), "hyper_parameters": _Payload(marker)}, crafted)
+    with pytest.raises(ValueError, match=r"Refusing to load `checkpoint` '.*crafted\.ckpt'.*could run code"):
+        BlackBoxClassifier(model=MLP(64, (8,), 10), checkpoint=str(crafted))
+    with pytest.raises(ValueError, match=r"Refusing to load `classifier_checkpoint` '.*crafted\.ckpt'"):
+        FODenoisedSmoothing(DnCNN(1, 4, 3), MLP(64, (8,), 10), classifier_checkpoint=str(crafted))
+    # Lightning's own resume (`dz fit --ckpt_path`) loads with torch's safe default too
+    with pytest.raises(Exception, match="Weights only load failed"):
+        _trainer(tmp_path, max_steps=1).fit(FOClassifier(MLP(64, (8,), 10)), DigitsDataModule(batch_size=16),
+                                            ckpt_path=str(crafted))
+    assert not marker.exists(), "the crafted checkpoint ran its command"
+    torch.save({"weights": MLP(64, (8,), 10).state_dict()}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"'state_dict' of tensors.*keys \['weights'\]"):
+        BlackBoxClassifier(model=MLP(64, (8,), 10), checkpoint=str(tmp_path / "plain.pt"))
+
+
+def _nan_classifier(images):
+    return torch.full((images.shape[0], 10), float("nan"))
+
+
+def test_nan_classifier_is_an_error_or_a_counted_abstention_never_a_certificate(tmp_path):
+    raising = NoDenoiser(BlackBoxClassifier(fn=_nan_classifier), output_dir=str(tmp_path), **CERT)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        _trainer(tmp_path).test(raising, DigitsDataModule(batch_size=16))
+    abstaining = NoDenoiser(BlackBoxClassifier(fn=_nan_classifier), output_dir=str(tmp_path),
+                            certify_nonfinite="abstain", **CERT)
+    with pytest.warns(UserWarning, match=r"Abstained on 4 of 4 test image\(s\).*non-finite"):
+        metrics = _trainer(tmp_path).test(abstaining, DigitsDataModule(batch_size=16))[0]
+    assert abstaining.nonfinite_abstains == 4 and metrics["test/nonfinite_abstains"] == 4
+    assert metrics["test/abstain_rate"] == 1.0 and all(acc == 0.0 for acc in abstaining.certified.values())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"certify_batch": 0}, "`certify_batch`.* 0"),
+    ({"certify_batch": -5}, "`certify_batch`.*-5"),
+    ({"max_certified": 0}, "`max_certified`.* 0"),
+    ({"max_certified": -1}, "`max_certified`.*-1"),
+    ({"num_classes": 1}, "`num_classes`.*>= 2.* 1"),
+    ({"certify_nonfinite": "skip"}, "`certify_nonfinite`.*'skip'"),
+])
+def test_certification_settings_fail_before_any_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoDenoiser(BlackBoxClassifier(fn=lambda x: x), **{**CERT, **kwargs})
+
+
+def test_empty_test_set_and_bad_labels_are_errors_not_zero_accuracy(tmp_path):
+    module = NoDenoiser(BlackBoxClassifier(fn=MLP(64, (8,), 10)), output_dir=str(tmp_path), **CERT)
+    empty = torch.utils.data.DataLoader(  # one batch of no images
+        [0], batch_sampler=[[]], collate_fn=lambda _: (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="No test image was certified"):
+        _trainer(tmp_path).test(module, empty)
+    negative = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1, 8, 8),
+                                                                           torch.tensor([3, -1])), batch_size=2)
+    with pytest.raises(ValueError, match=r"labels in 0\.\.9 \(num_classes=10\).*\[-1\]"):
+        _trainer(tmp_path).test(module, negative)

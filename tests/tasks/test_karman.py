@@ -47,3 +47,85 @@ def test_reference_is_downsampled_and_split():
     assert data["train"].shape == (1, 3, 2, *RES) and data["test"].shape == (1, 3, 2, *RES)
     assert data["train_re"].tolist() == [100.0] and data["test_re"].tolist() == [300.0]
     assert torch.isfinite(data["train"]).all() and data["train"].abs().max() > 0
+
+
+def _fake_reference(train_re, test_re, resolution, factor, warmup, steps):
+    """Stands in for the PhiFlow run: deterministic data of the right shapes, and a count of the runs."""
+    _fake_reference.runs += 1
+    n, m = len(train_re), len(test_re)
+    traj = torch.arange(float((n + m) * (steps + 1) * 2 * resolution[0] * resolution[1]))
+    traj = traj.reshape(n + m, steps + 1, 2, *resolution)
+    re = torch.tensor(list(train_re) + list(test_re))
+    return {"train": traj[:n], "test": traj[n:], "train_re": re[:n], "test_re": re[n:]}
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("truncate", "truncated or corrupted"),
+    ("nan", "NaN or infinite"),
+    ("resolution", r"shape \(1, 4, 2, 4, 8\), expected \(1, 4, 2, 8, 16\)"),
+    ("meta", "meta.json .* does not describe this data set"),
+])
+def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage, reason):
+    from dz_lightning.tasks import karman
+
+    _fake_reference.runs = 0
+    monkeypatch.setattr(karman, "generate_reference", _fake_reference)
+    args = (str(tmp_path), [100.0], [123.4], RES)
+    first = karman.load_or_generate(*args, factor=2, warmup=2, steps=3)
+    assert _fake_reference.runs == 1
+    karman.load_or_generate(*args, factor=2, warmup=2, steps=3)
+    assert _fake_reference.runs == 1  # a good cache is reused (float32 Reynolds numbers included)
+    (folder,) = tmp_path.glob("karman_*")
+    data = folder / "data.pt"
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif damage == "nan":
+        torch.save({**first, "train": torch.full_like(first["train"], float("nan"))}, data)
+    elif damage == "resolution":
+        torch.save({**first, "train": first["train"][..., ::2, ::2]}, data)
+    else:
+        (folder / "meta.json").write_text((folder / "meta.json").read_text().replace('"steps": 3', '"steps": 4'))
+    with pytest.warns(RuntimeWarning, match=rf"Rebuilding the Karman cache '.*data\.pt': .*{reason}"):
+        again = karman.load_or_generate(*args, factor=2, warmup=2, steps=3)
+    assert _fake_reference.runs == 2 and torch.equal(again["train"], first["train"])
+    assert torch.equal(karman.load_or_generate(*args, factor=2, warmup=2, steps=3)["train"], first["train"])
+
+
+def test_cache_writers_use_unique_temporary_names(tmp_path, monkeypatch):
+    from dz_lightning.tasks import karman
+
+    _fake_reference.runs = 0
+    monkeypatch.setattr(karman, "generate_reference", _fake_reference)
+    written = []
+    save = torch.save
+    monkeypatch.setattr(karman.torch, "save", lambda obj, path: (written.append(str(path)), save(obj, path)))
+    karman.load_or_generate(str(tmp_path / "a"), [100.0], [150.0], RES, factor=2, warmup=2, steps=3)
+    karman.load_or_generate(str(tmp_path / "b"), [100.0], [150.0], RES, factor=2, warmup=2, steps=3)
+    names = [p.rsplit("/", 1)[1] for p in written]
+    assert len(set(names)) == 2 and all(n.startswith(".data.pt.") and n.endswith(".tmp") for n in names)
+    assert not list(tmp_path.rglob("*.tmp"))  # renamed into place, nothing left behind
+
+
+def test_sol_study_removes_its_scratch_folder_even_when_it_fails(monkeypatch):
+    from pathlib import Path
+
+    from benchmarks import sol_study
+
+    roots = []
+
+    def failing_study(argv, root):
+        roots.append(Path(root))
+        (Path(root) / "lightning_logs").mkdir()
+        raise RuntimeError("a method diverged")
+
+    monkeypatch.setattr(sol_study, "_study", failing_study)
+    with pytest.raises(RuntimeError, match="diverged"):
+        sol_study.main([])
+    assert roots and not roots[0].exists()
+
+
+def test_karman_data_module_batch_size_is_checked():
+    from dz_lightning.tasks.sol import KarmanDataModule
+
+    with pytest.raises(ValueError, match="`batch_size`.*-2"):
+        KarmanDataModule(batch_size=-2)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dz_lightning.tasks.smoothing import ABSTAIN, certify, lower_confidence_bound, predict, sample_counts
+from dz_lightning.tasks.smoothing import (
+    ABSTAIN,
+    NonFiniteOutputError,
+    certify,
+    lower_confidence_bound,
+    predict,
+    sample_counts,
+)
 from scipy.stats import beta, norm
 
 
@@ -65,3 +72,35 @@ def test_bad_arguments(kwargs, match):
 def test_wrong_classifier_output_shape():
     with pytest.raises(ValueError, match=r"labels \(10,\) or logits \(10, 2\).*\(10, 3\)"):
         sample_counts(lambda imgs: torch.zeros(imgs.shape[0], 3), torch.zeros(1, 2, 2), 0.5, 10, 2)
+
+
+def test_nan_logits_are_never_certified():
+    nan = lambda images: torch.full((images.shape[0], 3), float("nan"))  # noqa: E731
+    x = torch.zeros(1, 2, 2)
+    with pytest.raises(NonFiniteOutputError, match=r"non-finite logits for 10 of 10 noisy copies"):
+        certify(nan, x, 0.5, n0=10, n=20, num_classes=3, batch_size=10)
+    with pytest.raises(NonFiniteOutputError, match="non-finite logits"):
+        predict(nan, x, 0.5, n=20, alpha=0.01, num_classes=3)
+    assert certify(nan, x, 0.5, n0=10, n=20, num_classes=3, nonfinite="abstain") == (ABSTAIN, 0.0)
+    assert predict(nan, x, 0.5, n=20, alpha=0.01, num_classes=3, nonfinite="abstain") == ABSTAIN
+    one_inf = lambda images: torch.eye(3)[:1].repeat(images.shape[0], 1).index_put_(  # noqa: E731
+        (torch.tensor([0]), torch.tensor([2])), torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteOutputError, match="1 of 5"):
+        sample_counts(one_inf, x, 0.5, 5, 3, batch_size=5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"batch_size": 0}, "`batch_size`.* 0"),
+    ({"batch_size": -3}, "`batch_size`.*-3"),
+    ({"nonfinite": "ignore"}, "`nonfinite`.*'ignore'"),
+])
+def test_certify_batch_size_and_options_fail_fast_instead_of_hanging(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        certify(_threshold(0.0), torch.zeros(1, 2, 2), 0.5, n0=10, n=20, num_classes=2, **kwargs)
+
+
+@pytest.mark.parametrize("labels", [[-1.0, 0.0], [0.0, 2.0], [0.5, 1.0]])
+def test_labels_outside_the_classes_are_rejected(labels):
+    out = torch.tensor(labels)
+    with pytest.raises(ValueError, match=r"labels outside the integers 0\.\.1 \(num_classes=2\)"):
+        sample_counts(lambda images: out, torch.zeros(1, 2, 2), 0.5, 2, 2, batch_size=2)
