@@ -134,11 +134,8 @@ class ZOGraSP(L.Callback):
             raise TypeError(f"ZOGraSP needs a module with `zo_parameters()` and a `zo_masks` attribute (see the "
                             f"README's protocol), but {type(pl_module).__name__} lacks {missing}.")
         params = pl_module.zo_parameters()
-        names = [n for n in sp.prunable_parameters(pl_module.model if hasattr(pl_module, "model") else pl_module,
-                                                   self.dense) if n in params]
-        if not names:
-            raise ValueError(f"{type(pl_module).__name__} has no prunable layer among its `zo_parameters()`.")
-        self._names = names
+        # by identity: the network may sit under any attribute, and the names are those of `zo_parameters()`
+        self._names = sp.prunable_among(pl_module, params, self.dense)
         if self.ratios_path is not None and self.ratios is None:
             self.ratios = self._load_ratios(self.ratios_path, params)
 
@@ -198,7 +195,14 @@ class ZOGraSP(L.Callback):
         oracle = pl_module.make_oracle((x.to(device), y.to(device)))
         if self.method == "grasp":
             white = sp.module_oracle_parts(oracle)
-            scores = sp.grasp_scores(white.model, white.loss_fn, white.inputs, white.targets, self._names)
+            # the oracle's model may name its weights differently from `zo_parameters()`: translate by identity
+            own = {id(p): n for n, p in white.model.named_parameters()}
+            if any(id(params[n]) not in own for n in self._names):
+                raise ValueError(f"method='grasp' differentiates the oracle's model, but the model of "
+                                 f"{type(pl_module).__name__}.make_oracle(batch) does not hold its `zo_parameters()`.")
+            inner = {own[id(params[n])]: n for n in self._names}
+            scores = sp.grasp_scores(white.model, white.loss_fn, white.inputs, white.targets, list(inner))
+            scores = {inner[n]: s for n, s in scores.items()}
         else:
             scores, self.queries = sp.zo_grasp_scores(oracle, params, self._names, self.q, self.mu, self._generator)
         return sp.layerwise_ratios(scores, self.sparsity)
