@@ -10,7 +10,6 @@ Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule tha
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from dz_lightning import sparsity as sp
+from dz_lightning.figures import log_figure, lpr_figure
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["ZOGraSP"]
@@ -136,6 +135,11 @@ class ZOGraSP(L.Callback):
         params = pl_module.zo_parameters()
         # by identity: the network may sit under any attribute, and the names are those of `zo_parameters()`
         self._names = sp.prunable_among(pl_module, params, self.dense)
+        if stage == "fit":  # beside the module's hyperparameters, so runs can be compared by sparsity and method
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"zo_grasp": {"sparsity": self.sparsity, "method": self.method,
+                                                     "resample_every_n_epochs": self.resample_every_n_epochs,
+                                                     "resample_every_n_steps": self.resample_every_n_steps}})
         if self.ratios_path is not None and self.ratios is None:
             self.ratios = self._load_ratios(self.ratios_path, params)
 
@@ -155,7 +159,7 @@ class ZOGraSP(L.Callback):
         else:
             self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
             pl_module.zo_masks = self.masks
-        self._log(trainer, pl_module)
+        self._log(trainer, pl_module, chart=True)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -222,36 +226,15 @@ class ZOGraSP(L.Callback):
             Path(self.save_ratios_path).write_text(json.dumps(self.ratios, indent=2))
 
     @rank_zero_only
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, chart: bool = False) -> None:
+        """Scalars (LPRs, realized density, scoring queries); with ``chart`` the LPR bar chart (once per fit)."""
         if trainer.logger is None or self.masks is None:
             return
         metrics = {f"zo_grasp/lpr/{n}": r for n, r in self.ratios.items()}
         metrics["zo_grasp/density"] = sp.realized_density(self.masks)
         metrics["zo_grasp/queries"] = float(self.queries)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        if isinstance(trainer.logger, TensorBoardLogger) and self._drawn_epoch == trainer.current_epoch:
-            image = _bar_chart(self.ratios, f"{self.method} LPRs, sparsity {self.sparsity}")
-            trainer.logger.experiment.add_image("zo_grasp/lpr", image, trainer.global_step, dataformats="HWC")
-
-
-def _bar_chart(ratios: dict[str, float], title: str) -> Any:
-    """An RGB array ``(H, W, 3)`` of a bar chart of the ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(ratios)), 3), dpi=80)
-    ax.bar(range(len(ratios)), list(ratios.values()))
-    ax.set_xticks(range(len(ratios)), list(ratios), rotation=90, fontsize=6)
-    ax.set_ylabel("pruning ratio")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+        if chart:
+            fig = lpr_figure(self.ratios, f"{self.method} layer-wise pruning ratios, sparsity {self.sparsity:g} "
+                                          f"(density {metrics['zo_grasp/density']:.3f})")
+            log_figure(trainer.loggers, "zo_grasp/lpr", fig, trainer.global_step)
