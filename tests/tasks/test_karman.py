@@ -47,3 +47,20 @@ def test_reference_is_downsampled_and_split():
     assert data["train"].shape == (1, 3, 2, *RES) and data["test"].shape == (1, 3, 2, *RES)
     assert data["train_re"].tolist() == [100.0] and data["test_re"].tolist() == [300.0]
     assert torch.isfinite(data["train"]).all() and data["train"].abs().max() > 0
+
+
+def test_first_generation_says_what_where_and_once_with_a_progress_bar(tmp_path, capsys, caplog):
+    import logging
+
+    from dz_lightning.tasks.karman import load_or_generate
+
+    args = (str(tmp_path), [100.0], [150.0], RES)
+    with caplog.at_level(logging.INFO):
+        load_or_generate(*args, factor=1, warmup=2, steps=3)
+    (line,) = [r.getMessage() for r in caplog.records if "Karman reference" in r.getMessage()]
+    assert "2 simulations of 2 + 3 steps" in line and str(tmp_path) in line and "once" in line
+    assert "5/5" in capsys.readouterr().err  # the bar counts the solver steps
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_or_generate(*args, factor=1, warmup=2, steps=3)
+    assert not caplog.records and "5/5" not in capsys.readouterr().err  # cached: silent
