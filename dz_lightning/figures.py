@@ -66,21 +66,31 @@ def log_figure(loggers: Iterable[Any], tag: str, fig: Any, step: int) -> int:
     return logged
 
 
-def lpr_figure(ratios: Mapping[str, float], title: str = "layer-wise pruning ratios") -> Any:
+def lpr_figure(ratios: Mapping[str, float] | Mapping[str, Mapping[str, float]],
+               title: str = "layer-wise pruning ratios") -> Any:
     """A bar chart of layer-wise pruning ratios (one bar per masked weight, in the model's order).
 
     Args:
-        ratios: parameter name -> fraction of its coordinates NOT estimated, in [0, 1].
+        ratios: parameter name -> fraction of its coordinates NOT estimated, in [0, 1]; or label -> such a dict,
+            for grouped bars (e.g. ZO-GraSP beside FO-GraSP; the first dict's names and order are used).
         title: figure title.
     """
-    names = list(ratios)
-    fig = new_figure(max(4.0, 0.35 * len(names) + 1.5), 3.2)
+    first = next(iter(ratios.values()), None)
+    series = dict(ratios) if isinstance(first, Mapping) else {"": ratios}
+    names = list(next(iter(series.values())))
+    fig = new_figure(max(4.0, 0.35 * len(names) + 1.5), 3.4)
     ax = fig.add_subplot()
-    ax.bar(range(len(names)), [100 * ratios[n] for n in names], color="tab:blue")
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(names))], [100 * values[n] for n in names], width,
+               label=label or None)
     ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 4 else 0, fontsize=7)
     ax.set_ylabel("pruned coordinates (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -1,0 +1,219 @@
+"""The README's pictures, regenerated: ``python -m benchmarks.figures`` (a few minutes on two CPU cores).
+
+Writes PNGs to ``--out`` (default ``docs/images/``) and prints one JSON object as its last line with what each
+figure shows (accuracies, query counts, MAEs, seconds):
+
+* ``loss_vs_queries_digits.png``: training loss of dense CGE, ZO-GraSP 90% sparse CGE, RGE (q = 64) and FO on the
+  digits configs, against optimizer steps and against loss queries (``--epochs``, 30 as in the configs);
+* ``lpr_resnet20.png``: ZO-GraSP's and FO-GraSP's layer-wise pruning ratios at 90% sparsity on a fresh ResNet-20
+  (CIFAR-10-shaped stand-in data, as in ``benchmarks.zo_grasp``);
+* ``certified_accuracy_digits.png``: certified accuracy against the l2 radius of the black-box defense on digits
+  (no denoiser, FO-DS, ZO-DS; ``benchmarks.defense_digits`` with a small ``--n``);
+* ``vorticity_sol.png`` and ``mae_over_time_sol.png``: the SOL test figures of a short ZO-SOL run (reference,
+  uncorrected source and corrected vorticity; MAE over rollout time), the same figures ``dz test`` logs to
+  TensorBoard. The reference data are generated once into ``--cache`` (the configs' cache folder by default).
+
+``--only`` picks figures: ``digits``, ``lpr``, ``defense``, ``sol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from benchmarks.common import ROOT
+from dz_lightning.figures import lpr_figure, new_figure, save_figure
+
+DIGITS = {
+    "dense CGE": ("configs/classification/digits.yaml", []),
+    "ZO-GraSP 90% CGE": ("configs/classification/digits_zo_grasp90.yaml", []),
+    "RGE, q = 64": ("configs/classification/digits_rge.yaml", ["--model.init_args.q", "64"]),
+    "FO (backprop)": ("configs/classification/digits_fo.yaml", []),
+}
+
+
+class LossCurve(L.Callback):
+    """Mean training loss of every epoch, with the optimizer steps and the loss queries spent by its end."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._losses.append(float(loss))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        queries = int(getattr(pl_module, "queries_total", 0))
+        queries += sum(int(getattr(cb, "queries", 0)) for cb in trainer.callbacks)  # ZO-GraSP's scoring
+        self.rows.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step, "queries": queries,
+                          "loss": sum(self._losses) / max(len(self._losses), 1)})
+        self._losses = []
+
+
+def digits_curves(epochs: int, workdir: Path) -> dict[str, dict]:
+    """Train the four digits configs; their loss curves and test accuracies."""
+    from dz_lightning.cli import build_cli
+
+    results = {}
+    for label, (config, extra) in DIGITS.items():
+        folder = workdir / label.replace(" ", "_").replace(",", "").replace("%", "")
+        folder.mkdir(parents=True)
+        cwd = os.getcwd()
+        os.chdir(folder)  # checkpoints and ratio files of the configs land here
+        try:
+            start = time.perf_counter()
+            cli = build_cli(["--config", str(ROOT / config), "--trainer.max_epochs", str(epochs),
+                             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                             "--trainer.enable_model_summary", "false", *extra], run=False)
+            curve = LossCurve()
+            cli.trainer.callbacks.append(curve)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            seconds = time.perf_counter() - start
+            test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        finally:
+            os.chdir(cwd)
+        results[label] = {"curve": curve.rows, "test_acc": float(test["test/acc"]), "seconds": seconds,
+                          "queries": curve.rows[-1]["queries"]}
+        print(f"# digits {label}: test acc {results[label]['test_acc']:.3f}, {results[label]['queries']:,} "
+              f"queries, {seconds:.0f} s", flush=True)
+    return results
+
+
+def digits_figure(results: dict[str, dict]) -> Any:
+    fig = new_figure(9.0, 3.6)
+    by_step, by_queries = fig.subplots(1, 2)
+    for label, r in results.items():
+        rows = r["curve"]
+        name = f"{label}: {100 * r['test_acc']:.1f}% test"
+        style = "--" if r["queries"] == 0 else "-"  # FO dashed: dense CGE follows it almost exactly
+        line = by_step.plot([row["step"] for row in rows], [row["loss"] for row in rows], style, label=name)[0]
+        if r["queries"] > 0:
+            by_queries.plot([row["queries"] for row in rows], [row["loss"] for row in rows], color=line.get_color(),
+                            label=f"{label}: {r['queries']:,} queries")
+        else:  # FO spends no loss queries: its final loss as a reference level
+            by_queries.axhline(rows[-1]["loss"], color=line.get_color(), linestyle="--",
+                               label=f"{label}: final loss (no queries)")
+    by_step.set_xlabel("optimizer steps")
+    by_queries.set_xlabel("loss queries (log scale)")
+    by_queries.set_xscale("log")
+    for ax in (by_step, by_queries):
+        ax.set_ylabel("training loss (epoch mean)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("digits MLP (2,410 weights), 30 epochs: the same steps cost very different numbers of queries",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def lpr_resnet20(seed: int = 0) -> tuple[Any, dict]:
+    """ZO-GraSP vs FO-GraSP LPRs at 90% sparsity on a fresh ResNet-20, scored on 10 stand-in images per class."""
+    from benchmarks.zo_grasp import lpr_study
+
+    args = argparse.Namespace(seed=seed, per_class=10, cifar_root=None, sparsity=0.9, q=192, q_values=[], mu=5e-3)
+    out = lpr_study(args)
+    fig = lpr_figure({"ZO-GraSP (loss queries)": out["lpr_zo"], "FO-GraSP (autograd)": out["lpr_fo"]},
+                     f"ResNet-20 at 90% sparsity: layer-wise pruning ratios (Spearman {out['spearman']:.2f}, "
+                     f"ZO-GraSP used {out['queries']} queries)")
+    return fig, {"spearman": out["spearman"], "queries": out["queries"]}
+
+
+def defense_curves(n: int, certify: int, workdir: Path) -> tuple[Any, dict]:
+    """Run the digits defense benchmark with a small ``n``; curves from the per-image certified radii."""
+    from dz_lightning.tasks.defense import certified_accuracy_figure
+
+    from benchmarks.defense_digits import main as defense_main
+
+    out = defense_main(["--n", str(n), "--certify", str(certify), "--output-dir", str(workdir)])
+    radii = [i / 100 for i in range(0, 101, 2)]
+    labels = {"none": "no denoiser", "fo_ds": "FO-DS (backprop through f)", "zo_ds": "ZO-DS (f as a black box)"}
+    curves = {}
+    for key, label in labels.items():
+        rows = list(csv.DictReader(open(workdir / key / "certification" / "certify.csv")))
+        curves[label] = {r: sum(int(row["correct"]) and float(row["radius"]) >= r for row in rows) / len(rows)
+                         for r in radii}
+    fig = certified_accuracy_figure(curves, f"digits, sigma {out['sigma']}: {certify} test images certified with "
+                                            f"n = {n:,}, alpha = {out['alpha']}")
+    return fig, {k: out[k] for k in ("radii", "none", "fo_ds", "zo_ds", "queries", "seconds")}
+
+
+def sol_figures(cache: str, steps: int, workdir: Path, out: Path) -> dict:
+    """Train ZO-SOL for ``steps`` optimizer steps on the default Karman data; copy its test figures to ``out``."""
+    from dz_lightning.callbacks.zo_grasp import ZOGraSP
+    from dz_lightning.tasks.sol import ZOSOL, KarmanDataModule, SourceOnly
+
+    from dz_lightning.models import SOLCorrector
+
+    start = time.perf_counter()
+    data = KarmanDataModule(cache_dir=cache)
+    data.setup()
+    seconds = {"data": time.perf_counter() - start}
+
+    def trainer(**kw: Any) -> L.Trainer:
+        return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(workdir), **kw)
+
+    src = trainer().test(SourceOnly(), data, verbose=False)[0]["test/mae"]
+    L.seed_everything(0, verbose=False)
+    zo = ZOSOL(SOLCorrector(width=4), nonfinite="skip", optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    start = time.perf_counter()
+    trainer(max_steps=steps, callbacks=[ZOGraSP(sparsity=0.9, method="uniform", resample_every_n_steps=1)]).fit(
+        zo, data)
+    seconds["zo_sol"] = time.perf_counter() - start
+    mae = trainer().test(zo, data, verbose=False)[0]["test/mae"]
+    for name in ("vorticity", "mae_over_time"):
+        shutil.copyfile(workdir / f"{name}_ZOSOL.png", out / f"{name}_sol.png")
+    return {"mae": {"src": src, "zo_sol": mae}, "steps": steps, "queries": zo.queries_total, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "images"))
+    parser.add_argument("--only", nargs="*", choices=["digits", "lpr", "defense", "sol"],
+                        default=["digits", "lpr", "defense", "sol"])
+    parser.add_argument("--epochs", type=int, default=30, help="digits training epochs")
+    parser.add_argument("--n", type=int, default=2000, help="defense: Monte Carlo samples per certified image")
+    parser.add_argument("--certify", type=int, default=100, help="defense: test images certified")
+    parser.add_argument("--cache", default=str(ROOT / "data" / "karman"), help="SOL reference data cache")
+    parser.add_argument("--sol-steps", type=int, default=30, help="ZO-SOL optimizer steps before its test")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "digits" in args.only:
+            start = time.perf_counter()
+            results = digits_curves(args.epochs, Path(tmp) / "digits")
+            save_figure(digits_figure(results), out / "loss_vs_queries_digits.png")
+            summary["digits"] = {k: {"test_acc": r["test_acc"], "queries": r["queries"], "seconds": r["seconds"]}
+                                 for k, r in results.items()}
+            summary["digits"]["seconds"] = time.perf_counter() - start
+        if "lpr" in args.only:
+            start = time.perf_counter()
+            fig, summary["lpr"] = lpr_resnet20()
+            save_figure(fig, out / "lpr_resnet20.png")
+            summary["lpr"]["seconds"] = time.perf_counter() - start
+        if "defense" in args.only:
+            fig, summary["defense"] = defense_curves(args.n, args.certify, Path(tmp) / "defense")
+            save_figure(fig, out / "certified_accuracy_digits.png")
+        if "sol" in args.only:
+            summary["sol"] = sol_figures(args.cache, args.sol_steps, Path(tmp) / "sol", out)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
