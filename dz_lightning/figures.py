@@ -87,10 +87,11 @@ def lpr_figure(ratios: Mapping[str, float] | Mapping[str, Mapping[str, float]],
                label=label or None)
     ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 4 else 0, fontsize=7)
     ax.set_ylabel("pruned coordinates (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 100 if len(series) == 1 else 118)  # headroom for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", ncol=len(series), frameon=False)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -40,7 +40,9 @@ class ZOModule(L.LightningModule):
     3. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
     Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
-    ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated).
+    ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated); ``train/loss_vs_queries``
+    with the cumulative query count as its step; the hyperparameters with the final metrics after ``fit`` and
+    ``test`` (TensorBoard's HPARAMS tab). The progress bar shows ``queries/s`` (smoothed) and ``queries`` (total).
 
     Args:
         model: the trained network.

@@ -197,7 +197,8 @@ def certified_accuracy_figure(curves: dict[float, float] | dict[str, dict[float,
     fig = new_figure(5.0, 3.4)
     ax = fig.add_subplot()
     for label, curve in named.items():
-        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o", label=label or None)
+        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o" if len(curve) <= 12 else None,
+                label=label or None)
     ax.set_xlabel("l2 radius")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)

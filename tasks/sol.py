@@ -205,28 +205,31 @@ def rollout_mae_curve(pred: Tensor, traj: Tensor) -> Tensor:
 
 
 def vorticity_figure(states: list[Tensor], titles: list[str], re: float | None = None, time: float | None = None,
-                     limit: float = 0.3) -> Any:
+                     limit: float | None = None) -> Any:
     """Side-by-side vorticity panels of velocity states ``(2, X, Y)``, one colour scale and a colorbar.
 
     Args:
         states: velocities to draw, e.g. reference, uncorrected source, corrected.
         titles: one title per panel.
         re: the simulation's Reynolds number (in the title).
-        time: simulated time since the first state (in the title).
-        limit: the colour scale runs from ``-limit`` to ``limit``.
+        time: simulated time since the start of the rollout (in the title).
+        limit: the colour scale runs from ``-limit`` to ``limit``; ``None``: the 99th percentile of ``|vorticity|``
+            of the first state (the reference), so that its vortices are not clipped.
     """
+    fields = [vorticity(u.detach().cpu().float()).T for u in states]
+    if limit is None:
+        limit = max(float(torch.quantile(fields[0].abs().flatten(), 0.99)), 1e-6)
     fig = new_figure(1.9 * len(states) + 1.0, 4.2)
     axes = fig.subplots(1, len(states))
     axes = axes if len(states) > 1 else [axes]
-    for ax, u, title in zip(axes, states, titles, strict=True):
-        shown = ax.imshow(vorticity(u.detach().cpu()).T.numpy(), origin="lower", cmap="RdBu_r", vmin=-limit,
-                          vmax=limit)
+    for ax, field, title in zip(axes, fields, titles, strict=True):
+        shown = ax.imshow(field.numpy(), origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].set_ylabel("flow direction ->", fontsize=8)
+    axes[0].set_ylabel("inflow at the bottom, flow upwards", fontsize=8)
     label = ", ".join(part for part in (f"Re = {re:g}" if re is not None else "",
-                                        f"t = {time:g}" if time is not None else "") if part)
+                                        f"t = {time:g} into the rollout" if time is not None else "") if part)
     fig.suptitle(f"vorticity{': ' + label if label else ''}", fontsize=10)
     fig.colorbar(shown, ax=list(axes), fraction=0.04, pad=0.03, label="vorticity")
     return fig
