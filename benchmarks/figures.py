@@ -114,7 +114,7 @@ def digits_figure(results: dict[str, dict]) -> Any:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle("digits MLP (2,410 weights), 30 epochs: the same steps cost very different numbers of queries",
+    fig.suptitle("digits MLP (2,410 parameters), 30 epochs: the same steps cost very different numbers of queries",
                  fontsize=9)
     fig.tight_layout()
     return fig
