@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,6 @@ def _events(folder: Path) -> EventAccumulator:
 @pytest.fixture(scope="module")
 def zo_grasp_run(tmp_path_factory) -> tuple[EventAccumulator, object]:
     tmp = tmp_path_factory.mktemp("tb")
-    import os
-
     cwd = os.getcwd()
     os.chdir(tmp)  # the config's relative paths (lightning_logs/, checkpoints/) land here
     try:
@@ -34,11 +33,11 @@ def zo_grasp_run(tmp_path_factory) -> tuple[EventAccumulator, object]:
                          "--trainer.enable_model_summary", "false"])
     finally:
         os.chdir(cwd)
-    return _events(tmp / "lightning_logs"), cli
+    return _events(tmp / "lightning_logs"), cli, tmp
 
 
 def test_hparams_with_final_metrics(zo_grasp_run):
-    acc, cli = zo_grasp_run
+    acc, cli, _ = zo_grasp_run
     content = acc.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["estimator"].string_value == "cge"
@@ -53,7 +52,7 @@ def test_hparams_with_final_metrics(zo_grasp_run):
 
 
 def test_loss_against_queries_beside_loss_against_steps(zo_grasp_run):
-    acc, cli = zo_grasp_run
+    acc, cli, _ = zo_grasp_run
     tags = acc.Tags()["scalars"]
     assert {"train/loss_step", "train/loss_epoch", "train/loss_vs_queries", "train/queries_per_s"} <= set(tags)
     points = acc.Scalars("train/loss_vs_queries")
@@ -65,8 +64,26 @@ def test_loss_against_queries_beside_loss_against_steps(zo_grasp_run):
 
 
 def test_lpr_chart_logged_once(zo_grasp_run):
-    acc, _ = zo_grasp_run
+    acc, _, _ = zo_grasp_run
     assert "zo_grasp/lpr" in acc.Tags()["images"]
     (image,) = acc.Images("zo_grasp/lpr")
     assert image.width > 200 and image.height > 150
     assert "zo_grasp/density" in acc.Tags()["scalars"]
+
+
+def test_a_test_run_of_its_own_gets_hparams_with_the_test_metrics(zo_grasp_run):
+    _, fit_cli, tmp = zo_grasp_run
+    checkpoint = fit_cli.trainer.checkpoint_callback.last_model_path
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        cli = build_cli(["test", "-c", str(ROOT / "configs/classification/digits_zo_grasp90.yaml"),
+                         "--ckpt_path", checkpoint, "--trainer.enable_progress_bar", "false"])
+    finally:
+        os.chdir(cwd)
+    acc = EventAccumulator(str(tmp / cli.trainer.logger.log_dir), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
+    assert acc.Scalars("test/acc")[-1].value == pytest.approx(cli.trainer.callback_metrics["test/acc"].item())
