@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import run_config
+from dz_lightning.figures import new_figure, save_figure
 
 RUNS = {
     "fo": ("configs/classification/digits_fo.yaml", []),
@@ -27,12 +28,8 @@ RUNS = {
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    fig = new_figure(5, 3.5)
+    ax = fig.add_subplot()
     for name, r in results.items():
         ax.scatter(max(r["queries"], 1), 100 * r["test_acc"], label=name)
     ax.set_xscale("log")
@@ -41,9 +38,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("digits, equal epochs")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

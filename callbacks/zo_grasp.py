@@ -10,7 +10,6 @@ Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule tha
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from dz_lightning import sparsity as sp
+from dz_lightning.figures import log_figure, lpr_figure
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["ZOGraSP"]
@@ -136,16 +135,19 @@ class ZOGraSP(L.Callback):
             raise TypeError(f"ZOGraSP needs a module with `zo_parameters()` and a `zo_masks` attribute (see the "
                             f"README's protocol), but {type(pl_module).__name__} lacks {missing}.")
         params = pl_module.zo_parameters()
-        model = pl_module.model if hasattr(pl_module, "model") else pl_module
-        unknown = sorted(set(self.dense) - {n for n, _ in model.named_parameters()})
+        unknown = sorted(set(self.dense) - set(params))
         if unknown:
-            raise ValueError(f"Expected argument `dense` to name parameters of {type(model).__name__}, but "
-                             f"{unknown} {'is' if len(unknown) == 1 else 'are'} not among them; its parameters: "
-                             f"{[n for n, _ in model.named_parameters()][:20]}.")
-        names = [n for n in sp.prunable_parameters(model, self.dense) if n in params]
-        if not names:
-            raise ValueError(f"{type(pl_module).__name__} has no prunable layer among its `zo_parameters()`.")
-        self._names = names
+            owner = type(getattr(pl_module, "model", pl_module)).__name__
+            raise ValueError(f"Expected argument `dense` to name parameters of {owner}, but {unknown} "
+                             f"{'is' if len(unknown) == 1 else 'are'} not among them; its `zo_parameters()`: "
+                             f"{list(params)[:20]}.")
+        # by identity: the network may sit under any attribute, and the names are those of `zo_parameters()`
+        self._names = sp.prunable_among(pl_module, params, self.dense)
+        if stage == "fit":  # beside the module's hyperparameters, so runs can be compared by sparsity and method
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"zo_grasp": {"sparsity": self.sparsity, "method": self.method,
+                                                     "resample_every_n_epochs": self.resample_every_n_epochs,
+                                                     "resample_every_n_steps": self.resample_every_n_steps}})
         if self.ratios_path is not None and self.ratios is None:
             self.ratios = self._load_ratios(self.ratios_path, params)
 
@@ -165,7 +167,7 @@ class ZOGraSP(L.Callback):
         else:
             self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
             pl_module.zo_masks = self.masks
-        self._log(trainer, pl_module)
+        self._log(trainer, pl_module, chart=True)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -205,7 +207,14 @@ class ZOGraSP(L.Callback):
         oracle = pl_module.make_oracle((x.to(device), y.to(device)))
         if self.method == "grasp":
             white = sp.module_oracle_parts(oracle)
-            scores = sp.grasp_scores(white.model, white.loss_fn, white.inputs, white.targets, self._names)
+            # the oracle's model may name its weights differently from `zo_parameters()`: translate by identity
+            own = {id(p): n for n, p in white.model.named_parameters()}
+            if any(id(params[n]) not in own for n in self._names):
+                raise ValueError(f"method='grasp' differentiates the oracle's model, but the model of "
+                                 f"{type(pl_module).__name__}.make_oracle(batch) does not hold its `zo_parameters()`.")
+            inner = {own[id(params[n])]: n for n in self._names}
+            scores = sp.grasp_scores(white.model, white.loss_fn, white.inputs, white.targets, list(inner))
+            scores = {inner[n]: s for n, s in scores.items()}
         else:
             scores, self.queries = sp.zo_grasp_scores(oracle, params, self._names, self.q, self.mu, self._generator)
         return sp.layerwise_ratios(scores, self.sparsity)
@@ -246,36 +255,15 @@ class ZOGraSP(L.Callback):
             Path(self.save_ratios_path).write_text(json.dumps(self.ratios, indent=2))
 
     @rank_zero_only
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, chart: bool = False) -> None:
+        """Scalars (LPRs, realized density, scoring queries); with ``chart`` the LPR bar chart (once per fit)."""
         if trainer.logger is None or self.masks is None:
             return
         metrics = {f"zo_grasp/lpr/{n}": r for n, r in self.ratios.items()}
         metrics["zo_grasp/density"] = sp.realized_density(self.masks)
         metrics["zo_grasp/queries"] = float(self.queries)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        if isinstance(trainer.logger, TensorBoardLogger) and self._drawn_epoch == trainer.current_epoch:
-            image = _bar_chart(self.ratios, f"{self.method} LPRs, sparsity {self.sparsity}")
-            trainer.logger.experiment.add_image("zo_grasp/lpr", image, trainer.global_step, dataformats="HWC")
-
-
-def _bar_chart(ratios: dict[str, float], title: str) -> Any:
-    """An RGB array ``(H, W, 3)`` of a bar chart of the ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(ratios)), 3), dpi=80)
-    ax.bar(range(len(ratios)), list(ratios.values()))
-    ax.set_xticks(range(len(ratios)), list(ratios), rotation=90, fontsize=6)
-    ax.set_ylabel("pruning ratio")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+        if chart:
+            fig = lpr_figure(self.ratios, f"{self.method} layer-wise pruning ratios, sparsity {self.sparsity:g} "
+                                          f"(density {metrics['zo_grasp/density']:.3f})")
+            log_figure(trainer.loggers, "zo_grasp/lpr", fig, trainer.global_step)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -40,7 +41,9 @@ class ZOModule(L.LightningModule):
     3. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
     Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
-    ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated).
+    ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated); ``train/loss_vs_queries``
+    with the cumulative query count as its step; the hyperparameters with the final metrics after ``fit`` and
+    ``test`` (TensorBoard's HPARAMS tab). The progress bar shows ``queries/s`` (smoothed) and ``queries`` (total).
 
     Args:
         model: the trained network.
@@ -122,6 +125,8 @@ class ZOModule(L.LightningModule):
         self.last_train_outputs: Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self.last_estimate: Estimate | None = None
+        self._zo_throughput = _Throughput()
+        self._zo_hparams_logged: set[str] = set()
 
     @property
     def zo_costs(self) -> dict[str, float] | None:
@@ -294,6 +299,12 @@ class ZOModule(L.LightningModule):
         table = state.get("cost_table")
         self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
 
+    def on_fit_end(self) -> None:
+        self._log_hparams_with_metrics()
+
+    def on_test_end(self) -> None:
+        self._log_hparams_with_metrics()
+
     # -------------------------------------------------------------------------------------------- helpers
     def _undo_nonfinite_step(self, undo: StepUndo) -> None:
         """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
@@ -313,6 +324,31 @@ class ZOModule(L.LightningModule):
                                      "nonfinite_step='skip' to skip such steps with a warning.")
         rank_zero_warn(f"{message} Skipping it (nonfinite_step='skip'); {self.steps_undone} step(s) skipped so far.",
                        category=RuntimeWarning)
+
+    def _log_hparams_with_metrics(self) -> None:
+        """Hyperparameters with the run's final metrics, for TensorBoard's HPARAMS tab (once per log folder).
+
+        The configs set ``default_hp_metric: false``, so nothing reaches the tab at fit start; here the module's and
+        data module's hyperparameters (and those callbacks added, e.g. ZO-GraSP's sparsity), the optimizer and the
+        model class go out with the last logged epoch-level metrics (``val/acc``, ``train/loss_epoch``, ...,
+        ``test/*`` after ``test``) and the query total.
+        """
+        metrics = {k: float(v) for k, v in self.trainer.logged_metrics.items()
+                   if k != "epoch" and not k.endswith("_step") and (not torch.is_tensor(v) or v.numel() == 1)}
+        metrics["train/queries_total"] = float(self.queries_total)
+        opt = self.optimizers() if self.trainer.state.fn == "fit" else None
+        opt = opt[0] if isinstance(opt, list) else opt
+        extra = {"model_class": type(self.model).__name__}
+        if opt is not None:
+            group = opt.param_groups[0]
+            extra.update(optimizer=type(opt.optimizer if hasattr(opt, "optimizer") else opt).__name__,
+                         lr=float(group.get("initial_lr", group["lr"])))
+        for logger in self.loggers:
+            folder = str(getattr(logger, "log_dir", None) or id(logger))
+            if not isinstance(logger, TensorBoardLogger) or folder in self._zo_hparams_logged:
+                continue
+            logger.log_hyperparams({**dict(logger.hparams), **extra}, metrics=metrics, step=self.global_step)
+            self._zo_hparams_logged.add(folder)
 
     def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
@@ -348,10 +384,36 @@ class ZOModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/queries", float(queries), on_step=True, on_epoch=False)
         self.log("train/queries_total", float(self.queries_total), on_step=True, on_epoch=False)
-        self.log("train/queries_per_s", queries / elapsed, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/queries_per_s", queries / elapsed, on_step=True, on_epoch=False)
+        # the progress bar: smoothed throughput and the running total (the loggers get the raw per-step values)
+        self.log("queries/s", self._zo_throughput.update(queries, elapsed), prog_bar=True, logger=False,
+                 on_step=True, on_epoch=False)
+        self.log("queries", float(self.queries_total), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         opt = self.optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            # loss against the unit a ZO user pays in: the cumulative query count is the x axis (the step)
+            for logger in self.loggers:
+                logger.log_metrics({"train/loss_vs_queries": loss}, step=self.queries_total)
+
+
+class _Throughput:
+    """Queries per second for the progress bar: exponential moving averages of queries and of seconds per step.
+
+    Their ratio weighs each step by its duration, so one slow step (compilation, a checkpoint) or one very fast one
+    moves the display by a fraction of ``alpha`` instead of making it jump. Both averages start at zero with the same
+    bias, which cancels in the ratio: the first step shows its own rate.
+    """
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha, self.queries, self.seconds = alpha, 0.0, 0.0
+
+    def update(self, queries: float, seconds: float) -> float:
+        """Add one step; return the smoothed queries per second."""
+        self.queries += self.alpha * (queries - self.queries)
+        self.seconds += self.alpha * (seconds - self.seconds)
+        return self.queries / max(self.seconds, 1e-12)
 
 
 @dataclass

@@ -24,6 +24,7 @@ __all__ = [
     "draw_masks",
     "grasp_scores",
     "layerwise_ratios",
+    "prunable_among",
     "prunable_parameters",
     "random_ratios",
     "realized_density",
@@ -58,6 +59,35 @@ def prunable_parameters(model: nn.Module, extra_dense: Iterable[str] = ()) -> li
     names = [n for n in names if n not in dense]
     if not names:
         raise ValueError(f"{type(model).__name__} has no prunable layer (Conv1d/2d/3d or Linear weight) to mask.")
+    return names
+
+
+def prunable_among(module: nn.Module, params: Mapping[str, Tensor], extra_dense: Iterable[str] = ()) -> list[str]:
+    """Names in ``params`` of the conv/linear weights found anywhere inside ``module``, matched by identity.
+
+    The names are those of ``params`` (for example a LightningModule's ``zo_parameters()``), whatever attribute
+    holds the network (``self.model``, ``self.net``, ...) and whatever prefix the names carry; a weight that is not
+    among ``params`` is left out. Order: ``module.named_modules()``.
+
+    Args:
+        module: the object that owns the network (e.g. the LightningModule).
+        params: name -> parameter tensor, the coordinates the estimator perturbs.
+        extra_dense: further names (keys of ``params``) to keep dense.
+
+    Raises:
+        ValueError: none of ``params`` is a conv/linear weight of ``module``.
+    """
+    name_of = {id(p): n for n, p in params.items()}
+    dense = set(extra_dense)
+    names: list[str] = []
+    for mod in module.modules():
+        weight = getattr(mod, "weight", None) if isinstance(mod, _PRUNABLE) else None
+        name = name_of.get(id(weight)) if weight is not None and weight.requires_grad else None
+        if name is not None and name not in dense and name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"{type(module).__name__} has no prunable layer (Conv1d/2d/3d or Linear weight) among the "
+                         f"{len(params)} parameters given ({sorted(params)[:5]}...).")
     return names
 
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from dz_lightning.tasks.smoothing import ABSTAIN, NonFiniteOutputError, _check, certify
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import ZOModule
+from dz_lightning.figures import log_figure, new_figure, save_figure
 from dz_lightning.oracle import Oracle, parameter_values, query_mode
 from dz_lightning.validation import check_choice, check_positive_int
 
@@ -233,31 +233,35 @@ class _CertifiedTest:
             writer = csv.DictWriter(f, fieldnames=["label", "prediction", "radius", "correct", "time"])
             writer.writeheader()
             writer.writerows(rows)
-        image = _plot_certified(self.certified, out / "certified_accuracy.png", type(self).__name__, self.sigma)
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("test/certified_accuracy", image, trainer.global_step,
-                                                dataformats="HWC")
+        fig = certified_accuracy_figure(self.certified, f"{type(self).__name__}, sigma {self.sigma:g}, "
+                                        f"{len(rows)} images, n = {self.n:,}")
+        save_figure(fig, out / "certified_accuracy.png")
+        log_figure(trainer.loggers, "test/certified_accuracy", fig, trainer.global_step)
 
 
-def _plot_certified(certified: dict[float, float], path: Path, title: str, sigma: float) -> Any:
-    import matplotlib
+def certified_accuracy_figure(curves: dict[float, float] | dict[str, dict[float, float]], title: str = "") -> Any:
+    """Certified accuracy (%) against the l2 radius: one curve, or several labelled ones (``{label: curve}``).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(4.5, 3), dpi=100)
-    ax.plot(list(certified), [100 * v for v in certified.values()], marker="o")
+    Args:
+        curves: radius -> fraction certified correct at that radius, or label -> such a dict.
+        title: figure title.
+    """
+    first = next(iter(curves.values()), None)
+    named = curves if isinstance(first, dict) else {"": curves}
+    fig = new_figure(5.0, 3.4)
+    ax = fig.add_subplot()
+    for label, curve in named.items():
+        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o" if len(curve) <= 12 else None,
+                label=label or None)
     ax.set_xlabel("l2 radius")
     ax.set_ylabel("certified accuracy (%)")
-    ax.set_title(f"{title}, sigma {sigma}", fontsize=9)
     ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    if len(named) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return fig
 
 
 def _check_labels(y: Tensor, num_classes: int) -> None:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = ["CYLINDER_DIAMETER", "KarmanSolver", "generate_reference", "initial_state", "load_or_generate"]
 
@@ -107,8 +109,10 @@ def initial_state(n: int, resolution: tuple[int, int]) -> Tensor:
 
 
 def generate_reference(train_re: list[float], test_re: list[float], resolution: tuple[int, int], factor: int,
-                       warmup: int, steps: int) -> dict[str, Tensor]:
+                       warmup: int, steps: int, progress: bool = True) -> dict[str, Tensor]:
     """Reference trajectories at ``factor`` x the resolution, down-sampled onto ``resolution``.
+
+    ``progress`` shows a progress bar over the solver steps (minutes on a CPU at the default sizes).
 
     Returns:
         ``{"train": (S_train, steps + 1, 2, X, Y), "test": (S_test, steps + 1, 2, X, Y), "train_re", "test_re"}``.
@@ -117,11 +121,15 @@ def generate_reference(train_re: list[float], test_re: list[float], resolution: 
     re = torch.tensor(list(train_re) + list(test_re), dtype=torch.float32)
     u = initial_state(len(re), fine.resolution)
     frames = []
+    bar = tqdm(total=warmup + steps, desc=f"Karman reference ({len(re)} simulations, {fine.resolution[0]} x "
+               f"{fine.resolution[1]})", unit="step", disable=not progress, dynamic_ncols=True)
     for t in range(warmup + steps + 1):
         if t >= warmup:
             frames.append(F.avg_pool2d(u, factor))
         if t < warmup + steps:
             u = fine(u, re)
+            bar.update()
+    bar.close()
     traj = torch.stack(frames, 1)
     if not torch.isfinite(traj).all():
         raise RuntimeError("The reference simulation diverged (NaN/inf); use a smaller dt or larger viscosity.")
@@ -149,6 +157,9 @@ def load_or_generate(cache_dir: str, train_re: list[float], test_re: list[float]
             return data
         warnings.warn(f"Rebuilding the Karman cache {str(folder / 'data.pt')!r}: {problem}.", RuntimeWarning,
                       stacklevel=2)
+    rank_zero_info(f"Generating the Karman reference data once: {len(train_re) + len(test_re)} simulations of "
+                   f"{warmup} + {steps} steps at {factor} x {tuple(resolution)}, cached in {folder} (later runs with "
+                   "the same settings load it).")
     data = generate_reference(train_re, test_re, resolution, factor, warmup, steps)
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomically(folder / "data.pt", lambda path: torch.save(data, path))

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
+from dz_lightning.figures import log_figure, new_figure, save_figure
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values
 from dz_lightning.sampling import SeededRandomSampler
@@ -176,15 +176,24 @@ class _SOLEvaluation:
         return self._evaluate(batch, "test")
 
     def _images(self, traj: Tensor, pred: Tensor, re: Tensor) -> None:
+        """Vorticity panels of the first test simulation at the last step, and the MAE over rollout time."""
         trainer = self.trainer  # type: ignore[attr-defined]
         if not trainer.is_global_zero:
             return
-        source = SourceOnly.rollout_without_correction(self.solver, traj[:1, 0], re[:1], traj.shape[1] - 1)
-        name = type(self).__name__
-        image = vorticity_figure([traj[0, -1], source[0, -1], pred[0, -1]], ["reference", "source", name],
-                                 Path(trainer.default_root_dir) / f"vorticity_{name}.png")
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("test/vorticity", image, trainer.global_step, dataformats="HWC")
+        steps, dt, name = traj.shape[1] - 1, self.solver.dt, type(self).__name__
+        root = Path(trainer.default_root_dir)
+        curves = {name: rollout_mae_curve(pred, traj)}
+        source = pred
+        if self.corrector is not None:
+            source = SourceOnly.rollout_without_correction(self.solver, traj[:, 0], re, steps)
+            curves["source (uncorrected)"] = rollout_mae_curve(source, traj)
+        fig = vorticity_figure([traj[0, -1], source[0, -1], pred[0, -1]],
+                               ["reference", "source (uncorrected)", name], re=float(re[0]), time=steps * dt)
+        save_figure(fig, root / f"vorticity_{name}.png")
+        log_figure(trainer.loggers, "test/vorticity", fig, trainer.global_step)
+        fig = mae_over_time_figure(curves, dt, f"{len(re)} test simulations, Re {', '.join(f'{r:g}' for r in re)}")
+        save_figure(fig, root / f"mae_over_time_{name}.png")
+        log_figure(trainer.loggers, "test/mae_over_time", fig, trainer.global_step)
 
 
 def vorticity(u: Tensor) -> Tensor:
@@ -192,25 +201,56 @@ def vorticity(u: Tensor) -> Tensor:
     return (u[1, 2:, 1:-1] - u[1, :-2, 1:-1]) / 2 - (u[0, 1:-1, 2:] - u[0, 1:-1, :-2]) / 2
 
 
-def vorticity_figure(states: list[Tensor], titles: list[str], path: Path) -> Any:
-    import matplotlib
+def rollout_mae_curve(pred: Tensor, traj: Tensor) -> Tensor:
+    """``(T,)``: the MAE of rollouts ``pred`` ``(N, T, 2, X, Y)`` against ``traj[:, 1:]`` at every step."""
+    return (pred - traj[:, 1:]).abs().mean(dim=(0, 2, 3, 4)).detach().cpu()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, axes = plt.subplots(1, len(states), figsize=(3 * len(states), 4), dpi=80)
-    for ax, u, title in zip(axes, states, titles, strict=True):
-        ax.imshow(vorticity(u.detach().cpu()).T.numpy(), origin="lower", cmap="RdBu", vmin=-0.3, vmax=0.3)
+def vorticity_figure(states: list[Tensor], titles: list[str], re: float | None = None, time: float | None = None,
+                     limit: float | None = None) -> Any:
+    """Side-by-side vorticity panels of velocity states ``(2, X, Y)``, one colour scale and a colorbar.
+
+    Args:
+        states: velocities to draw, e.g. reference, uncorrected source, corrected.
+        titles: one title per panel.
+        re: the simulation's Reynolds number (in the title).
+        time: simulated time since the start of the rollout (in the title).
+        limit: the colour scale runs from ``-limit`` to ``limit``; ``None``: the 99th percentile of ``|vorticity|``
+            of the first state (the reference), so that its vortices are not clipped.
+    """
+    fields = [vorticity(u.detach().cpu().float()).T for u in states]
+    if limit is None:
+        limit = max(float(torch.quantile(fields[0].abs().flatten(), 0.99)), 1e-6)
+    fig = new_figure(1.9 * len(states) + 1.0, 4.2)
+    axes = fig.subplots(1, len(states))
+    axes = axes if len(states) > 1 else [axes]
+    for ax, field, title in zip(axes, fields, titles, strict=True):
+        shown = ax.imshow(field.numpy(), origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(title, fontsize=9)
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel("inflow at the bottom, flow upwards", fontsize=8)
+    label = ", ".join(part for part in (f"Re = {re:g}" if re is not None else "",
+                                        f"t = {time:g} into the rollout" if time is not None else "") if part)
+    fig.suptitle(f"vorticity{': ' + label if label else ''}", fontsize=10)
+    fig.colorbar(shown, ax=list(axes), fraction=0.04, pad=0.03, label="vorticity")
+    return fig
+
+
+def mae_over_time_figure(curves: Mapping[str, Tensor], dt: float = 1.0, title: str = "") -> Any:
+    """MAE against the reference over rollout time, one line per method (``{label: (T,) tensor}``)."""
+    fig = new_figure(5.0, 3.4)
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        ax.plot([dt * (i + 1) for i in range(len(curve))], curve.tolist(), label=label)
+    ax.set_xlabel("rollout time (solver steps x dt)")
+    ax.set_ylabel("MAE vs reference")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return fig
 
 
 class SOLOracle(Oracle):

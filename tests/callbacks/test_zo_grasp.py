@@ -129,6 +129,55 @@ def test_callback_works_with_a_plain_lightning_module(tmp_path):
     assert json.loads((tmp_path / "lpr.json").read_text()) == {"net.1.weight": pytest.approx(0.5)}
 
 
+class NetModule(PlainModule):
+    """The README's layout: the network in `self.net`, names relative to it, the oracle over `self.net`."""
+
+    def zo_parameters(self):
+        return dict(self.net.named_parameters())
+
+    def make_oracle(self, batch):
+        return dz.ModuleOracle(self.net, F.cross_entropy, *batch)
+
+    def training_step(self, batch, batch_idx):
+        est = dz.cge(self.make_oracle(batch), self.zo_parameters(), masks=self.zo_masks)
+        for n, p in self.zo_parameters().items():
+            p.grad = est.grads[n]
+        self.optimizers().step()
+        self.est = est
+
+
+class PrefixedModule(NetModule):
+    """Names relative to the LightningModule (`net.1.weight`), the oracle over `self.net` (`1.weight`).
+
+    Only FO GraSP can score this module (ZO-GraSP queries the oracle under the names of `zo_parameters()`).
+    """
+
+    def zo_parameters(self):
+        return dict(self.named_parameters())
+
+    def training_step(self, batch, batch_idx):
+        est = dz.cge(self.make_oracle(batch), dict(self.net.named_parameters()),
+                     masks={n.removeprefix("net."): m for n, m in self.zo_masks.items()})
+        for n, p in self.net.named_parameters():
+            p.grad = est.grads[n]
+        self.optimizers().step()
+        self.est = est
+
+
+@pytest.mark.parametrize(("module_cls", "name", "method"), [
+    (NetModule, "1.weight", "zo_grasp"),
+    (NetModule, "1.weight", "grasp"),
+    (PrefixedModule, "net.1.weight", "grasp"),  # FO GraSP differentiates the oracle's model under its own names
+])
+def test_layers_found_by_identity_whatever_the_attribute(tmp_path, module_cls, name, method):
+    module = module_cls()
+    cb = ZOGraSP(sparsity=0.5, method=method, q=8, samples_per_class=2)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule(batch_size=16))
+    assert set(module.zo_masks) == set(cb.ratios) == {name}
+    assert cb.ratios[name] == pytest.approx(0.5)
+    assert module.est.queries == 320 + 10 + 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from dz_lightning.callbacks.zo_grasp import ZOGraSP
@@ -14,7 +15,8 @@ from dz_lightning.models import MLP
 
 def _setup(callback: ZOGraSP) -> ZOGraSP:
     module = ZOClassifier(MLP(hidden=(16,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    callback.setup(None, module, "fit")  # setup reads only the module
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    callback.setup(trainer, module, "fit")  # setup reads the module (and the trainer's loggers, none here)
     return callback
 
 

@@ -146,3 +146,16 @@ def test_masks_with_unknown_names_fail_at_the_first_step():
     module.zo_masks = {"conv.weight": torch.ones(3, dtype=torch.bool)}
     with pytest.raises(ValueError, match="`masks` names 'conv.weight'.*valid names"):
         _trainer().fit(module, DigitsDataModule(batch_size=16))
+
+
+def test_progress_bar_throughput_is_smoothed():
+    from dz_lightning.module import _Throughput
+
+    meter = _Throughput(alpha=0.1)
+    assert meter.update(310, 1.0) == pytest.approx(310)  # the first step shows its own rate
+    rates = [meter.update(310, 0.0155) for _ in range(5)]  # then steps run 64x faster (2.0e4 queries/s)
+    assert all(a < b for a, b in zip(rates, rates[1:], strict=False))  # it climbs ...
+    assert rates[0] < 1000 and rates[-1] < 2500  # ... instead of jumping to 2.0e4
+    for _ in range(200):
+        rate = meter.update(310, 0.0155)
+    assert rate == pytest.approx(2.0e4, rel=1e-3)  # and settles on the steady rate

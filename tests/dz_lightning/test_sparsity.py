@@ -26,6 +26,20 @@ def test_prunable_parameters_are_conv_and_linear_weights():
         sp.prunable_parameters(nn.Sequential(nn.BatchNorm1d(3)))
 
 
+def test_prunable_among_matches_weights_by_identity_under_any_names():
+    owner = nn.Module()
+    owner.net = simple_cnn(2)  # any attribute name
+    owner.frozen = nn.Linear(3, 3)  # not among the parameters given: left out
+    params = {f"w{i}": p for i, (_, p) in enumerate(owner.net.named_parameters())}  # any names
+    expected = {f"w{i}" for i, (n, _) in enumerate(owner.net.named_parameters())
+                if n in sp.prunable_parameters(owner.net)}
+    assert set(sp.prunable_among(owner, params)) == expected and len(expected) == 3
+    first = sp.prunable_among(owner, params)[0]
+    assert first not in sp.prunable_among(owner, params, extra_dense=[first])
+    with pytest.raises(ValueError, match="no prunable layer.*among the 1 parameters"):
+        sp.prunable_among(owner, {"bias": owner.frozen.bias})
+
+
 def test_layerwise_ratios_prune_exactly_the_target_globally():
     scores = {"a": torch.tensor([5.0, -4.0, 0.1, 0.2]), "b": torch.tensor([3.0, 0.0, 0.0, 0.0, -0.3, 0.05])}
     ratios = sp.layerwise_ratios(scores, 0.6)  # keep 4 of 10 by |score|: 5, -4, 3, -0.3

@@ -9,6 +9,8 @@ import pytest
 import torch
 from dz_lightning.tasks.classification import DigitsDataModule, FOClassifier
 from dz_lightning.tasks.defense import BlackBoxClassifier, FODenoisedSmoothing, NoDenoiser, ZODenoisedSmoothing
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from dz_lightning.models import MLP, DnCNN
@@ -63,8 +65,12 @@ def test_fo_twin_and_no_denoiser_certify(tmp_path):
     _trainer(tmp_path, max_steps=2).fit(fo, DigitsDataModule(batch_size=16))
     _trainer(tmp_path).test(fo, DigitsDataModule(batch_size=16))
     none = NoDenoiser(BlackBoxClassifier(fn=f), output_dir=str(tmp_path / "none"), **CERT)
-    _trainer(tmp_path).test(none, DigitsDataModule(batch_size=16))
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    _trainer(tmp_path, logger=logger).test(none, DigitsDataModule(batch_size=16))
     assert 0.0 in fo.certified and 0.0 in none.certified
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Images("test/certified_accuracy")) == 1  # the whole curve as one figure
 
 
 def test_black_box_from_a_lightning_checkpoint(tmp_path):

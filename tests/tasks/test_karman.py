@@ -129,3 +129,20 @@ def test_karman_data_module_batch_size_is_checked():
 
     with pytest.raises(ValueError, match="`batch_size`.*-2"):
         KarmanDataModule(batch_size=-2)
+
+
+def test_first_generation_says_what_where_and_once_with_a_progress_bar(tmp_path, capsys, caplog):
+    import logging
+
+    from dz_lightning.tasks.karman import load_or_generate
+
+    args = (str(tmp_path), [100.0], [150.0], RES)
+    with caplog.at_level(logging.INFO):
+        load_or_generate(*args, factor=1, warmup=2, steps=3)
+    (line,) = [r.getMessage() for r in caplog.records if "Karman reference" in r.getMessage()]
+    assert "2 simulations of 2 + 3 steps" in line and str(tmp_path) in line and "once" in line
+    assert "5/5" in capsys.readouterr().err  # the bar counts the solver steps
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_or_generate(*args, factor=1, warmup=2, steps=3)
+    assert not caplog.records and "5/5" not in capsys.readouterr().err  # cached: silent

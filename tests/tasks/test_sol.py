@@ -136,7 +136,22 @@ def test_all_four_methods_train_and_evaluate(data, tmp_path):
             _trainer(tmp_path, max_steps=2).fit(module, data)
         results[name] = _trainer(tmp_path).test(module, data, verbose=False)[0]["test/mae"]
     assert all(v > 0 for v in results.values())
-    assert (tmp_path / "vorticity_ZOSOL.png").exists()
+    assert (tmp_path / "vorticity_ZOSOL.png").exists() and (tmp_path / "mae_over_time_ZOSOL.png").exists()
+
+
+def test_test_run_logs_vorticity_panels_and_mae_over_time(data, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    trainer = L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.test(NONCorrector(SOLCorrector(width=3), RES), data, verbose=False)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert {"test/vorticity", "test/mae_over_time"} <= set(acc.Tags()["images"])
+    panels = acc.Images("test/vorticity")[0]
+    assert panels.width > panels.height * 0.9  # three tall panels and a colorbar side by side
 
 
 class _DivergesUnderPerturbation(KarmanSolver):

@@ -1,0 +1,66 @@
+"""The README's Python snippets run as printed (each on its own, as a user would paste it)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[tuple[str, str]]:
+    """``(section heading, code)`` of every fenced ``python`` block of the README, in order."""
+    blocks, heading = [], "top"
+    for part in re.split(r"(^```python\n.*?^```$)", README.read_text(), flags=re.S | re.M):
+        if part.startswith("```python"):
+            blocks.append((heading, part[len("```python\n"):-3]))
+        else:
+            headings = re.findall(r"^#+ (.+)$", part, flags=re.M)
+            heading = headings[-1] if headings else heading
+    return blocks
+
+
+BLOCKS = _python_blocks()
+
+
+def _check_api(ns: dict) -> None:
+    assert ns["est"].queries == sum(p.numel() for p in ns["model"].parameters()) + 1
+
+
+def _check_own_module(ns: dict) -> None:
+    trainer, zo_grasp = ns["trainer"], ns["trainer"].callbacks[0]
+    assert trainer.state.finished and trainer.global_step > 0
+    module = trainer.lightning_module
+    assert set(module.zo_masks) == {"1.weight", "3.weight"} == set(zo_grasp.ratios)  # names of `zo_parameters()`
+    assert zo_grasp.queries > 0  # scored from loss queries
+    assert trainer.logged_metrics["train/loss"] < 2.0
+
+
+def _check_staged(ns: dict) -> None:
+    net, x = ns["MyNet"](), torch.rand(2, 3, 8, 8)
+    out = x
+    for stage in net.stages():
+        out = stage(out)
+    assert torch.equal(out, net(x))
+
+
+CHECKS = {
+    "The Python API in ten lines": _check_api,
+    "Sparse CGE in your own LightningModule": _check_own_module,
+    "Making a model staged (feature reuse)": _check_staged,
+}
+
+
+def test_the_readme_has_the_snippets_we_check():
+    assert [h for h, _ in BLOCKS] == list(CHECKS)
+
+
+@pytest.mark.parametrize(("heading", "code"), BLOCKS, ids=[h for h, _ in BLOCKS])
+def test_readme_snippet_runs(heading, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the Trainer writes lightning_logs/ and checkpoints here
+    ns: dict = {"__name__": "readme_snippet"}
+    exec(compile(code, f"README.md: {heading}", "exec"), ns)  # noqa: S102 - the README's own code
+    CHECKS[heading](ns)
