@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values
-from dz_lightning.sampling import SeededRandomSampler
+from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 
 __all__ = ["FOSOL", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
 
@@ -125,7 +125,7 @@ class KarmanDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = _Windows(self.data["train"], self.data["train_re"], self.window)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
                           drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
