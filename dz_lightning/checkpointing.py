@@ -179,6 +179,8 @@ class CheckpointGuard(L.Callback):
         self.filename = filename
         self.save_on_interrupt = save_on_interrupt
         self.saved_path: str | None = None
+        self._stepped = False  # a training batch ran in this process (nothing to save before that)
+        self._restored_groups: list[list[set[str]]] = []  # parameter-group keys of the checkpoint's optimizers
 
     @property
     def state_key(self) -> str:
@@ -186,14 +188,29 @@ class CheckpointGuard(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stepped = False
+        for optimizer, groups in zip(trainer.optimizers, self._restored_groups, strict=False):
+            _check_optimizer_state(optimizer, groups, trainer.ckpt_path)
+        self._restored_groups = []
         for callback in trainer.checkpoint_callbacks:
             folder = getattr(callback, "dirpath", None)
             if folder is not None and _is_local(folder):
                 _check_writable(Path(str(folder).removeprefix("file://")))
 
     @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # the optimizers do not exist yet; on_fit_start compares them before Lightning loads their state
+        self._restored_groups = [[set(g) for g in s.get("param_groups", [])]
+                                 for s in checkpoint.get("optimizer_states", [])]
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._stepped = True
+
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not self.save_on_interrupt or not trainer.training or trainer.global_step == 0:
+        if not self.save_on_interrupt or not self._stepped or trainer.global_step == 0:
             return
         if any(not torch.isfinite(p).all() for p in pl_module.parameters()):
             rank_zero_warn(f"Not saving an interrupt checkpoint after {type(exception).__name__}: the weights are not "
@@ -208,12 +225,13 @@ class CheckpointGuard(L.Callback):
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A resumable loader counts the batches it handed out; when a checkpoint is saved while a batch is in flight
-        # (an interrupt), that batch is not done. The loop's completed count is the truth.
+        # (an interrupt), that batch is not done. The loop's processed count is the truth (`completed` lags by one
+        # inside on_train_batch_end, where ModelCheckpoint(every_n_train_steps) saves).
         try:
             states = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
         except (KeyError, TypeError):
             return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         for state in states:
             if isinstance(state, dict) and "batches" in state and state["batches"] > done:
                 state["batches"] = done
@@ -223,6 +241,25 @@ class CheckpointGuard(L.Callback):
             if getattr(callback, "dirpath", None):
                 return str(callback.dirpath)
         return str(Path(trainer.default_root_dir) / "checkpoints")
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, groups: list[set[str]], ckpt_path: Any) -> None:
+    """Refuse optimizer state restored from a checkpoint of another optimizer class (e.g. SGD into Adam).
+
+    Lightning would hand the state to ``Optimizer.load_state_dict``, which fails obscurely (Adam: ``KeyError: 'step'``)
+    or not at all. The hyperparameter names of the saved parameter groups tell the class apart.
+    """
+    expected = set(optimizer.defaults)
+    for group in groups:
+        restored = group - {"params", "initial_lr"}
+        missing, extra = expected - restored, restored - expected
+        if missing and extra:
+            raise ValueError(
+                f"The checkpoint {ckpt_path} holds the state of another optimizer than the configured "
+                f"{type(optimizer).__name__}: its parameter groups have {sorted(extra)} and lack {sorted(missing)}. "
+                "Resume with the optimizer the run was trained with, or start a new run from the weights only "
+                "(e.g. `dz fit ...` without --ckpt_path after loading the state_dict)."
+            )
 
 
 def _check_writable(folder: Path) -> None:
