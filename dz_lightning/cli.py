@@ -107,7 +107,7 @@ def _cli_class() -> type:
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError) as err:
-                raise ConfigurationError(str(err)) from err
+                raise ConfigurationError(_root_cause(str(err))) from err
 
         def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
             extra = [self._get(self.config_init, "zo_grasp")]
@@ -180,6 +180,14 @@ def _find_last_checkpoint(config: Any) -> Any:
         raise ConfigurationError(f"--ckpt_path last: no last checkpoint found (searched {searched}); run `dz fit` "
                                  "with this config first, or give the checkpoint's path.")
     return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _root_cause(message: str) -> str:
+    """The one line of a jsonargparse union error that says what is wrong (our ``Expected argument ...``)."""
+    lines = message.splitlines()
+    causes = [line.strip()[2:] for line in lines
+              if line.strip().startswith("- ") and "NoneType" not in line and "Expected a <class" not in line]
+    return causes[0] if len(causes) == 1 else message if len(lines) <= 3 else "\n".join(lines[:3])
 
 
 def _as_list(value: Any) -> list[Any]:
