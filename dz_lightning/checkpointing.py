@@ -28,6 +28,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 __all__ = ["CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "load_checkpoint", "sha256_file"]
@@ -163,7 +164,8 @@ class CheckpointGuard(L.Callback):
       it (Lightning would log the failure of each save and finish with no checkpoint at all).
     * When a fit stops on an exception, Ctrl+C or SIGTERM after at least one optimizer step, the current state is
       saved to ``<folder of the first ModelCheckpoint>/<filename>.ckpt`` (``last.ckpt`` and ``best.ckpt`` stay as
-      they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved.
+      they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved. Under DDP
+      only SIGTERM saves (Lightning stops every rank at the same step; saving needs all of them).
     * Every checkpoint records how many batches of the current epoch are done, so a
       :class:`~dz_lightning.sampling.ResumableDataLoader` continues with the batch after them, also when the
       checkpoint was saved while a batch was in flight.
@@ -211,6 +213,11 @@ class CheckpointGuard(L.Callback):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not self.save_on_interrupt or not self._stepped or trainer.global_step == 0:
+            return
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            # saving is collective (a barrier); only SIGTERM is known to stop every rank at the same step
+            rank_zero_warn(f"Not saving an interrupt checkpoint after {type(exception).__name__} under DDP: another "
+                           "rank may not reach the save. Resume from the last checkpoint.")
             return
         if any(not torch.isfinite(p).all() for p in pl_module.parameters()):
             rank_zero_warn(f"Not saving an interrupt checkpoint after {type(exception).__name__}: the weights are not "

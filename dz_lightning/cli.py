@@ -172,6 +172,8 @@ def _find_last_checkpoint(config: Any) -> Any:
             runs.append(save_dir / name if name else save_dir)
     if not runs and trainer.get("logger") in (None, True):
         runs.append(root / "lightning_logs")
+    if not runs and not folders:  # no logger: ModelCheckpoint's default folder
+        folders.append(root / "checkpoints")
     candidates = [p for f in folders for p in f.glob("last*.ckpt")]
     candidates += [p for r in runs for p in r.glob("version_*/checkpoints/last*.ckpt")]
     candidates = [p for p in candidates if p.is_file()]
