@@ -161,8 +161,7 @@ def main() -> None:
     # unwritable checkpoint folder (a path below a regular file; root ignores chmod)
     f = fresh("unwritable")
     (f / "blocker").write_text("a file")
-    r = _run([*dz, "fit", "-c", digits, *TINY, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-              "--trainer.callbacks.dirpath", str(f / "blocker" / "ckpts")], f, env)
+    r = _run([*dz, "fit", "-c", digits, *TINY, "--trainer.callbacks.dirpath", str(f / "blocker" / "ckpts")], f, env)
     results["unwritable_checkpoint_folder"] = {"rc": r["rc"], "error": r["last_error"]}
 
     # SGD checkpoint resumed into Adam
