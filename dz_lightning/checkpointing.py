@@ -31,13 +31,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-__all__ = ["CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "load_checkpoint", "sha256_file"]
+__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "load_checkpoint",
+           "sha256_file"]
 
 _DIGEST_SUFFIX = ".sha256"
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be trusted: its digest does not match, or it cannot be unpickled."""
+
+
+class CheckpointFolderError(PermissionError):
+    """A checkpoint folder that cannot hold a file (read-only, not a folder, no space for a new entry)."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -275,7 +280,7 @@ def _check_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dz-write-check-"):
             pass
     except OSError as err:
-        raise PermissionError(
+        raise CheckpointFolderError(
             f"The checkpoint folder {folder} is not writable ({type(err).__name__}: {err.strerror or err}); no "
             "checkpoint could be saved. Make it writable or choose another one (ModelCheckpoint `dirpath`, or the "
             "logger's `save_dir`)."

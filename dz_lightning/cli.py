@@ -260,8 +260,9 @@ def _short_help() -> str:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the ``dz`` console script.
 
-    Exit status: 0 on success, 2 for a configuration error (message only, no traceback), 143 when a fit stopped on
-    SIGTERM (after saving ``interrupted.ckpt``), 1 on Ctrl+C or another error.
+    Exit status: 0 on success, 2 for a configuration error (message only, no traceback), 1 for a corrupted checkpoint
+    or an unwritable checkpoint folder (message only), 143 when a fit stopped on SIGTERM (after saving
+    ``interrupted.ckpt``), 1 on Ctrl+C or another error.
     """
     argv = sys.argv[1:] if args is None else list(args)
     # the top-level help and version need no Lightning import (seconds of CPU)
@@ -278,11 +279,16 @@ def cli_main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=_LEAFSPEC, category=FutureWarning)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from dz_lightning.checkpointing import CheckpointFolderError, CorruptCheckpointError
+
     try:
         build_cli(args)
     except ConfigurationError as err:
         print(f"dz: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (CorruptCheckpointError, CheckpointFolderError) as err:
+        print(f"dz: {err}", file=sys.stderr)
+        sys.exit(1)
     except SIGTERMException:
         print("dz: stopped by SIGTERM", file=sys.stderr)
         sys.exit(143)

@@ -185,3 +185,21 @@ def test_resolved_config_lists_zo_grasp_under_its_key():
     cfg = yaml.safe_load(text)
     assert cfg["zo_grasp"]["class_path"].endswith("ZOGraSP")
     assert all("ZOGraSP" not in c["class_path"] for c in cfg["trainer"]["callbacks"])
+
+
+def test_corrupted_checkpoint_and_unwritable_folder_print_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fit = build_cli(["fit", "-c", str(DIGITS), *TINY])
+    last = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["test", "-c", str(DIGITS), *TINY, "--ckpt_path", "last"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert f"corrupted or truncated checkpoint {last}" in err and "Traceback" not in err
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(DIGITS), *TINY, "--trainer.callbacks.dirpath", str(tmp_path / "blocker" / "x")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "blocker/x is not writable" in err and "Traceback" not in err
