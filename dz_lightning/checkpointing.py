@@ -72,11 +72,15 @@ def _is_local(path: str | Path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
-def verify_checksum(path: str | Path) -> None:
-    """Raise :class:`CorruptCheckpointError` when ``<path>.sha256`` exists and does not match ``path``."""
+def verify_checksum(path: str | Path) -> bool:
+    """Raise :class:`CorruptCheckpointError` when ``<path>.sha256`` exists and does not match ``path``.
+
+    Returns:
+        ``True`` when the digest was checked and matches, ``False`` when there is no digest file.
+    """
     sidecar = Path(f"{path}{_DIGEST_SUFFIX}")
     if not sidecar.is_file():
-        return
+        return False
     expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
     actual = sha256_file(path)
     if actual != expected:
@@ -84,6 +88,7 @@ def verify_checksum(path: str | Path) -> None:
             f"corrupted or truncated checkpoint {path}: its SHA-256 is {actual}, but {sidecar} records "
             f"{expected or 'nothing'}. Use another checkpoint (e.g. the previous run's or best.ckpt)."
         )
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> dict[str, Any]:
@@ -97,19 +102,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    verify_checksum(path)
+    intact = verify_checksum(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             UnicodeDecodeError, KeyError, IndexError) as err:
+        if intact:  # the bytes are the ones written: not corruption (e.g. objects weights_only refuses)
+            raise
         raise _corrupt(path, err) from err
 
 
 def _corrupt(path: str | Path, err: BaseException) -> CorruptCheckpointError:
-    message = str(err).splitlines()[0] if str(err) else ""
+    # torch's own text for an unpickling failure advises weights_only=False, which is the wrong advice for a damaged
+    # or untrusted file; name the error type only
+    detail = type(err).__name__
+    if not isinstance(err, pickle.UnpicklingError) and str(err):
+        detail += f": {str(err).splitlines()[0][:200]}"
     return CorruptCheckpointError(
-        f"corrupted or truncated checkpoint {path} (it cannot be read as a torch checkpoint: "
-        f"{type(err).__name__}: {message[:200]})."
+        f"corrupted or truncated checkpoint {path} (it cannot be read as a torch checkpoint of tensors and plain "
+        f"containers: {detail}). It has no {_DIGEST_SUFFIX} file to compare with; use another checkpoint."
     )
 
 
@@ -147,11 +158,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(str(path).removeprefix("file://"))
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        verify_checksum(path)
+        intact = verify_checksum(path)
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError,
                 ValueError) as err:
+            if intact:  # the bytes are the ones written: not corruption (e.g. objects weights_only refuses)
+                raise
             raise _corrupt(path, err) from err
 
     @override

@@ -197,3 +197,17 @@ def test_resumable_loader_continues_after_the_saved_batches():
     other = ResumableDataLoader(data, batch_size=3, sampler=SeededRandomSampler(20, seed=2))
     with pytest.raises(ValueError, match="seeded with 1, this one with 2"):
         other.load_state_dict(state)
+
+
+def test_intact_checkpoint_with_refused_objects_is_not_called_corrupted(tmp_path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "custom.ckpt"
+    io.save_checkpoint({"state_dict": {}, "extra": _Custom()}, path)
+    with pytest.raises(Exception) as exc:  # torch's weights_only refusal, not a corruption verdict
+        load_checkpoint(path)
+    assert not isinstance(exc.value, CorruptCheckpointError)
+    assert isinstance(load_checkpoint(path, weights_only=False)["extra"], _Custom)
+
+
+class _Custom:
+    """A pickled object that ``weights_only`` loading refuses."""
