@@ -242,7 +242,11 @@ class CheckpointGuard(L.Callback):
                            "finite. The last good checkpoint is unchanged.")
             return
         path = Path(self._folder(trainer)) / f"{self.filename}{ModelCheckpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        try:
+            trainer.save_checkpoint(path)
+        except OSError as err:  # never hide the exception that stopped the run behind a failed save
+            rank_zero_warn(f"Could not save {path} after {type(exception).__name__}: {err}")
+            return
         self.saved_path = str(path)
         rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {path} "
                        f"(resume with --ckpt_path {path}).")

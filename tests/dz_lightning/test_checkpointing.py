@@ -157,6 +157,26 @@ def test_exception_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_
     assert _equal(model.state_dict(), reference), "the resumed run diverged from the uninterrupted one"
 
 
+class _CtrlCAt(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a KeyboardInterrupt; restore it
+    try:
+        with pytest.raises(SystemExit) as exc:
+            _trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="last"), _CtrlCAt()]).fit(
+                _module(), DigitsDataModule(batch_size=32))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert exc.value.code == 1
+    assert load_checkpoint(tmp_path / "interrupted.ckpt")["global_step"] == 2
+
+
 def test_mid_epoch_checkpoint_resume_is_bit_identical(tmp_path):
     reference = _uninterrupted(tmp_path / "straight")
     root = tmp_path / "split"
