@@ -76,7 +76,8 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
     out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     err = out.stderr.strip().splitlines()
     return {"rc": out.returncode, "stdout": out.stdout, "stderr_lines": len(err),
-            "last_error": next((line for line in reversed(err) if "Error" in line or "error" in line), "")[:240]}
+            "last_error": next((line for line in reversed(err) if "Error" in line or "error" in line or
+                                line.startswith("dz: ")), "")[:240]}
 
 
 def main() -> None:
