@@ -2,15 +2,32 @@
 
 The engine: loss oracles, gradient estimators, feature reuse, sparsity and the ``ZOModule`` base class.
 It knows nothing about any task; ``tasks`` and ``callbacks`` build on it.
+
+The names below are imported on first use (``dz.cge``, ``from dz_lightning import ZOModule``), so that
+``dz --help`` and ``dz --version`` start without importing torch and Lightning.
 """
 
-from dz_lightning.distributed import RankFailedError
-from dz_lightning.estimators import Estimate, cge, rge
-from dz_lightning.module import NonFiniteStepError, ZOModule
-from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle
-from dz_lightning.sampling import SeededRandomSampler
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Estimate": "dz_lightning.estimators",
+    "FunctionOracle": "dz_lightning.oracle",
+    "ModuleOracle": "dz_lightning.oracle",
+    "NonFiniteLossError": "dz_lightning.oracle",
+    "NonFiniteStepError": "dz_lightning.finite_step",
+    "Oracle": "dz_lightning.oracle",
+    "RankFailedError": "dz_lightning.distributed",
+    "ResumableDataLoader": "dz_lightning.sampling",
+    "SeededRandomSampler": "dz_lightning.sampling",
+    "ZOModule": "dz_lightning.module",
+    "cge": "dz_lightning.estimators",
+    "rge": "dz_lightning.estimators",
+}
 
 __all__ = [
     "Estimate",
@@ -20,8 +37,29 @@ __all__ = [
     "NonFiniteStepError",
     "Oracle",
     "RankFailedError",
+    "ResumableDataLoader",
     "SeededRandomSampler",
     "ZOModule",
     "cge",
     "rge",
 ]
+
+if TYPE_CHECKING:
+    from dz_lightning.distributed import RankFailedError
+    from dz_lightning.estimators import Estimate, cge, rge
+    from dz_lightning.finite_step import NonFiniteStepError
+    from dz_lightning.module import ZOModule
+    from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle
+    from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,24 +1,228 @@
-"""The ``dz`` command: LightningCLI with any LightningModule and LightningDataModule by ``class_path``."""
+"""The ``dz`` command: LightningCLI with any LightningModule and LightningDataModule by ``class_path``.
+
+On top of LightningCLI:
+
+* short class names of our task modules, data modules and callbacks work (``--model ZOClassifier``,
+  ``--trainer.callbacks+=ZOGraSP``), and ``dz fit --help`` lists them; ``dz --version``;
+* ``--zo_grasp.*`` configures the ZO-GraSP callback (``--zo_grasp.sparsity 0.8``);
+* ``--ckpt_path last`` is the newest ``last.ckpt`` of the config's runs (the run just trained);
+* the config and the command line win over a checkpoint's saved hyperparameters (LightningCLI would silently apply
+  the checkpoint's); where they differ, a warning names the keys;
+* every Trainer writes checkpoints atomically with a SHA-256 beside them (:class:`~dz_lightning.checkpointing.
+  SafeCheckpointIO`), checks checkpoint folders before training and saves ``interrupted.ckpt`` on an exception,
+  Ctrl+C or SIGTERM (:class:`~dz_lightning.checkpointing.CheckpointGuard`), then exits non-zero;
+* ``dz predict`` writes ``predictions.pt`` in the run's log folder unless a prediction writer is configured;
+* a configuration error prints its message, not a traceback (exit status 2).
+"""
 
 from __future__ import annotations
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
+import sys
+import warnings
+from typing import Any
 
-__all__ = ["build_cli", "cli_main"]
+__all__ = ["ConfigurationError", "build_cli", "cli_main"]
+
+_LEAFSPEC = r".*isinstance\(treespec, LeafSpec\).*"
+_SUBCOMMANDS = {
+    "fit": "Runs the full optimization routine.",
+    "validate": "Perform one evaluation epoch over the validation set.",
+    "test": "Perform one evaluation epoch over the test set.",
+    "predict": "Run inference on your data (writes predictions.pt in the run's log folder).",
+}
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+class ConfigurationError(ValueError):
+    """A configuration that cannot be instantiated; ``dz`` prints its message without a traceback."""
+
+
+def _cli_class() -> type:
+    """Define :class:`DZCLI` on first use, so ``dz --help`` and ``dz --version`` never import Lightning."""
+    global _DZCLI
+    if _DZCLI is not None:
+        return _DZCLI
+
+    from pathlib import Path
+
+    import lightning as L
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.pytorch.callbacks import BasePredictionWriter
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    # our classes must be imported for jsonargparse to resolve their short names and list them in --help
+    import dz_lightning.callbacks as dz_callbacks
+    import dz_lightning.tasks.classification  # noqa: F401
+    import dz_lightning.tasks.defense  # noqa: F401
+    import dz_lightning.tasks.sol  # noqa: F401
+    from dz_lightning.checkpointing import CheckpointGuard, SafeCheckpointIO, load_checkpoint
+
+    class DZCLI(LightningCLI):
+        """LightningCLI with ``--zo_grasp``, ``--ckpt_path last``, safe checkpoints and explicit flags that win."""
+
+        def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            parser = super().init_parser(**kwargs)
+            from dz_lightning import __version__
+
+            parser.add_argument("--version", action="version", version=f"dz_lightning {__version__}")
+            return parser
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument(
+                "--zo_grasp", type=dz_callbacks.ZOGraSP | None, default=None,
+                help="ZO-GraSP sparse CGE callback (added to trainer.callbacks); e.g. --zo_grasp.sparsity 0.8.",
+            )
+
+        def _parse_ckpt_path(self) -> None:
+            subcommand = self.config.get("subcommand")
+            if not subcommand:
+                return
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path == "last":
+                ckpt_path = str(_find_last_checkpoint(self.config[subcommand]))
+                self.config[subcommand]["ckpt_path"] = ckpt_path
+                rank_zero_info(f"--ckpt_path last: {ckpt_path}")
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            saved = {"class_path": hparams.pop("_class_path"), "init_args": hparams} if "_class_path" in hparams \
+                else {"init_args": hparams}
+            current = self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml")
+            import yaml
+
+            model = (yaml.safe_load(current).get(subcommand) or {}).get("model") or {}
+            differ = _differences(saved, model)
+            if differ:
+                listed = "; ".join(f"model.{k}: checkpoint {a!r}, now {b!r}" for k, a, b in differ[:12])
+                more = f" (and {len(differ) - 12} more)" if len(differ) > 12 else ""
+                rank_zero_warn(
+                    f"dz {subcommand}: the config and command line differ from the hyperparameters saved in "
+                    f"{ckpt_path}; using the config and command line: {listed}{more}.", stacklevel=1,
+                )
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as err:
+                raise ConfigurationError(_root_cause(str(err))) from err
+
+        def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+            extra = [self._get(self.config_init, "zo_grasp")]
+            plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                plugins.append(SafeCheckpointIO())
+            kwargs.setdefault("plugins", plugins)
+            trainer = super().instantiate_trainer(**kwargs)
+            for callback in extra:
+                if callback is not None:
+                    trainer.callbacks.insert(0, callback)
+            if not any(isinstance(c, CheckpointGuard) for c in trainer.callbacks):
+                trainer.callbacks.insert(0, CheckpointGuard())
+            if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter)
+                                                        for c in trainer.callbacks):
+                trainer.callbacks.append(dz_callbacks.PredictionWriter())
+            return trainer
+
+    _DZCLI = DZCLI
+    return DZCLI
+
+
+_DZCLI: type | None = None
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Keys present in both nested dicts whose values differ: ``[(dotted key, saved, current)]``."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in saved:
+            if key in current:
+                out += _differences(saved[key], current[key], f"{prefix}{key}." if prefix or key else "")
+        return out
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        if len(saved) == len(current):
+            pairs = enumerate(zip(saved, current, strict=True))
+            return [d for i, (a, b) in pairs for d in _differences(a, b, f"{prefix}{i}.")]
+    if saved != current and not (isinstance(saved, (int, float)) and isinstance(current, (int, float))
+                                 and float(saved) == float(current)):
+        return [(prefix.rstrip("."), saved, current)]
+    return []
+
+
+def _find_last_checkpoint(config: Any) -> Any:
+    """The newest ``last*.ckpt`` among the runs this config writes (logger version folders or fixed folders)."""
+    from pathlib import Path
+
+    trainer = config.get("trainer") or {}
+    folders: list[Path] = []
+    for callback in _as_list(trainer.get("callbacks")):
+        init = _init_args(callback)
+        if init.get("dirpath"):
+            folders.append(Path(init["dirpath"]))
+    root = Path(trainer.get("default_root_dir") or ".")
+    runs: list[Path] = []
+    for logger in _as_list(trainer.get("logger")):
+        init = _init_args(logger)
+        if init:
+            save_dir = Path(init.get("save_dir") or root)
+            name = init.get("name")
+            runs.append(save_dir / name if name else save_dir)
+    if not runs and trainer.get("logger") in (None, True):
+        runs.append(root / "lightning_logs")
+    if not runs and not folders:  # no logger: ModelCheckpoint's default folder
+        folders.append(root / "checkpoints")
+    candidates = [p for f in folders for p in f.glob("last*.ckpt")]
+    candidates += [p for r in runs for p in r.glob("version_*/checkpoints/last*.ckpt")]
+    candidates = [p for p in candidates if p.is_file()]
+    if not candidates:
+        searched = ", ".join(str(p) for p in [*folders, *(r / "version_*/checkpoints" for r in runs)]) or "nothing"
+        raise ConfigurationError(f"--ckpt_path last: no last checkpoint found (searched {searched}); run `dz fit` "
+                                 "with this config first, or give the checkpoint's path.")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _root_cause(message: str) -> str:
+    """The one line of a jsonargparse union error that says what is wrong (our ``Expected argument ...``)."""
+    lines = message.splitlines()
+    causes = [line.strip()[2:] for line in lines
+              if line.strip().startswith("- ") and "NoneType" not in line and "Expected a <class" not in line]
+    return causes[0] if len(causes) == 1 else message if len(lines) <= 3 else "\n".join(lines[:3])
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None or isinstance(value, bool) else list(value) if isinstance(value, list) else [value]
+
+
+def _init_args(component: Any) -> dict[str, Any]:
+    if component is None or isinstance(component, bool):
+        return {}
+    init = component.get("init_args") if hasattr(component, "get") else None
+    if init is None:
+        return {}
+    return dict(init.items()) if hasattr(init, "items") else dict(vars(init))
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> Any:
     """Build (and by default run) ``dz fit|validate|test|predict --config ...``.
 
-    Model and data are chosen by ``class_path`` (subclass mode), so task modules and user modules work alike.
-    Optimizers and schedulers are arguments of the model (``OptimizerCallable``), not of the CLI.
+    Model and data are chosen by ``class_path`` (subclass mode) or by a short class name of ours, so task modules
+    and user modules work alike. Optimizers and schedulers are arguments of the model (``OptimizerCallable``), not of
+    the CLI.
 
     Args:
         args: command-line arguments (``None`` reads ``sys.argv``).
         run: whether to run the subcommand (``False`` only instantiates, for tests).
+
+    Returns:
+        The :class:`DZCLI` (a ``LightningCLI``) after it ran.
     """
-    return LightningCLI(
+    import lightning as L
+
+    cli_class = _cli_class()
+    return cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -30,6 +234,67 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+def _short_help() -> str:
+    from dz_lightning import __version__
+
+    lines = [
+        "usage: dz [-h] [--version] [-c CONFIG] {fit,validate,test,predict} ...",
+        "",
+        f"dz_lightning {__version__}: zeroth-order (DeepZero) training with the Lightning CLI.",
+        "",
+        "subcommands (each has its own --help listing the model, data and trainer options):",
+    ]
+    lines += [f"  {name:<10}{text}" for name, text in _SUBCOMMANDS.items()]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this help message and exit",
+        "  --version      show the program's version number and exit",
+        "",
+        "example: dz fit -c configs/classification/digits.yaml",
+        "         dz test -c configs/classification/digits.yaml --ckpt_path last",
+    ]
+    return "\n".join(lines)
+
+
 def cli_main(args: list[str] | None = None) -> None:
-    """Entry point of the ``dz`` console script (returns nothing, so the exit status is 0 on success)."""
-    build_cli(args)
+    """Entry point of the ``dz`` console script.
+
+    Exit status: 0 on success, 2 for a configuration error (message only, no traceback), 1 for a corrupted checkpoint
+    or an unwritable checkpoint folder (message only), 143 when a fit stopped on SIGTERM (after saving
+    ``interrupted.ckpt``), 1 on Ctrl+C or another error.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    # the top-level help and version need no Lightning import (seconds of CPU)
+    if argv in ([], ["-h"], ["--help"]):
+        print(_short_help())
+        if not argv:
+            sys.exit(2)
+        return
+    if argv == ["--version"]:
+        from dz_lightning import __version__
+
+        print(f"dz_lightning {__version__}")
+        return
+    warnings.filterwarnings("ignore", message=_LEAFSPEC, category=FutureWarning)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from dz_lightning.checkpointing import CheckpointFolderError, CorruptCheckpointError
+
+    try:
+        build_cli(args)
+    except ConfigurationError as err:
+        print(f"dz: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (CorruptCheckpointError, CheckpointFolderError) as err:
+        print(f"dz: {err}", file=sys.stderr)
+        sys.exit(1)
+    except SIGTERMException:
+        print("dz: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DZCLI":
+        return _cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

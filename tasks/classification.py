@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import ModuleOracle, Oracle, query_mode
-from dz_lightning.sampling import SeededRandomSampler
+from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 from dz_lightning.validation import check_choice
 
 __all__ = [
@@ -270,7 +270,7 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.splits["train"]
-        return DataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
                           num_workers=self.num_workers, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:

@@ -27,7 +27,7 @@ from dz_lightning import ZOModule
 from dz_lightning.figures import log_figure, new_figure, save_figure
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values
-from dz_lightning.sampling import SeededRandomSampler
+from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 from dz_lightning.validation import check_positive_int
 
 __all__ = ["FOSOL", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
@@ -127,7 +127,7 @@ class KarmanDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = _Windows(self.data["train"], self.data["train_re"], self.window)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
                           drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

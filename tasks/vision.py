@@ -14,7 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from dz_lightning.sampling import SeededRandomSampler
+from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 
 __all__ = ["CIFAR10DataModule", "FashionMNISTDataModule", "MNISTDataModule", "TorchvisionDataModule"]
 
@@ -86,7 +86,7 @@ class TorchvisionDataModule(L.LightningDataModule):
             self.test_set = self._load(False, test_tf)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
                           sampler=SeededRandomSampler(len(self.train_set), self.seed), drop_last=True,
                           persistent_workers=self.num_workers > 0)
 

@@ -95,3 +95,34 @@ def test_ddp_overlay_prints_with_its_base(overlay, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "ZODDPStrategy" in out and "use_distributed_sampler: false" in out
+
+
+def _checkpoint_callbacks(path: Path) -> list[dict]:
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    return [c.get("init_args") or {} for c in (cfg.get("trainer") or {}).get("callbacks") or []
+            if c["class_path"].endswith("ModelCheckpoint")]
+
+
+# configs whose last.ckpt another config reads by path (step 1 of the defense recipes) keep a fixed folder
+PRODUCERS = {"blackbox_digits.yaml", "resnet20_cifar10_fo.yaml"}
+
+
+@pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(ROOT / "configs")) for p in BASES])
+def test_config_keeps_the_end_of_training_in_its_own_run(path):
+    callbacks = _checkpoint_callbacks(path)
+    if "SourceOnly" in path.read_text():  # nothing to train
+        return
+    last = [c for c in callbacks if c.get("filename") == "last" and not c.get("monitor")]
+    assert len(last) == 1, "every config saves last.ckpt from a callback without a monitor (the end of training)"
+    assert not any(c.get("save_last") and c.get("monitor") for c in callbacks), "save_last + monitor = best, not last"
+    if path.name in PRODUCERS:
+        assert all(c.get("dirpath") and c.get("enable_version_counter") is False for c in callbacks)
+    else:
+        assert not any(c.get("dirpath") for c in callbacks), "checkpoints belong in the run's version folder"
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    assert not any("ZOGraSP" in c["class_path"] for c in cfg["trainer"].get("callbacks") or [])
+    assert ("zo_grasp" in cfg) == ("ZOGraSP" in path.read_text()), "ZO-GraSP is configured under `zo_grasp`"

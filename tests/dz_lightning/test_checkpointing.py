@@ -1,0 +1,233 @@
+"""Nothing lost: atomic checksummed checkpoints, early failure on unwritable folders, interrupts, exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dz_lightning.checkpointing import CheckpointGuard, CorruptCheckpointError, SafeCheckpointIO, load_checkpoint
+from dz_lightning.models import MLP
+from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
+
+
+def _module(optimizer=None) -> ZOClassifier:
+    torch.manual_seed(0)
+    return ZOClassifier(MLP(hidden=(4,)), estimator="rge", q=4, mu=0.01,
+                        optimizer=optimizer or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)))
+
+
+def _trainer(root: Path, callbacks=(), **kw) -> L.Trainer:
+    kw.setdefault("max_epochs", 2)
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_train_batches=5, limit_val_batches=0, default_root_dir=root,
+                     plugins=[SafeCheckpointIO()], callbacks=[CheckpointGuard(), *callbacks], **kw)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _uninterrupted(root: Path) -> dict[str, torch.Tensor]:
+    model = _module()
+    _trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(model, DigitsDataModule(batch_size=32))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------- checksums, atomic
+def test_checkpoint_is_written_with_its_sha256_and_no_temporary_files(tmp_path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "sub" / "a.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.arange(4.0)}}, path)
+    digest = (tmp_path / "sub" / "a.ckpt.sha256").read_text().split()[0]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.ckpt", "a.ckpt.sha256"]
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.arange(4.0))
+    io.remove_checkpoint(path)
+    assert list(path.parent.iterdir()) == []
+
+
+def test_failed_write_leaves_the_previous_checkpoint_whole(tmp_path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "a.ckpt"
+    io.save_checkpoint({"v": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full halfway")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"v": 2, "bad": Unpicklable()}, path)
+    assert io.load_checkpoint(path)["v"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.sha256"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "truncate_no_digest"])
+def test_corrupted_checkpoint_is_named_plainly(tmp_path, damage):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.randn(1000)}}, path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    elif damage.startswith("truncate"):
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"this is not a checkpoint" * 10)
+    path.write_bytes(bytes(data))
+    if damage == "truncate_no_digest":
+        (tmp_path / "last.ckpt.sha256").unlink()
+    with pytest.raises(CorruptCheckpointError, match=f"corrupted or truncated checkpoint {path}"):
+        io.load_checkpoint(path)
+    with pytest.raises(CorruptCheckpointError, match="corrupted or truncated checkpoint"):
+        load_checkpoint(path)
+
+
+def test_resuming_from_a_corrupted_checkpoint_fails_before_training(tmp_path):
+    _uninterrupted(tmp_path)
+    path = tmp_path / "last.ckpt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    model = _module()
+    with pytest.raises(CorruptCheckpointError, match=f"corrupted or truncated checkpoint {path}"):
+        _trainer(tmp_path / "again", max_epochs=3).fit(model, DigitsDataModule(batch_size=32), ckpt_path=path)
+
+
+# ------------------------------------------------------------------------------------------ unwritable folder
+def test_unwritable_checkpoint_folder_fails_before_the_first_step(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    model = _module()
+    trainer = _trainer(tmp_path, [ModelCheckpoint(dirpath=blocker / "ckpts")])
+    with pytest.raises(PermissionError, match="checkpoint folder .*a_file/ckpts is not writable"):
+        trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_read_only_checkpoint_folder_fails_before_the_first_step(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        trainer = _trainer(tmp_path, [ModelCheckpoint(dirpath=folder)])
+        with pytest.raises(PermissionError, match="not writable"):
+            trainer.fit(_module(), DigitsDataModule(batch_size=32))
+        assert trainer.global_step == 0
+    finally:
+        folder.chmod(0o700)
+
+
+# --------------------------------------------------------------------------------- interrupts, exact resume
+class _FailAt(L.Callback):
+    """Raise inside the training step of global step ``step`` (a batch in flight, as with Ctrl+C)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"black box crashed at step {self.step}")
+
+
+def test_exception_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path):
+    reference = _uninterrupted(tmp_path / "straight")
+    root = tmp_path / "split"
+    with pytest.raises(RuntimeError, match="crashed at step 3"):
+        _trainer(root, [ModelCheckpoint(dirpath=root, filename="last"), _FailAt(3)]).fit(
+            _module(), DigitsDataModule(batch_size=32))
+    saved = load_checkpoint(root / "interrupted.ckpt")
+    assert saved["global_step"] == 3 and saved["epoch"] == 0
+    assert not (root / "last.ckpt").exists()  # no epoch finished: last.ckpt untouched
+    model = _module()
+    _trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(
+        model, DigitsDataModule(batch_size=32), ckpt_path=root / "interrupted.ckpt")
+    assert _equal(model.state_dict(), reference), "the resumed run diverged from the uninterrupted one"
+
+
+class _CtrlCAt(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a KeyboardInterrupt; restore it
+    try:
+        with pytest.raises(SystemExit) as exc:
+            _trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="last"), _CtrlCAt()]).fit(
+                _module(), DigitsDataModule(batch_size=32))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert exc.value.code == 1
+    assert load_checkpoint(tmp_path / "interrupted.ckpt")["global_step"] == 2
+
+
+def test_mid_epoch_checkpoint_resume_is_bit_identical(tmp_path):
+    reference = _uninterrupted(tmp_path / "straight")
+    root = tmp_path / "split"
+    every = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    _trainer(root, [every], max_steps=4).fit(_module(), DigitsDataModule(batch_size=32))
+    mid = root / "step=4.ckpt"
+    saved = load_checkpoint(mid)
+    assert saved["global_step"] == 4 and saved["epoch"] == 0  # 4 of the epoch's 5 batches done
+    model = _module()
+    _trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(
+        model, DigitsDataModule(batch_size=32), ckpt_path=mid)
+    assert _equal(model.state_dict(), reference), "mid-epoch resume diverged from the uninterrupted run"
+
+
+def test_resume_into_another_optimizer_is_refused_with_a_clear_error(tmp_path):
+    _uninterrupted(tmp_path)
+    model = _module(optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    with pytest.raises(ValueError, match=r"another optimizer than the configured Adam.*momentum"):
+        _trainer(tmp_path / "adam", max_epochs=3).fit(model, DigitsDataModule(batch_size=32),
+                                                      ckpt_path=tmp_path / "last.ckpt")
+
+
+# ------------------------------------------------------------------------------------------- sampler / loader
+def test_resumable_loader_continues_after_the_saved_batches():
+    data = list(range(20))
+    loader = ResumableDataLoader(data, batch_size=3, sampler=SeededRandomSampler(20, seed=1))
+    loader.sampler.set_epoch(2)
+    full = [b.tolist() for b in loader]
+    it = iter(loader)
+    first = [next(it).tolist() for _ in range(2)]
+    state = loader.state_dict()
+    assert state["batches"] == 2 and state["sampler"]["epoch"] == 2
+    fresh = ResumableDataLoader(data, batch_size=3, sampler=SeededRandomSampler(20, seed=1))
+    fresh.load_state_dict(state)
+    rest = [b.tolist() for b in fresh]
+    assert first + rest == full
+    assert [b.tolist() for b in fresh] == full  # the skip applies to one epoch only
+    other = ResumableDataLoader(data, batch_size=3, sampler=SeededRandomSampler(20, seed=2))
+    with pytest.raises(ValueError, match="seeded with 1, this one with 2"):
+        other.load_state_dict(state)
+
+
+def test_intact_checkpoint_with_refused_objects_is_not_called_corrupted(tmp_path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "custom.ckpt"
+    io.save_checkpoint({"state_dict": {}, "extra": _Custom()}, path)
+    with pytest.raises(Exception) as exc:  # torch's weights_only refusal, not a corruption verdict
+        load_checkpoint(path)
+    assert not isinstance(exc.value, CorruptCheckpointError)
+    assert isinstance(load_checkpoint(path, weights_only=False)["extra"], _Custom)
+
+
+class _Custom:
+    """A pickled object that ``weights_only`` loading refuses."""

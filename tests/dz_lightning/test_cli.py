@@ -1,0 +1,205 @@
+"""The ``dz`` command as a user meets it: quick start, overrides, short names, --zo_grasp, predict, signals, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dz_lightning.checkpointing import load_checkpoint
+from dz_lightning.cli import build_cli, cli_main
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "configs" / "classification" / "digits.yaml"
+GRASP = ROOT / "configs" / "classification" / "digits_zo_grasp90.yaml"
+# a few steps of the shipped quick-start config (the checkpoint and logger wiring under test is unchanged)
+TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--model.init_args.model.init_args.hidden", "[4]"]
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------- quick start: fit, then test
+def test_quick_start_test_command_tests_the_run_just_trained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tested = []
+    for run in range(2):
+        fit = build_cli(["fit", "-c", str(DIGITS), *TINY, "--seed_everything", str(run)])
+        final = _weights(fit.model)
+        last = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+        saved = load_checkpoint(last)
+        assert saved["global_step"] == fit.trainer.global_step == 4  # last.ckpt is the end of training
+        assert _equal({k: v for k, v in saved["state_dict"].items()}, final)
+        test = build_cli(["test", "-c", str(DIGITS), *TINY, "--ckpt_path", "last"])
+        assert Path(test.config.test.ckpt_path).resolve() == last.resolve()
+        assert _equal(_weights(test.model), final), "dz test did not test the final weights of the run just trained"
+        tested.append(last.resolve())
+    assert tested[0] != tested[1] and tested[1].parent.parent.name == "version_2"  # version_1 holds the first test
+    assert (tested[0].parent / "best.ckpt").is_file()
+
+
+def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["test", "-c", str(DIGITS), *TINY, "--ckpt_path", "last"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no last checkpoint found" in err and "dz fit" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- explicit flags beat checkpoints
+def test_test_time_overrides_win_over_the_checkpoint_and_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "-c", str(DIGITS), *TINY])
+    with pytest.warns(UserWarning, match=r"model\.init_args\.mu: checkpoint 0\.005, now 0\.02"):
+        test = build_cli(["test", "-c", str(DIGITS), *TINY, "--ckpt_path", "last", "--model.init_args.mu", "0.02"])
+    assert test.model.mu == 0.02 and test.model.hparams.mu == 0.02
+
+
+def test_resume_with_another_estimator_warns_and_uses_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rge = ["--model.init_args.estimator", "rge", "--model.init_args.q", "4"]
+    fit = build_cli(["fit", "-c", str(DIGITS), *TINY, *rge])
+    last = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    with pytest.warns(UserWarning, match=r"estimator: checkpoint 'rge', now 'cge'"):
+        resumed = build_cli(["fit", "-c", str(DIGITS), *TINY, "--trainer.max_epochs", "3", "--ckpt_path", str(last),
+                             "--model.init_args.estimator", "cge"])
+    assert resumed.model.estimator == "cge" and resumed.trainer.global_step == 6
+
+
+# -------------------------------------------------------------------------------------------- ZO-GraSP key
+def test_zo_grasp_key_overrides_the_shipped_callback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from dz_lightning.callbacks import ZOGraSP
+
+    cli = build_cli(["-c", str(GRASP), "--zo_grasp.sparsity", "0.8", "--zo_grasp.q", "8"], run=False)
+    grasp = [c for c in cli.trainer.callbacks if isinstance(c, ZOGraSP)]
+    assert len(grasp) == 1 and grasp[0].sparsity == 0.8 and grasp[0].q == 8
+    assert grasp[0].resample_every_n_epochs == 1  # the rest of the shipped settings stay
+    plain = build_cli(["-c", str(DIGITS)], run=False)
+    assert not any(isinstance(c, ZOGraSP) for c in plain.trainer.callbacks)
+
+
+# ------------------------------------------------------------------------------------------- short names
+def test_short_class_names_work_on_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    from dz_lightning.callbacks import ZOGraSP
+
+    cli = build_cli(["-c", str(DIGITS), "--trainer.callbacks+=ZOGraSP", "--trainer.callbacks.sparsity", "0.5"],
+                    run=False)
+    assert [c.sparsity for c in cli.trainer.callbacks if isinstance(c, ZOGraSP)] == [0.5]
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", "--model.help", "ZOClassifier"])
+    assert exc.value.code == 0
+    assert "estimator" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "dz_lightning.tasks.classification.ZOClassifier" in out and "ZOSOL" in out and "--zo_grasp" in out
+
+
+def test_version_and_top_level_help_do_not_import_lightning():
+    script = textwrap.dedent(
+        """
+        import sys
+        from dz_lightning.cli import cli_main
+        cli_main(["--version"])
+        cli_main(["--help"])
+        assert "lightning" not in sys.modules and "torch" not in sys.modules, "slow imports on --help"
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "dz_lightning 0." in out.stdout and "fit" in out.stdout and "predict" in out.stdout
+
+
+# -------------------------------------------------------------------------------------------------- predict
+def test_predict_writes_predictions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "-c", str(DIGITS), *TINY])
+    cli = build_cli(["predict", "-c", str(DIGITS), *TINY, "--ckpt_path", "last"])
+    path = Path(cli.trainer.log_dir) / "predictions.pt"
+    saved = torch.load(path, weights_only=True)
+    classes = torch.cat(saved["predictions"][0])
+    assert classes.shape == (360,) and classes.dtype == torch.long and int(classes.max()) < 10
+
+
+# ------------------------------------------------------------------------------------ errors and interrupts
+def test_configuration_error_prints_the_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(DIGITS), "--model.init_args.mu", "-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "`mu`" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sigterm_at.py").write_text(textwrap.dedent(
+        """
+        import os, signal
+        import lightning as L
+
+        class SigtermAt(L.Callback):
+            def __init__(self, step: int = 3):
+                self.step = step
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == self.step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["fit", "-c", str(DIGITS), *TINY, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "5",
+            "--trainer.callbacks+=sigterm_at.SigtermAt"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    assert exc.value.code == 143
+    saved = sorted(tmp_path.glob("lightning_logs/digits/version_*/checkpoints/interrupted.ckpt"))
+    assert len(saved) == 1
+    state = load_checkpoint(saved[0])
+    assert state["global_step"] == 3 and state["epoch"] == 0  # mid-epoch: 3 of 5 batches
+    assert "SIGTERM" in capsys.readouterr().err
+    # resuming from it finishes the run
+    resumed = build_cli(["fit", "-c", str(DIGITS), *TINY, "--trainer.max_epochs", "3",
+                         "--trainer.limit_train_batches", "5", "--ckpt_path", str(saved[0])])
+    assert resumed.trainer.global_step == 15
+
+
+def test_resolved_config_lists_zo_grasp_under_its_key():
+    text = GRASP.read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg["zo_grasp"]["class_path"].endswith("ZOGraSP")
+    assert all("ZOGraSP" not in c["class_path"] for c in cfg["trainer"]["callbacks"])
+
+
+def test_corrupted_checkpoint_and_unwritable_folder_print_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fit = build_cli(["fit", "-c", str(DIGITS), *TINY])
+    last = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["test", "-c", str(DIGITS), *TINY, "--ckpt_path", "last"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert f"corrupted or truncated checkpoint {last}" in err and "Traceback" not in err
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(DIGITS), *TINY, "--trainer.callbacks.dirpath", str(tmp_path / "blocker" / "x")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "blocker/x is not writable" in err and "Traceback" not in err
