@@ -73,7 +73,10 @@ def test_lpr_chart_logged_once(zo_grasp_run):
 
 def test_a_test_run_of_its_own_gets_hparams_with_the_test_metrics(zo_grasp_run):
     _, fit_cli, tmp = zo_grasp_run
-    checkpoint = fit_cli.trainer.checkpoint_callback.last_model_path
+    # the configs keep best.ckpt and, in a second ModelCheckpoint, last.ckpt (the end of training)
+    (last,) = [c for c in fit_cli.trainer.checkpoint_callbacks if c.filename == "last"]
+    checkpoint = last.best_model_path
+    assert checkpoint.endswith("last.ckpt")
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
