@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+
+from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 if TYPE_CHECKING:
     from dz_lightning import reuse
@@ -205,32 +207,6 @@ class FunctionOracle(Oracle):
             return torch.as_tensor(self.fn(stacked))
 
 
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
-    """Evaluate ``model`` without updating BatchNorm running statistics.
-
-    In train mode BatchNorm still normalizes with batch statistics (the same numbers a training forward
-    computes); in eval mode it uses the running statistics. Only the buffer updates are suppressed.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.track_running_stats for m in bns]
-    try:
-        for m in bns:
-            m.track_running_stats = False
-        yield
-    finally:
-        for m, flag in zip(bns, saved, strict=True):
-            m.track_running_stats = flag
-
-
-@contextlib.contextmanager
-def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """How every query runs: no autograd, autocast off (full precision), BatchNorm statistics left untouched."""
-    device_type = device.type if device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
-    with torch.no_grad(), torch.autocast(device_type, enabled=False), frozen_batchnorm_stats(model):
-        yield
-
-
 def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """All of ``module``'s parameters by name, taking the values in ``params`` where it names them."""
     return {n: params.get(n, p) for n, p in module.named_parameters()}
@@ -239,8 +215,9 @@ def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[st
 class ModuleOracle(Oracle):
     """Loss of ``loss_fn(model(inputs), targets)`` as a function of (some of) the model's parameters.
 
-    White box inside, black box to the estimator. Queries run under ``no_grad``, with autocast disabled
-    (full precision even inside a mixed-precision trainer), and never update BatchNorm running statistics.
+    White box inside, black box to the estimator. Queries run in :func:`~dz_lightning.query.query_mode`: no
+    autograd, fp32 arithmetic (autocast and TF32 off, even inside a mixed-precision trainer or with TF32 enabled
+    globally), BatchNorm running statistics never updated.
     K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
     one-coordinate perturbations of staged models use feature reuse (:mod:`dz_lightning.reuse`).
 
