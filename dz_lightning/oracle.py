@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from dz_lightning import query
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 if TYPE_CHECKING:
@@ -228,7 +229,8 @@ class ModuleOracle(Oracle):
         targets: the batch targets, e.g. ``(B,)``.
         max_batch: most points per batched call (bounds memory); ``None`` picks from ``memory_budget``.
         memory_budget: bytes the batched queries may use beyond the base forward; ``None`` means a default
-            (a quarter of free CUDA memory, or 1 GiB on CPU).
+            (:func:`~dz_lightning.query.memory_budget`: 1 GiB on CPU, a quarter of the CUDA memory free at first
+            use, fixed for the process).
         feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
     """
 
@@ -265,13 +267,7 @@ class ModuleOracle(Oracle):
         """``max_batch`` if set, else as many points as ``memory_budget`` allows."""
         if self.max_batch is not None:
             return self.max_batch
-        budget = self.memory_budget
-        if budget is None:
-            if self.inputs.is_cuda:
-                free, _ = torch.cuda.mem_get_info(self.inputs.device)
-                budget = free // 4
-            else:
-                budget = 1 << 30
+        budget = query.memory_budget(self.inputs.device, self.memory_budget)
         # A rough cost per point: ten activations the size of the input batch.
         per_point = max(1, 10 * self.inputs.numel() * self.inputs.element_size())
         return max(1, min(k, budget // per_point))

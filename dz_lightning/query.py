@@ -3,7 +3,8 @@
 * no autograd and no autocast;
 * full fp32 arithmetic: TF32 off for cuDNN convolutions and for matmuls (CUDA and oneDNN), whatever the user's
   global settings, restored on exit (also after an exception); a model in fp16/bf16 is refused;
-* BatchNorm running statistics left untouched.
+* BatchNorm running statistics left untouched;
+* one memory-budget rule (:func:`memory_budget`), decided once per process and device.
 
 Lower precision is allowed only on a perturbation's *difference* from a cached fp32 base (see
 :class:`dz_lightning.reuse.StagedForward` ``delta_dtype``), where its error is relative to the difference.
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["frozen_batchnorm_stats", "fp32_precision", "low_precision_deltas", "query_mode"]
+__all__ = ["frozen_batchnorm_stats", "fp32_precision", "low_precision_deltas", "memory_budget", "query_mode"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _LOCK = threading.RLock()
@@ -164,3 +165,25 @@ def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
     with (torch.no_grad(), torch.autocast(device_type, enabled=False), fp32_precision(),
           frozen_batchnorm_stats(model)):
         yield
+
+
+_CPU_BUDGET = 1 << 30
+_CUDA_BUDGETS: dict[int, int] = {}
+
+
+def memory_budget(device: torch.device, budget: int | None = None) -> int:
+    """Bytes that batched queries may use on ``device``: the one rule for every engine.
+
+    ``budget`` when given; else 1 GiB on CPU, or a quarter of the CUDA memory free at the first call for that
+    device, then fixed for the process: chunk shapes do not change from step to step or rank to rank (which
+    ``cudnn.benchmark`` and CUDA graphs need).
+    """
+    if budget is not None:
+        return int(budget)
+    if device.type != "cuda":
+        return _CPU_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _LOCK:
+        if index not in _CUDA_BUDGETS:
+            _CUDA_BUDGETS[index] = torch.cuda.mem_get_info(index)[0] // 4
+        return _CUDA_BUDGETS[index]

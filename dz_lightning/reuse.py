@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dz_lightning.oracle import query_mode
+from dz_lightning import query
+from dz_lightning.query import query_mode
 
 __all__ = ["StagedForward", "flatten_ops", "get_stages", "residual_parts"]
 
@@ -207,7 +208,11 @@ class StagedForward:
         targets: batch targets.
         params: name (as in ``model.named_parameters()``) -> value to use; missing names use the model's own.
         max_batch: most queries per batched call; ``None`` derives it from ``memory_budget``.
-        memory_budget: bytes the batched queries may use; ``None``: a quarter of free CUDA memory, 1 GiB on CPU.
+        memory_budget: bytes the batched queries may use; ``None``: :func:`~dz_lightning.query.memory_budget`.
+
+    Attributes:
+        chunk_sizes: most queries per batched call for a restart at each op, fixed at construction (from
+            ``max_batch``, or the memory budget and the model's activation sizes): the same every step.
 
     Raises:
         ValueError: the model is not staged, or a parameter belongs to no stage.
@@ -259,6 +264,8 @@ class StagedForward:
         sizes = [a.numel() * a.element_size() for a in self.acts]
         # largest activation of one query from op j to the end: what a chunk of queries restarting at j allocates
         self._bytes_from = [max(sizes[j:]) for j in range(len(self.ops))]
+        # queries per chunk for a restart at op j, decided here from the budget and the model, not per call
+        self.chunk_sizes = tuple(self._chunk(j) for j in range(len(self.ops)))
 
     # ------------------------------------------------------------------------------------------ public API
     def base_loss(self) -> Tensor:
@@ -270,7 +277,7 @@ class StagedForward:
         if name not in self.where:
             raise ValueError(f"Unknown parameter {name!r}; valid names: {sorted(self.where)}.")
         index = index.reshape(-1).to(device=self.inputs.device, dtype=torch.long)
-        chunk = self._chunk(index.numel(), self._full_restart(*self.where[name]))
+        chunk = min(index.numel(), self.chunk_sizes[self._full_restart(*self.where[name])])
         out = []
         with query_mode(self.model, self.inputs.device):
             for start in range(0, index.numel(), chunk):
@@ -278,23 +285,20 @@ class StagedForward:
         return torch.cat(out) if out else self._base.new_zeros(0)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _chunk(self, n: int, start: int = 0) -> int:
-        """Queries per batched call for a restart at op ``start``.
+    def _chunk(self, start: int) -> int:
+        """Most queries per batched call for a restart at op ``start``.
 
-        On CUDA: as many as ``memory_budget`` allows. On CPU a flat batch whose activations outgrow the cache runs
-        slower per example than separate small batches, so queries are batched only while one activation of the
-        whole chunk stays within ``_CPU_CACHE_BYTES``.
+        ``max_batch`` if set. On CUDA: as many as the memory budget (:func:`~dz_lightning.query.memory_budget`,
+        fixed per process) allows. On CPU a flat batch whose activations outgrow the cache runs slower per example
+        than separate small batches, so queries are batched only while one activation of the whole chunk stays
+        within ``_CPU_CACHE_BYTES``.
         """
         if self.max_batch is not None:
-            return max(1, min(n, self.max_batch))
-        per_query = 4 * self._bytes_from[start]
-        budget = self.memory_budget
-        if budget is None:
-            budget = torch.cuda.mem_get_info(self.inputs.device)[0] // 4 if self.inputs.is_cuda else 1 << 30
-        k = int(budget // per_query)
+            return max(1, self.max_batch)
+        k = int(query.memory_budget(self.inputs.device, self.memory_budget) // (4 * self._bytes_from[start]))
         if not self.inputs.is_cuda:
             k = min(k, int(_CPU_CACHE_BYTES // self._bytes_from[start]))
-        return max(1, min(n, k))
+        return max(1, k)
 
     def _full_restart(self, j: int, local: str) -> int:
         """First op that the queries of parameter ``local`` of op ``j`` run on whole activations."""

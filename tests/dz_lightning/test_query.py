@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dz_lightning as dz
+from dz_lightning import query
 from dz_lightning.query import fp32_precision, frozen_batchnorm_stats, query_mode
 
 
@@ -103,3 +104,31 @@ def test_concurrent_contexts_restore_once():
     t.join()
     assert bn.track_running_stats is True
     assert _flags() == saved
+
+
+def test_memory_budget_is_decided_once_per_device(monkeypatch):
+    calls = []
+
+    def fake_mem_get_info(index):
+        calls.append(index)
+        return (4 << 30) * len(calls), 80 << 30  # free memory that changes at every call
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake_mem_get_info)
+    monkeypatch.setattr(query, "_CUDA_BUDGETS", {})
+    cuda0 = torch.device("cuda", 0)
+    assert [query.memory_budget(cuda0) for _ in range(3)] == [1 << 30] * 3
+    assert calls == [0]
+    assert query.memory_budget(cuda0, 123) == 123
+    assert query.memory_budget(torch.device("cpu")) == 1 << 30
+
+
+def test_staged_chunk_sizes_are_fixed_at_construction():
+    from dz_lightning.models import simple_cnn
+    from dz_lightning.reuse import StagedForward
+
+    model = simple_cnn(2)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    staged = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
+    again = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
+    assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes)
+    assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == (3,) * len(staged.ops)
