@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dz_lightning.models import resnet20, simple_cnn
 from dz_lightning.oracle import frozen_batchnorm_stats
@@ -39,6 +40,33 @@ from dz_lightning.reuse import StagedForward, flatten_ops, get_stages
 _T = TypeVar("_T")
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "simple_cnn": lambda: simple_cnn(depth=3)}
+
+
+_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose"}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts dispatched aten ops, and device-to-host syncs among them (``.item()``, ``nonzero``, comparisons
+    returning a Python bool, copies from an accelerator to the CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        self.ops += 1
+        name = func.__name__.split(".")[0]
+        if name in _SYNC_OPS:
+            self.syncs += 1
+        elif name in ("_to_copy", "copy_", "to"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device")
+            if isinstance(src, Tensor) and src.device.type != "cpu" and dst is not None and \
+                    torch.device(dst).type == "cpu":
+                self.syncs += 1
+        return func(*args, **kwargs)
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +133,7 @@ def reuse_loop(model: nn.Module, x: Tensor, y: Tensor, coords: list[tuple[str, i
 def ours(model: nn.Module, x: Tensor, y: Tensor, coords: list[tuple[str, int]], delta: float,
          max_batch: int | None) -> Tensor:
     staged = StagedForward(model, F.cross_entropy, x, y, dict(model.named_parameters()), max_batch=max_batch)
-    out = torch.empty(len(coords), device=x.device)
+    out = torch.empty(len(coords), device=x.device, dtype=torch.float64)
     by_name: dict[str, list[int]] = {}
     for pos, (name, _) in enumerate(coords):
         by_name.setdefault(name, []).append(pos)

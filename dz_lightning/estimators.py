@@ -157,12 +157,13 @@ def cge(
             index = torch.arange(value.numel(), device=value.device)
         if index.numel() == 0:
             continue
-        plus = oracle.coordinate_losses(params, name, index, mu).to(value.device, value.dtype)
+        # differences in the losses' own dtype (float64 where the oracle gives it), then the parameter's
+        plus = oracle.coordinate_losses(params, name, index, mu).to(value.device)
         if difference == "forward":
-            diff = (plus - f0.to(plus)) / mu
+            diff = ((plus - f0.to(plus)) / mu).to(value.dtype)
         else:
-            minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device, value.dtype)
-            diff = (plus - minus) / (2 * mu)
+            minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device)
+            diff = ((plus - minus.to(plus)) / (2 * mu)).to(value.dtype)
         diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
         grads[name].view(-1)[index] = diff

@@ -279,7 +279,7 @@ class ModuleOracle(Oracle):
             return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
-            return self.loss_fn(out, self.targets)
+            return query.float64_loss(self.loss_fn, out, self.targets)
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         fixed = {n: v for n, v in self._full(params).items() if n not in varied}
@@ -288,7 +288,7 @@ class ModuleOracle(Oracle):
         def one(*values: Tensor) -> Tensor:
             point = dict(fixed)
             point.update(zip(names, values, strict=True))
-            return self.loss_fn(functional_call(self.model, point, (self.inputs,)), self.targets)
+            return query.float64_loss(self.loss_fn, functional_call(self.model, point, (self.inputs,)), self.targets)
 
         with self._query_context():
             return vmap(one, randomness="same")(*(varied[n] for n in names))

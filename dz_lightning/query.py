@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["frozen_batchnorm_stats", "fp32_precision", "low_precision_deltas", "memory_budget", "query_mode"]
+__all__ = [
+    "float64_loss", "fp32_precision", "frozen_batchnorm_stats", "low_precision_deltas", "memory_budget", "query_mode",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _LOCK = threading.RLock()
@@ -187,3 +189,21 @@ def memory_budget(device: torch.device, budget: int | None = None) -> int:
         if index not in _CUDA_BUDGETS:
             _CUDA_BUDGETS[index] = torch.cuda.mem_get_info(index)[0] // 4
         return _CUDA_BUDGETS[index]
+
+
+_NO_FLOAT64: set[int] = set()
+
+
+def float64_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> Tensor:
+    """``loss_fn(outputs, targets)`` evaluated on float64 copies of fp32 ``outputs``, where ``loss_fn`` allows it.
+
+    The outputs stay those of the fp32 model; only the loss is taken in float64, so that two nearby losses (a
+    finite difference of a few 1e-5 on a loss near 2.3) are not lost to fp32 rounding. A loss that cannot take
+    float64 (e.g. one holding an fp32 module) is evaluated as given, and remembered.
+    """
+    if outputs.dtype == torch.float32 and id(loss_fn) not in _NO_FLOAT64:
+        try:
+            return loss_fn(outputs.double(), targets)
+        except (RuntimeError, TypeError):
+            _NO_FLOAT64.add(id(loss_fn))
+    return loss_fn(outputs, targets)
