@@ -232,6 +232,8 @@ class ModuleOracle(Oracle):
             (:func:`~dz_lightning.query.memory_budget`: 1 GiB on CPU, a quarter of the CUDA memory free at first
             use, fixed for the process).
         feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
+        delta_dtype: arithmetic of the staged path's linear ops on perturbation differences (``"float32"``,
+            ``"bfloat16"``, ``"tf32"`` on CUDA); see :class:`~dz_lightning.reuse.StagedForward`.
     """
 
     def __init__(
@@ -243,6 +245,7 @@ class ModuleOracle(Oracle):
         max_batch: int | None = None,
         memory_budget: int | None = None,
         feature_reuse: bool = True,
+        delta_dtype: str = "float32",
     ) -> None:
         super().__init__(max_batch=max_batch)
         if not isinstance(model, nn.Module):
@@ -253,6 +256,7 @@ class ModuleOracle(Oracle):
         self.targets = targets
         self.memory_budget = memory_budget
         self.feature_reuse = feature_reuse
+        self.delta_dtype = delta_dtype
         self._staged = None
         self._staged_key: tuple | None = None
 
@@ -317,7 +321,7 @@ class ModuleOracle(Oracle):
             with self._query_context():
                 self._staged = reuse.StagedForward(
                     self.model, self.loss_fn, self.inputs, self.targets, dict(params),
-                    max_batch=self.max_batch, memory_budget=self.memory_budget,
+                    max_batch=self.max_batch, memory_budget=self.memory_budget, delta_dtype=self.delta_dtype,
                 )
             self._staged_key = key
         return self._staged

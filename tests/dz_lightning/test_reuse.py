@@ -193,9 +193,22 @@ def test_stages_must_cover_every_parameter():
 def test_benchmark_smoke():
     from benchmarks.cge_throughput import main
 
-    result = main(["--models", "simple_cnn", "--batch", "2", "--coords", "6", "--per-param", "2"])
+    result = main(["--models", "simple_cnn", "--batch", "2", "--coords", "6", "--per-param", "2",
+                   "--rel-err-coords", "8", "--conv-reps", "1"])
     assert result["simple_cnn"]["max_abs_diff"] < 1e-4
     assert result["simple_cnn"]["step_queries_90pct"] > 0
+    assert result["simple_cnn"]["ops_growth"] <= 1.5 and result["simple_cnn"]["syncs_per_chunk"] == 0
+    assert result["simple_cnn"]["rel_err"]["eval"]["float32"] <= 1e-3
+    assert set(result["simple_cnn"]["step_seconds_90pct_by_delta_dtype"]) == {"float32", "bfloat16"}
+
+
+def test_benchmark_cuda_flag_fails_clearly_without_cuda(monkeypatch, capsys):
+    from benchmarks.cge_throughput import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 _SAMPLE = ["stem.0.weight", "stem.1.weight", "blocks.0.conv1.weight", "blocks.3.bn1.bias", "blocks.3.conv2.weight",
