@@ -127,6 +127,23 @@ def _is_linear(op: nn.Module) -> bool:
     return isinstance(op, _LINEAR_OPS) or (isinstance(op, nn.Dropout) and not op.training)
 
 
+_LOSSES: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
+    F.cross_entropy: F.cross_entropy, F.mse_loss: F.mse_loss, F.l1_loss: F.l1_loss}
+
+
+def _per_example_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """``loss_fn`` with ``reduction="none"`` when it is a known mean-reduced loss (so that the mean of its values
+    over a query's examples is ``loss_fn``'s value), else ``None``."""
+    if loss_fn in _LOSSES:
+        return functools.partial(_LOSSES[loss_fn], reduction="none")
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean":
+        return functools.partial(F.cross_entropy, ignore_index=loss_fn.ignore_index, reduction="none",
+                                 label_smoothing=loss_fn.label_smoothing)
+    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss)) and loss_fn.reduction == "mean":
+        return functools.partial(F.mse_loss if isinstance(loss_fn, nn.MSELoss) else F.l1_loss, reduction="none")
+    return None
+
+
 class _NormBase:
     """What a train-mode BatchNorm's difference needs of its cached input ``x``: the centered input, the variance
     and the scale, in the layout that the per-query reductions use."""
@@ -322,7 +339,6 @@ class StagedForward:
         self._relu_bases: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._stats: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._delta_dtype, self._delta_tf32 = _DELTA_DTYPES[delta_name], delta_name == "tf32"
-        self._vmap_loss = True
         self._channel_major: dict[int, tuple[Tensor, Tensor]] = {}
         # channels-last convolutions and BatchNorm run several times faster than NCHW on CPU
         self._layout = torch.channels_last if not inputs.is_cuda else torch.contiguous_format
@@ -335,6 +351,12 @@ class StagedForward:
             # the loss in float64 where loss_fn allows it: perturbed losses come from the same outputs plus each
             # query's difference, and f(theta + mu e_i) - f(theta) is not lost to the rounding of fp32 losses
             self._base = query.float64_loss(loss_fn, self.acts[-1], targets).reshape(())
+            self._per_example = _per_example_loss(loss_fn)
+            if self._per_example is not None:  # checked once: e.g. ignored targets make the mean differ
+                out = self.acts[-1].to(self._base.dtype)
+                mean = self._per_example(out, targets).reshape(out.shape[0], -1).mean(1).mean()
+                if not torch.allclose(mean, self._base, rtol=1e-6, atol=1e-9):
+                    self._per_example = None
             self._top = _Chain(self.ops, self.op_params, self.acts, top=True)
             self._norm_bases[id(self._top)] = {}
             self._residuals = [self._build_residual(j) for j in range(len(self.ops))]
@@ -396,16 +418,20 @@ class StagedForward:
         return self._losses(self._to_difference(self.acts[-1], h, channel))
 
     def _losses(self, d: Tensor) -> Tensor:
-        """``loss_fn`` at the cached outputs plus each query's difference ``d`` ``(k, B, ...)``, shape ``(k,)``: one
-        call for the chunk (``vmap``)."""
-        base = self.acts[-1]
-        outputs = base.to(self._base.dtype) + d.to(self._base.dtype)
-        if self._vmap_loss:
-            try:
-                return vmap(lambda out: self.loss_fn(out, self.targets).reshape(()))(outputs)
-            except RuntimeError:  # a loss that vmap cannot batch (e.g. it calls .item()): one call per query
-                self._vmap_loss = False
-        return torch.stack([self.loss_fn(out, self.targets).reshape(()) for out in outputs])
+        """``loss_fn`` at the cached outputs plus each query's difference ``d`` ``(k, B, ...)``, shape ``(k,)``.
+
+        A mean-reduced cross-entropy, MSE or L1 loss runs once for the whole chunk (``reduction="none"`` on the flat
+        ``k * B`` batch, then a mean per query). Any other ``loss_fn`` is called once per query: it may hold a black
+        box that must see, and count, every example (``vmap`` would hide the query dimension from it).
+        """
+        outputs = self.acts[-1].to(self._base.dtype) + d.to(self._base.dtype)
+        per_example = self._per_example
+        if per_example is None:
+            return torch.stack([self.loss_fn(out, self.targets).reshape(()) for out in outputs])
+        k, b = outputs.shape[:2]
+        targets = self.targets.expand(k, *self.targets.shape).reshape(k * b, *self.targets.shape[1:])
+        values = per_example(outputs.reshape(k * b, *outputs.shape[2:]), targets)
+        return values.reshape(k, -1).mean(1)
 
     # A query state at the input of op t of a chain is ``(h, channel)``: with ``channel`` None, ``h`` ``(k, B, ...)``
     # holds each query's *difference* from the cached input ``acts[t]``; otherwise only channel ``channel[i]`` of

@@ -299,3 +299,18 @@ def test_delta_dtype_is_checked():
         StagedForward(model, F.cross_entropy, x, y, delta_dtype=torch.float16)
     with pytest.raises(ValueError, match="'tf32'.*needs CUDA inputs.*cpu"):
         StagedForward(model, F.cross_entropy, x, y, delta_dtype="tf32")
+
+
+def test_a_black_box_inside_the_loss_sees_every_query():
+    seen = []
+
+    def loss_fn(out, t):  # a loss the engine does not know: called once per query, with that query's outputs
+        seen.append(out.shape[0])
+        return F.cross_entropy(out, t)
+
+    model = simple_cnn(2)
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))
+    staged = StagedForward(model, loss_fn, x, y, max_batch=4)
+    seen.clear()
+    staged.coordinate_losses("0.0.weight", torch.arange(10), 1e-2)
+    assert seen == [3] * 10
