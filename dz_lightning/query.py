@@ -191,7 +191,7 @@ def memory_budget(device: torch.device, budget: int | None = None) -> int:
         return _CUDA_BUDGETS[index]
 
 
-_NO_FLOAT64: set[int] = set()
+_NO_FLOAT64: weakref.WeakSet = weakref.WeakSet()
 
 
 def float64_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> Tensor:
@@ -201,9 +201,14 @@ def float64_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, t
     finite difference of a few 1e-5 on a loss near 2.3) are not lost to fp32 rounding. A loss that cannot take
     float64 (e.g. one holding an fp32 module) is evaluated as given, and remembered.
     """
-    if outputs.dtype == torch.float32 and id(loss_fn) not in _NO_FLOAT64:
+    try:
+        known_fp32 = loss_fn in _NO_FLOAT64
+    except TypeError:  # not weakly referenceable: not remembered
+        known_fp32 = False
+    if outputs.dtype == torch.float32 and not known_fp32:
         try:
             return loss_fn(outputs.double(), targets)
         except (RuntimeError, TypeError):
-            _NO_FLOAT64.add(id(loss_fn))
+            with contextlib.suppress(TypeError):
+                _NO_FLOAT64.add(loss_fn)
     return loss_fn(outputs, targets)

@@ -212,11 +212,6 @@ def _scatter(base: Tensor, z: Tensor, channel: Tensor) -> Tensor:
     return d
 
 
-def _delta_if(perturb: tuple[str, float], name: str) -> float:
-    """The perturbation ``perturb = (param_name, delta)`` applied to ``name``: ``delta`` or 0."""
-    return perturb[1] if perturb[0] == name else 0.0
-
-
 def _materialize(base: Tensor, z: Tensor, channel: Tensor) -> Tensor:
     """``k`` copies of ``base`` ``(B, C, ...)``, channel ``channel[i]`` of copy i replaced by ``z[i]``."""
     k = z.shape[0]
@@ -451,7 +446,7 @@ class StagedForward:
                 return delta * col, channel
             if isinstance(op, _NORMS) and x.dim() in (2, 4):
                 # d(w * xhat + b) = delta * xhat (weight) or delta (bias)
-                xhat = self._channelwise(op, {}, self._channels(x, index), index)
+                xhat = self._channelwise(op, chain.params[j], self._channels(x, index), index)
                 return (delta * xhat if local == "weight" else torch.full_like(xhat, delta)), index
         if chain.top:
             block = self._residuals[j]
@@ -685,11 +680,10 @@ class StagedForward:
         window = self._padded[id(op)][:, c[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, k, ho, wo)
         return index // (op.in_channels * kh * kw), window.transpose(0, 1).contiguous()
 
-    def _channelwise(self, op: nn.Module, p: Mapping[str, Tensor], z: Tensor, channel: Tensor,
-                     perturb: tuple[str, float] | None = None) -> Tensor:
+    def _channelwise(self, op: nn.Module, p: Mapping[str, Tensor], z: Tensor, channel: Tensor) -> Tensor:
         """Apply channel-wise ``op`` to one channel per query: ``z`` is ``(k, B, *spatial)``, channel ``channel[i]``.
 
-        ``perturb=(name, delta)`` adds ``delta`` to entry ``channel[i]`` of op's parameter ``name`` for query i.
+        A BatchNorm is only normalized (per query in train mode), without its affine part.
         """
         if isinstance(op, _NORMS):
             dims = tuple(range(1, z.dim()))
@@ -697,17 +691,9 @@ class StagedForward:
             if op.training or op.running_mean is None:
                 # two passes: as exact as var_mean and many times faster on CPU for these small per-query blocks
                 centered = z - z.mean(dims, keepdim=True)
-                z = centered * torch.rsqrt((centered * centered).mean(dims, keepdim=True) + op.eps)
-            else:
-                mean, var = op.running_mean[channel].view(shape), op.running_var[channel].view(shape)
-                z = (z - mean) * torch.rsqrt(var + op.eps)
-            if op.affine and "weight" in p:
-                weight, bias = p["weight"][channel], p["bias"][channel]
-                if perturb is not None:
-                    weight = weight + _delta_if(perturb, "weight")
-                    bias = bias + _delta_if(perturb, "bias")
-                z = z * weight.view(shape) + bias.view(shape)
-            return z
+                return centered * torch.rsqrt((centered * centered).mean(dims, keepdim=True) + op.eps)
+            mean, var = op.running_mean[channel].view(shape), op.running_var[channel].view(shape)
+            return (z - mean) * torch.rsqrt(var + op.eps)
         if _is_tiling_max_pool(op) and z.dim() == 4:
             return _tiling_max(op, z)
         if isinstance(op, _POOLS):
