@@ -46,6 +46,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import query
+from dz_lightning.differences import (
+    NormBase,
+    batch_norm_difference,
+    per_example_loss,
+    relu_difference,
+    scatter_channel,
+)
 from dz_lightning.query import low_precision_deltas, query_mode
 
 __all__ = ["StagedForward", "flatten_ops", "get_stages", "residual_parts"]
@@ -125,91 +132,6 @@ def _is_linear(op: nn.Module) -> bool:
     if isinstance(op, _NORMS):
         return not _is_train_norm(op)
     return isinstance(op, _LINEAR_OPS) or (isinstance(op, nn.Dropout) and not op.training)
-
-
-_LOSSES: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
-    F.cross_entropy: F.cross_entropy, F.mse_loss: F.mse_loss, F.l1_loss: F.l1_loss}
-
-
-def _per_example_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """``loss_fn`` with ``reduction="none"`` when it is a known mean-reduced loss (so that the mean of its values
-    over a query's examples is ``loss_fn``'s value), else ``None``."""
-    if loss_fn in _LOSSES:
-        return functools.partial(_LOSSES[loss_fn], reduction="none")
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean":
-        return functools.partial(F.cross_entropy, ignore_index=loss_fn.ignore_index, reduction="none",
-                                 label_smoothing=loss_fn.label_smoothing)
-    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss)) and loss_fn.reduction == "mean":
-        return functools.partial(F.mse_loss if isinstance(loss_fn, nn.MSELoss) else F.l1_loss, reduction="none")
-    return None
-
-
-class _NormBase:
-    """What a train-mode BatchNorm's difference needs of its cached input ``x``: the centered input, the variance
-    and the scale, in the layout that the per-query reductions use."""
-
-    def __init__(self, x: Tensor, weight: Tensor | None, eps: float) -> None:
-        c = x.shape[1]
-        self.channels_last = x.dim() == 4 and x.stride(1) == 1
-        view = self.view(x.unsqueeze(0))
-        self.dims = (1,) if self.channels_last or x.dim() == 2 else (1, 3)
-        self.centered = view - view.mean(self.dims, keepdim=True)
-        self.mean = self.centered.mean(self.dims, keepdim=True)  # ~0, its rounding kept for exactness
-        self.var_eps = (self.centered * self.centered).mean(self.dims, keepdim=True) + eps
-        w = x.new_ones(c) if weight is None else weight
-        self.scale = w.view(1, 1, c) if self.channels_last or x.dim() == 2 else w.view(1, 1, c, 1)
-        self.scale = self.scale * torch.rsqrt(self.var_eps)
-
-    def view(self, h: Tensor) -> Tensor:
-        """``(k, B, C, *spatial)`` as ``(k, B * H * W, C)`` (channels-last), ``(k, B, C, H * W)`` or ``(k, B, C)``."""
-        if h.dim() == 5 and self.channels_last:
-            return h.permute(0, 1, 3, 4, 2).reshape(h.shape[0], -1, h.shape[2])
-        return h.reshape(h.shape[0], h.shape[1], h.shape[2], -1) if h.dim() == 5 else h
-
-    def unview(self, h: Tensor, like: Tensor) -> Tensor:
-        if like.dim() == 5 and self.channels_last:
-            k, b, c, hh, ww = like.shape
-            return h.reshape(k, b, hh, ww, c).permute(0, 1, 4, 2, 3)
-        return h.reshape(like.shape)
-
-
-def _batch_norm_difference(base: _NormBase, d: Tensor) -> Tensor:
-    """Change of a train-mode BatchNorm's output when its input changes by ``d`` ``(k, B, C, *spatial)``, each query
-    with its own statistics, from the cached base and in one batched reduction.
-
-    With ``xc`` the centered base input, ``m = mean(d)``, ``s0`` the base scale and
-    ``s = s0 (1 + dv / (var + eps))^(-1/2)`` where ``dv = 2 mean(xc d) - 2 m mean(xc) + mean(d^2) - m^2`` (the
-    change of the variance), the change is ``xc (s - s0) + (d - m) s``: every term is computed from the change
-    itself, so its rounding error is relative to the change, not to the activations (as in ``f(x + d) - f(x)``).
-    """
-    v = base.view(d)
-    n = v.shape[1] * (v.shape[3] if v.dim() == 4 else 1)
-    m = v.mean(base.dims, keepdim=True)
-    if base.dims == (1,):  # fused products and sums: no temporaries the size of d
-        cross = torch.linalg.vecdot(base.centered, v, dim=1).unsqueeze(1)
-        square = torch.linalg.vecdot(v, v, dim=1).unsqueeze(1)
-    else:
-        cross = (base.centered * v).sum(base.dims, keepdim=True)
-        square = (v * v).sum(base.dims, keepdim=True)
-    dv = (2 * cross + square) / n - m * (2 * base.mean + m)
-    ds = base.scale * torch.expm1(-0.5 * torch.log1p(dv / base.var_eps))
-    s = base.scale + ds
-    out = torch.addcmul(torch.addcmul(-m * s, base.centered, ds), v, s)
-    return base.unview(out, d)
-
-
-def _relu_difference(neg_part: Tensor, neg_out: Tensor, d: Tensor) -> Tensor:
-    """``relu(x + d) - relu(x)`` as ``max(d + min(x, 0), -relu(x))``, from ``neg_part = min(x, 0)`` and
-    ``neg_out = -relu(x)``: exact where ``x > 0`` (no rounding of ``x + d``), two passes over ``d``."""
-    return torch.maximum(d + neg_part, neg_out)
-
-
-def _scatter(base: Tensor, z: Tensor, channel: Tensor) -> Tensor:
-    """``(k, *base.shape)`` zeros with channel ``channel[i]`` of query i set to ``z[i]``."""
-    k = z.shape[0]
-    d = z.new_zeros((k, *base.shape))
-    d[torch.arange(k, device=z.device), :, channel] = z
-    return d
 
 
 def _materialize(base: Tensor, z: Tensor, channel: Tensor) -> Tensor:
@@ -346,7 +268,7 @@ class StagedForward:
             # the loss in float64 where loss_fn allows it: perturbed losses come from the same outputs plus each
             # query's difference, and f(theta + mu e_i) - f(theta) is not lost to the rounding of fp32 losses
             self._base = query.float64_loss(loss_fn, self.acts[-1], targets).reshape(())
-            self._per_example = _per_example_loss(loss_fn)
+            self._per_example = per_example_loss(loss_fn)
             if self._per_example is not None:  # checked once: e.g. ignored targets make the mean differ
                 out = self.acts[-1].to(self._base.dtype)
                 mean = self._per_example(out, targets).reshape(out.shape[0], -1).mean(1).mean()
@@ -434,7 +356,7 @@ class StagedForward:
 
     def _to_difference(self, base: Tensor, h: Tensor, channel: Tensor | None) -> Tensor:
         """A state at ``base`` as a whole difference ``(k, *base.shape)``."""
-        return h if channel is None else _scatter(base, h, channel)
+        return h if channel is None else scatter_channel(base, h, channel)
 
     def _perturb(self, chain: _Chain, j: int, local: str, index: Tensor, delta: float) -> tuple[Tensor, Tensor | None]:
         """State at the input of op ``j + 1`` when entry ``index[i]`` of op ``j``'s ``local`` moves by ``delta``."""
@@ -507,10 +429,10 @@ class StagedForward:
             elif _is_train_norm(op) and x.dim() in (2, 4):
                 bases = self._norm_bases[id(chain)]
                 if s not in bases:
-                    bases[s] = _NormBase(x, p.get("weight"), op.eps)
-                d = _batch_norm_difference(bases[s], d)
+                    bases[s] = NormBase(x, p.get("weight"), op.eps)
+                d = batch_norm_difference(bases[s], d)
             elif isinstance(op, nn.ReLU):
-                d = _relu_difference(*self._relu_base(x), d)
+                d = relu_difference(*self._relu_base(x), d)
             elif _is_tiling_max_pool(op) and x.dim() == 4:
                 d = _tiling_max(op, x + d) - y
             elif isinstance(op, _ELEMENTWISE + _POOLS):
@@ -630,7 +552,7 @@ class StagedForward:
             return d, None
         out = self._after_add_base(block, pre)
         if isinstance(block.after_add, nn.ReLU):
-            return _relu_difference(*self._relu_base(pre), d), None
+            return relu_difference(*self._relu_base(pre), d), None
         if isinstance(block.after_add, _ELEMENTWISE):
             return self._flat(lambda flat: functional_call(block.after_add, block.after_add_params, (flat,)),
                               pre + d) - out, None
@@ -705,8 +627,8 @@ class StagedForward:
     def _channel_difference(self, op: nn.Module, p: Mapping[str, Tensor], x: Tensor, y: Tensor, d: Tensor,
                             channel: Tensor) -> Tensor:
         """Change of channel-wise ``op``'s output (cached input ``x``, output ``y``) in channel ``channel[i]`` when
-        that channel of its input changes by ``d[i]`` ``(k, B, *spatial)``; as :func:`_batch_norm_difference` and
-        :func:`_relu_difference`, from the change itself where the op allows it."""
+        that channel of its input changes by ``d[i]`` ``(k, B, *spatial)``; as :func:`batch_norm_difference` and
+        :func:`relu_difference`, from the change itself where the op allows it."""
         if isinstance(op, _NORMS):
             shape = (-1, *([1] * (d.dim() - 1)))
             w = p["weight"][channel].view(shape) if "weight" in p else 1.0
@@ -722,7 +644,7 @@ class StagedForward:
             return torch.addcmul(xc * ds, dc, scale + ds)
         if isinstance(op, nn.ReLU):
             neg_part, neg_out = self._relu_base(x)
-            return _relu_difference(self._channels(neg_part, channel), self._channels(neg_out, channel), d)
+            return relu_difference(self._channels(neg_part, channel), self._channels(neg_out, channel), d)
         return self._channelwise(op, p, self._channels(x, channel) + d, channel) - self._channels(y, channel)
 
     def _channel_stats(self, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
