@@ -49,6 +49,8 @@ class NormBase:
         w = x.new_ones(c) if weight is None else weight
         self.scale = w.view(1, 1, c) if self.channels_last or x.dim() == 2 else w.view(1, 1, c, 1)
         self.scale = self.scale * torch.rsqrt(self.var_eps)
+        self.inv_var = 1 / self.var_eps
+        self.inv_n_var = self.inv_var / (view.shape[1] * (view.shape[3] if view.dim() == 4 else 1))
 
     def view(self, h: Tensor) -> Tensor:
         """``(k, B, C, *spatial)`` as ``(k, B * H * W, C)`` (channels-last), ``(k, B, C, H * W)`` or ``(k, B, C)``."""
@@ -73,16 +75,17 @@ def batch_norm_difference(base: NormBase, d: Tensor) -> Tensor:
     itself, so its rounding error is relative to the change, not to the activations (as in ``f(x + d) - f(x)``).
     """
     v = base.view(d)
-    n = v.shape[1] * (v.shape[3] if v.dim() == 4 else 1)
-    m = v.mean(base.dims, keepdim=True)
     if base.dims == (1,):  # fused products and sums: no temporaries the size of d
+        m = v.mean(1, keepdim=True)
         cross = torch.linalg.vecdot(base.centered, v, dim=1).unsqueeze(1)
         square = torch.linalg.vecdot(v, v, dim=1).unsqueeze(1)
     else:
+        m = v.mean(base.dims, keepdim=True)
         cross = (base.centered * v).sum(base.dims, keepdim=True)
         square = (v * v).sum(base.dims, keepdim=True)
-    dv = (2 * cross + square) / n - m * (2 * base.mean + m)
-    ds = base.scale * torch.expm1(-0.5 * torch.log1p(dv / base.var_eps))
+    # relative change of var + eps: (2 cross + square) / n - m (2 mean(xc) + m), over var + eps
+    rel = torch.addcmul((2 * cross + square) * base.inv_n_var, m, (2 * base.mean + m) * base.inv_var, value=-1)
+    ds = base.scale * torch.expm1(torch.log1p(rel) * -0.5)
     s = base.scale + ds
     out = torch.addcmul(torch.addcmul(-m * s, base.centered, ds), v, s)
     return base.unview(out, d)

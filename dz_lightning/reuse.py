@@ -170,7 +170,7 @@ class _Residual:
         self.after_add, self.after_add_params = after_add, after_add_params
         self.pre = branch.acts[-1] + shortcut
         self.out: Tensor | None = None
-        self.linear_shortcut = False
+        self.linear_shortcut = self.identity_shortcut = False
 
 
 def residual_parts(block: nn.Module) -> tuple[list[nn.Module], nn.Module | None] | None:
@@ -511,7 +511,8 @@ class StagedForward:
             raise ValueError(f"{type(block).__name__}: after_add(residual_branch(x) + shortcut(x)) differs from its "
                              "forward(x); fix the residual protocol or remove it.")
         residual = _Residual(_Chain(ops, params, acts, top=False), where, shortcut, after_add, after_params)
-        residual.linear_shortcut = self._is_linear_shortcut(j)
+        residual.identity_shortcut = shortcut is self.acts[j]
+        residual.linear_shortcut = residual.identity_shortcut or self._is_linear_shortcut(j)
         self._norm_bases[id(residual.branch)] = {}
         return residual
 
@@ -573,6 +574,8 @@ class StagedForward:
         block = self._residuals[t]
         shortcut, params = _Method(self.ops[t], "shortcut"), self._block_params(t)
         run = vmap(lambda v: functional_call(shortcut, params, (v,)), randomness="same")
+        if block.identity_shortcut:
+            return d
         return run(d) if block.linear_shortcut else run(self.acts[t] + d) - block.shortcut
 
     def _residual_input_change(self, t: int, z: Tensor, channel: Tensor) -> tuple[Tensor, None]:
