@@ -14,14 +14,24 @@ The three must agree. ``step_seconds_90pct`` projects one full CGE step at 90% s
 (10% of every conv/linear weight, BatchNorm parameters and biases dense) from per-parameter timings of (c), and
 ``step_speedup_vs_reuse_loop`` compares it with the same projection for (b): the speedup on a real step's mix of
 coordinates, with the per-tensor setup amortized as in training.
-The last line printed is one JSON object.
 
-Usage: ``python benchmarks/cge_throughput.py --models resnet20 simple_cnn --batch 64 --coords 128``
+Per model it also reports ``step_seconds_90pct_by_delta_dtype`` (the projection with ``delta_dtype`` float32 and
+bfloat16), ``ops_per_chunk`` (dispatched aten ops for one chunk of ``k = 1`` and ``k = 64`` queries of every tensor,
+counted with a ``TorchDispatchMode``), ``ops_growth`` (their ratio), ``syncs_per_chunk`` (``.item()``-like calls and
+device-to-host copies inside ``coordinate_losses``) and ``rel_err``: max |estimate - float64 loop| / RMS(float64
+loop) of forward differences over random coordinates, train and eval mode, per ``delta_dtype``. On top,
+``conv_fp32_vs_bf16`` times resnet20's convolutions in both dtypes on the device.
+The last line printed is one JSON object; ``--out`` (default on CUDA: ``cge_throughput_cuda.json`` in
+``benchmarks/results``) also writes it.
+
+Usage: ``python -m benchmarks.cge_throughput --models resnet20 simple_cnn --batch 64 --coords 128``;
+on a GPU: ``python -m benchmarks.cge_throughput --device cuda`` (batch 256).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -31,14 +41,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dz_lightning.models import resnet20, simple_cnn
-from dz_lightning.oracle import frozen_batchnorm_stats
+from dz_lightning.query import fp32_precision, frozen_batchnorm_stats
 from dz_lightning.reuse import StagedForward, flatten_ops, get_stages
 
 _T = TypeVar("_T")
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "simple_cnn": lambda: simple_cnn(depth=3)}
+
+
+_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose"}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts dispatched aten ops, and device-to-host syncs among them (``.item()``, ``nonzero``, comparisons
+    returning a Python bool, copies from an accelerator to the CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        self.ops += 1
+        name = func.__name__.split(".")[0]
+        if name in _SYNC_OPS:
+            self.syncs += 1
+        elif name in ("_to_copy", "copy_", "to"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device")
+            if isinstance(src, Tensor) and src.device.type != "cpu" and dst is not None and \
+                    torch.device(dst).type == "cpu":
+                self.syncs += 1
+        return func(*args, **kwargs)
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +143,7 @@ def reuse_loop(model: nn.Module, x: Tensor, y: Tensor, coords: list[tuple[str, i
 def ours(model: nn.Module, x: Tensor, y: Tensor, coords: list[tuple[str, int]], delta: float,
          max_batch: int | None) -> Tensor:
     staged = StagedForward(model, F.cross_entropy, x, y, dict(model.named_parameters()), max_batch=max_batch)
-    out = torch.empty(len(coords), device=x.device)
+    out = torch.empty(len(coords), device=x.device, dtype=torch.float64)
     by_name: dict[str, list[int]] = {}
     for pos, (name, _) in enumerate(coords):
         by_name.setdefault(name, []).append(pos)
@@ -135,32 +173,111 @@ def _sparse_counts(model: nn.Module, density: float) -> dict[str, int]:
 
 
 def project_step(model: nn.Module, x: Tensor, y: Tensor, delta: float, max_batch: int | None,
-                 per_param: int, gen: torch.Generator, loop_per_param: int = 16) -> tuple[float, float, int]:
-    """Seconds of one CGE step at 90% sparsity, ours and the reuse loop's, and its queries.
+                 per_param: int, gen: torch.Generator, loop_per_param: int = 16,
+                 delta_dtypes: tuple[str, ...] = ("float32",)) -> tuple[dict[str, float], float, int]:
+    """Seconds of one CGE step at 90% sparsity, ours (per ``delta_dtype``) and the reuse loop's, and its queries.
 
     Timed on up to ``per_param`` queries per tensor for ours and ``loop_per_param`` for the loop (one query at a
     time costs the same for every coordinate of a tensor), scaled to the tensor's count; each includes its base
     forward once.
     """
-    staged, total = _timed(lambda: StagedForward(model, F.cross_entropy, x, y, dict(model.named_parameters()),
-                                                 max_batch=max_batch), x.device)
+    staged, totals = {}, {}
+    for dtype in delta_dtypes:
+        staged[dtype], totals[dtype] = _timed(lambda dtype=dtype: StagedForward(
+            model, F.cross_entropy, x, y, dict(model.named_parameters()), max_batch=max_batch, delta_dtype=dtype),
+            x.device)
     acts, loop_total = _timed(lambda: base_acts(model, x), x.device)
     queries = 0
     for name, n in _sparse_counts(model, 0.1).items():
         numel = dict(model.named_parameters())[name].numel()
         m = min(n, per_param)
         idx = torch.randperm(numel, generator=gen)[:m].to(x.device)
-        _, seconds = _timed(lambda idx=idx, name=name: staged.coordinate_losses(name, idx, delta), x.device)
-        total += seconds * n / m
+        for dtype in delta_dtypes:
+            _, seconds = _timed(lambda idx=idx, name=name, dtype=dtype: staged[dtype].coordinate_losses(
+                name, idx, delta), x.device)
+            totals[dtype] += seconds * n / m
         coords = [(name, int(i)) for i in idx[:loop_per_param].tolist()]
         _, seconds = _timed(lambda coords=coords: reuse_loop(model, x, y, coords, delta, acts=acts), x.device)
         loop_total += seconds * n / len(coords)
         queries += n
-    return total, loop_total, queries + 1
+    return totals, loop_total, queries + 1
+
+
+def ops_per_chunk(model: nn.Module, device: torch.device, batch: int = 2) -> dict:
+    """Dispatched aten ops and syncs for one chunk of ``k = 1`` and ``k = 64`` queries of every parameter tensor
+    (summed over the tensors; counted on a batch of ``batch`` 32x32 images: op counts do not depend on it)."""
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    params = dict(model.named_parameters())
+    ops, syncs, chunks = {}, 0, 0
+    for k in (1, 64):
+        staged = StagedForward(model, F.cross_entropy, x, y, params, max_batch=k)
+        ops[k] = 0
+        for name, p in params.items():
+            index = torch.arange(k, device=device) % p.numel()
+            staged.coordinate_losses(name, index, 1e-3)  # the first call fills per-op caches
+            with DispatchCounter() as counter:
+                staged.coordinate_losses(name, index, 1e-3)
+            ops[k] += counter.ops
+            syncs += counter.syncs
+            chunks += 1
+    return {"ops_per_chunk": {"k1": ops[1], "k64": ops[64]}, "ops_growth": ops[64] / ops[1],
+            "syncs_per_chunk": syncs / chunks}
+
+
+def rel_err(model: nn.Module, x: Tensor, y: Tensor, delta: float, n_coords: int, gen: torch.Generator,
+            delta_dtypes: tuple[str, ...]) -> dict[str, float]:
+    """max |estimate - float64 loop| / RMS(float64 loop) of forward differences over ``n_coords`` random
+    coordinates, per ``delta_dtype``; the model's train/eval mode as it is."""
+    params = dict(model.named_parameters())
+    names = list(params)
+    sizes = torch.tensor([params[n].numel() for n in names], dtype=torch.float)
+    which = torch.multinomial(sizes, n_coords, replacement=True, generator=gen).tolist()
+    coords = [(names[w], int(torch.randint(params[names[w]].numel(), (1,), generator=gen))) for w in which]
+    model64 = copy.deepcopy(model).double()
+    p64 = dict(model64.named_parameters())
+    x64 = x.double()
+    ref = []
+    with torch.no_grad(), frozen_batchnorm_stats(model64):
+        base = F.cross_entropy(model64(x64), y)
+        for name, i in coords:
+            out = functional_call(model64, {**p64, name: _perturbed(p64[name], i, delta)}, (x64,))
+            ref.append((F.cross_entropy(out, y) - base) / delta)
+    ref = torch.stack(ref)
+    result = {}
+    for dtype in delta_dtypes:
+        staged = StagedForward(model, F.cross_entropy, x, y, params, delta_dtype=dtype)
+        est = torch.empty(n_coords, dtype=torch.float64, device=x.device)
+        by_name: dict[str, list[int]] = {}
+        for pos, (name, _) in enumerate(coords):
+            by_name.setdefault(name, []).append(pos)
+        for name, positions in by_name.items():
+            idx = torch.tensor([coords[p][1] for p in positions], device=x.device)
+            losses = staged.coordinate_losses(name, idx, delta).double()
+            est[torch.tensor(positions, device=x.device)] = (losses - staged.base_loss().double()) / delta
+        result[dtype] = float((est - ref).abs().max() / ref.pow(2).mean().sqrt())
+    return result
+
+
+def conv_bf16_speedup(device: torch.device, reps: int = 20) -> dict[str, float]:
+    """Seconds of resnet20's 3x3 convolutions on a flat batch of 256 examples, fp32 vs bf16, and their ratio."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        total = 0.0
+        for c, hw in ((16, 32), (32, 16), (64, 8)):
+            x = torch.randn(256, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(c, c, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            F.conv2d(x, w, padding=1)
+            _, seconds = _timed(lambda x=x, w=w: [F.conv2d(x, w, padding=1) for _ in range(reps)], device)
+            total += seconds / reps
+        times[str(dtype).removeprefix("torch.")] = total
+    return {"float32_s": times["float32"], "bfloat16_s": times["bfloat16"],
+            "bf16_speedup": times["float32"] / times["bfloat16"]}
 
 
 def run_model(name: str, batch: int, n_coords: int, device: torch.device, delta: float, max_batch: int | None,
-              per_param: int, seed: int) -> dict:
+              per_param: int, seed: int, delta_dtypes: tuple[str, ...] = ("float32",), rel_err_coords: int = 0,
+              count_ops: bool = False) -> dict:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = MODELS[name]().to(device).train()
@@ -176,8 +293,9 @@ def run_model(name: str, batch: int, n_coords: int, device: torch.device, delta:
     b, t_loop = _timed(lambda: reuse_loop(model, x, y, coords, delta), device)
     _, t_loop_cl = _timed(lambda: reuse_loop(model, x, y, coords, delta, torch.channels_last), device)
     c, t_ours = _timed(lambda: ours(model, x, y, coords, delta, max_batch), device)
-    step_seconds, loop_step_seconds, step_queries = project_step(model, x, y, delta, max_batch, per_param, gen)
-    return {
+    steps, loop_step_seconds, step_queries = project_step(model, x, y, delta, max_batch, per_param, gen,
+                                                          delta_dtypes=tuple(dict.fromkeys(("float32", *delta_dtypes))))
+    result = {
         "params": int(sizes.sum()),
         "coords": n_coords,
         "queries_per_s": {"naive": n_coords / t_naive, "reuse_loop": n_coords / t_loop,
@@ -186,35 +304,68 @@ def run_model(name: str, batch: int, n_coords: int, device: torch.device, delta:
         "speedup_vs_reuse_loop_channels_last": t_loop_cl / t_ours,
         "speedup_vs_naive": t_naive / t_ours,
         "max_abs_diff": max(float((a - c).abs().max()), float((b - c).abs().max())),
-        "step_seconds_90pct": step_seconds,
+        "step_seconds_90pct": steps["float32"],
         "step_seconds_90pct_reuse_loop": loop_step_seconds,
-        "step_speedup_vs_reuse_loop": loop_step_seconds / step_seconds,
+        "step_speedup_vs_reuse_loop": loop_step_seconds / steps["float32"],
         "step_queries_90pct": step_queries,
+        "step_seconds_90pct_by_delta_dtype": steps,
     }
+    if count_ops:
+        result.update(ops_per_chunk(model, device))
+    if rel_err_coords:
+        evaluated = copy.deepcopy(model)
+        with torch.no_grad():  # non-trivial running statistics for eval mode
+            evaluated.train()(x * 2 + 0.5)
+        result["rel_err"] = {
+            mode: rel_err(m, x, y, delta, rel_err_coords, torch.Generator().manual_seed(seed + 1), delta_dtypes)
+            for mode, m in (("train", model.train()), ("eval", evaluated.eval()))}
+        result["rel_err_coords"] = rel_err_coords
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="examples per batch (default: 64 on CPU, 256 on CUDA)")
     parser.add_argument("--coords", type=int, default=128, help="coordinates timed with all three methods")
     parser.add_argument("--per-param", type=int, default=256, help="queries timed per tensor for the projection")
     parser.add_argument("--max-batch", type=int, default=None, help="queries per batched call (default: auto)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mu", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--delta-dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "tf32"], help="delta_dtype values timed and checked")
+    parser.add_argument("--rel-err-coords", type=int, default=64,
+                        help="coordinates of the error check against a float64 loop (0: skip it)")
+    parser.add_argument("--count-ops", action=argparse.BooleanOptionalAction, default=True,
+                        help="count dispatched ops and syncs per chunk")
+    parser.add_argument("--conv-reps", type=int, default=10, help="repetitions of the fp32-vs-bf16 convolution timing")
+    parser.add_argument("--out", default=None,
+                        help="write the JSON here (default on CUDA: benchmarks/results/cge_throughput_cuda.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "matmul_gflops": matmul_gflops(device),
-    }
-    for name in args.models:
-        result[name] = run_model(name, args.batch, args.coords, device, args.mu, args.max_batch, args.per_param,
-                                 args.seed)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} needs a CUDA GPU, but torch.cuda.is_available() is False "
+                     f"(torch {torch.__version__}); run on a machine with one, or use --device cpu.")
+    if "tf32" in args.delta_dtypes and device.type != "cuda":
+        parser.error("--delta-dtypes tf32 needs --device cuda (TF32 is a CUDA tensor-core format).")
+    batch = args.batch or (256 if device.type == "cuda" else 64)
+    out = args.out or ("benchmarks/results/cge_throughput_cuda.json" if device.type == "cuda" else None)
+    with fp32_precision():  # baselines and ours alike in true fp32 (no TF32), whatever the global settings
+        result = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
+            "batch": batch,
+            "matmul_gflops": matmul_gflops(device),
+            "conv_fp32_vs_bf16": conv_bf16_speedup(device, args.conv_reps),
+        }
+        for name in args.models:
+            result[name] = run_model(name, batch, args.coords, device, args.mu, args.max_batch, args.per_param,
+                                     args.seed, tuple(args.delta_dtypes), args.rel_err_coords, args.count_ops)
     print(json.dumps(result))
+    if out is not None:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 

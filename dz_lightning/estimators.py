@@ -18,7 +18,7 @@ from torch import Tensor
 from dz_lightning.oracle import NonFiniteLossError, Oracle
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["Estimate", "cge", "rge", "validate_masks"]
+__all__ = ["Estimate", "cge", "device_generator", "rge", "validate_masks"]
 
 Difference = Literal["forward", "central"]
 Distribution = Literal["gaussian", "sphere"]
@@ -271,16 +271,32 @@ def cge(
             index = torch.arange(value.numel(), device=value.device)
         if index.numel() == 0:
             continue
-        plus = oracle.coordinate_losses(params, name, index, mu).to(value.device, value.dtype)
+        # differences in the losses' own dtype (float64 where the oracle gives it), then the parameter's
+        plus = oracle.coordinate_losses(params, name, index, mu).to(value.device)
         if difference == "forward":
-            diff = (plus - f0.to(plus)) / mu
+            diff = ((plus - f0.to(plus)) / mu).to(value.dtype)
         else:
-            minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device, value.dtype)
-            diff = (plus - minus) / (2 * mu)
+            minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device)
+            diff = ((plus - minus.to(plus)) / (2 * mu)).to(value.dtype)
         diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
         grads[name].view(-1)[index] = diff
     return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped)
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` for drawing directions there, derived from ``generator``.
+
+    ``generator`` itself when it already lives on ``device`` (or is ``None``: the device's global RNG); otherwise
+    a fresh generator on ``device`` seeded by one draw from ``generator``. The state that matters stays in
+    ``generator`` (e.g. a module's CPU generator saved in checkpoints), so resuming and replaying stay exact, and
+    every DDP rank holding the same ``generator`` derives the same device generator.
+    """
+    if generator is None or generator.device.type == device.type and (
+            device.type == "cpu" or generator.device.index == device.index):
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _directions(
@@ -288,21 +304,26 @@ def _directions(
     masks: Mapping[str, Tensor] | None,
     k: int,
     distribution: str,
-    generator: torch.Generator | None,
+    generators: Mapping[torch.device, torch.Generator | None],
 ) -> dict[str, Tensor]:
-    """``k`` random directions, stacked per parameter: name -> ``(k, *shape)``; unit norm for 'sphere'."""
+    """``k`` random directions, stacked per parameter: name -> ``(k, *shape)``; unit norm for 'sphere'.
+
+    Drawn on each parameter's device, with ``generators[device]``: no host-to-device copies.
+    """
     dirs = {}
     for name, value in params.items():
-        u = torch.randn((k, *value.shape), generator=generator, dtype=value.dtype)
+        u = torch.randn((k, *value.shape), generator=generators[value.device], dtype=value.dtype,
+                        device=value.device)
         if masks is not None and name in masks:
             u = u * masks[name].to(u.device)
         dirs[name] = u
     if distribution == "sphere":
-        norm = torch.sqrt(sum(u.reshape(k, -1).pow(2).sum(1) for u in dirs.values()))
+        first = next(iter(dirs.values()))
+        norm = torch.sqrt(sum(u.reshape(k, -1).pow(2).sum(1).to(first.device) for u in dirs.values()))
         norm = torch.clamp(norm, min=torch.finfo(norm.dtype).tiny)
         for name in dirs:
-            dirs[name] = dirs[name] / norm.reshape(k, *([1] * (dirs[name].dim() - 1)))
-    return {n: u.to(params[n].device) for n, u in dirs.items()}
+            dirs[name] = dirs[name] / norm.to(dirs[name].device).reshape(k, *([1] * (dirs[name].dim() - 1)))
+    return dirs
 
 
 def rge(
@@ -337,7 +358,10 @@ def rge(
         mu: smoothing radius, > 0.
         distribution: ``"gaussian"`` or ``"sphere"``.
         difference: ``"forward"`` (q + 1 queries) or ``"central"`` (2q + 1 queries).
-        generator: CPU ``torch.Generator`` for the directions (reproducibility); ``None`` uses the global RNG.
+        generator: ``torch.Generator`` for the directions (reproducibility); ``None`` uses the global RNG. The
+            directions are drawn on the parameters' device: with a generator on another device (a module's CPU
+            generator, parameters on CUDA), a device generator is derived from it once per call
+            (:func:`device_generator`).
         masks: optional bool masks; directions are zero outside them (``d`` counts only masked-in entries).
         chunk: directions generated and evaluated per batch (bounds memory).
         shard: ``(rank, world_size)``: every rank draws all ``q`` directions (so generators stay in step) but
@@ -368,9 +392,11 @@ def rge(
     scale = (d if distribution == "sphere" else 1.0) / q
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     skipped = 0
+    generators = {p.device: None for p in params.values()}
+    generators = {device: device_generator(generator, device) for device in generators}
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
-        dirs = _directions(params, masks, k, distribution, generator)
+        dirs = _directions(params, masks, k, distribution, generators)
         keep = torch.arange(begin, begin + k)
         if shard is not None:
             keep = keep[keep % shard[1] == shard[0]]

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+
+from dz_lightning import query
+from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 if TYPE_CHECKING:
     from dz_lightning import reuse
@@ -223,32 +226,6 @@ class FunctionOracle(Oracle):
             return torch.as_tensor(self.fn(stacked))
 
 
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
-    """Evaluate ``model`` without updating BatchNorm running statistics.
-
-    In train mode BatchNorm still normalizes with batch statistics (the same numbers a training forward
-    computes); in eval mode it uses the running statistics. Only the buffer updates are suppressed.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.track_running_stats for m in bns]
-    try:
-        for m in bns:
-            m.track_running_stats = False
-        yield
-    finally:
-        for m, flag in zip(bns, saved, strict=True):
-            m.track_running_stats = flag
-
-
-@contextlib.contextmanager
-def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """How every query runs: no autograd, autocast off (full precision), BatchNorm statistics left untouched."""
-    device_type = device.type if device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
-    with torch.no_grad(), torch.autocast(device_type, enabled=False), frozen_batchnorm_stats(model):
-        yield
-
-
 def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """All of ``module``'s parameters by name, taking the values in ``params`` where it names them."""
     return {n: params.get(n, p) for n, p in module.named_parameters()}
@@ -257,8 +234,9 @@ def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[st
 class ModuleOracle(Oracle):
     """Loss of ``loss_fn(model(inputs), targets)`` as a function of (some of) the model's parameters.
 
-    White box inside, black box to the estimator. Queries run under ``no_grad``, with autocast disabled
-    (full precision even inside a mixed-precision trainer), and never update BatchNorm running statistics.
+    White box inside, black box to the estimator. Queries run in :func:`~dz_lightning.query.query_mode`: no
+    autograd, fp32 arithmetic (autocast and TF32 off, even inside a mixed-precision trainer or with TF32 enabled
+    globally), BatchNorm running statistics never updated.
     K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
     one-coordinate perturbations of staged models use feature reuse (:mod:`dz_lightning.reuse`).
 
@@ -269,8 +247,11 @@ class ModuleOracle(Oracle):
         targets: the batch targets, e.g. ``(B,)``.
         max_batch: most points per batched call (bounds memory); ``None`` picks from ``memory_budget``.
         memory_budget: bytes the batched queries may use beyond the base forward; ``None`` means a default
-            (a quarter of free CUDA memory, or 1 GiB on CPU).
+            (:func:`~dz_lightning.query.memory_budget`: 1 GiB on CPU, a quarter of the CUDA memory free at first
+            use, fixed for the process).
         feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
+        delta_dtype: arithmetic of the staged path's linear ops on perturbation differences (``"float32"``,
+            ``"bfloat16"``, ``"tf32"`` on CUDA); see :class:`~dz_lightning.reuse.StagedForward`.
     """
 
     def __init__(
@@ -282,6 +263,7 @@ class ModuleOracle(Oracle):
         max_batch: int | None = None,
         memory_budget: int | None = None,
         feature_reuse: bool = True,
+        delta_dtype: str = "float32",
     ) -> None:
         super().__init__(max_batch=max_batch)
         if not isinstance(model, nn.Module):
@@ -296,6 +278,7 @@ class ModuleOracle(Oracle):
         self.memory_budget = memory_budget
         self.feature_reuse = feature_reuse
         self._names = frozenset(n for n, _ in model.named_parameters())
+        self.delta_dtype = delta_dtype
         self._staged = None
         self._staged_key: tuple | None = None
 
@@ -316,13 +299,7 @@ class ModuleOracle(Oracle):
         """``max_batch`` if set, else as many points as ``memory_budget`` allows."""
         if self.max_batch is not None:
             return self.max_batch
-        budget = self.memory_budget
-        if budget is None:
-            if self.inputs.is_cuda:
-                free, _ = torch.cuda.mem_get_info(self.inputs.device)
-                budget = free // 4
-            else:
-                budget = 1 << 30
+        budget = query.memory_budget(self.inputs.device, self.memory_budget)
         # A rough cost per point: ten activations the size of the input batch.
         per_point = max(1, 10 * self.inputs.numel() * self.inputs.element_size())
         return max(1, min(k, budget // per_point))
@@ -335,7 +312,7 @@ class ModuleOracle(Oracle):
             return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
-            return self.loss_fn(out, self.targets)
+            return query.float64_loss(self.loss_fn, out, self.targets)
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
@@ -345,7 +322,7 @@ class ModuleOracle(Oracle):
         def one(*values: Tensor) -> Tensor:
             point = dict(fixed)
             point.update(zip(names, values, strict=True))
-            return self.loss_fn(functional_call(self.model, point, (self.inputs,)), self.targets)
+            return query.float64_loss(self.loss_fn, functional_call(self.model, point, (self.inputs,)), self.targets)
 
         with self._query_context():
             return vmap(one, randomness="same")(*(varied[n] for n in names))
@@ -375,7 +352,7 @@ class ModuleOracle(Oracle):
             with self._query_context():
                 self._staged = reuse.StagedForward(
                     self.model, self.loss_fn, self.inputs, self.targets, dict(params),
-                    max_batch=self.max_batch, memory_budget=self.memory_budget,
+                    max_batch=self.max_batch, memory_budget=self.memory_budget, delta_dtype=self.delta_dtype,
                 )
             self._staged_key = key
         return self._staged

@@ -168,3 +168,36 @@ def test_non_scalar_loss_is_rejected():
         dz.cge(oracle, {"w": torch.zeros(3)})
     with pytest.raises(TypeError, match="float or a 0-d tensor.*str"):
         dz.cge(dz.FunctionOracle(lambda p: "one"), {"w": torch.zeros(3)})
+
+
+def test_directions_are_drawn_with_a_generator_on_the_parameters_device():
+    gen = torch.Generator().manual_seed(0)
+    assert dz.estimators.device_generator(gen, torch.device("cpu")) is gen  # CPU results as before
+    assert dz.estimators.device_generator(None, torch.device("cpu")) is None
+    params = {"w": torch.zeros(3, 4)}
+    seen = []
+
+    def fn(p):
+        seen.append(p["w"].device)
+        return float(p["w"].sum())
+
+    est = dz.rge(dz.FunctionOracle(fn), params, q=5, generator=torch.Generator().manual_seed(1))
+    ref = torch.randn((5, 3, 4), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(est.grads["w"], (ref * ref.sum((1, 2), keepdim=True)).mean(0), rtol=1e-4, atol=1e-4)
+    assert seen and all(d.type == "cpu" for d in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_directions_derive_from_the_cpu_generator_and_replay_exactly():
+    params = {"w": torch.zeros(3, 4, device="cuda")}
+    oracle = dz.FunctionOracle(lambda p: p["w"].sum())
+
+    def run():
+        gen = torch.Generator().manual_seed(1)
+        derived = dz.estimators.device_generator(gen, torch.device("cuda"))
+        assert derived.device.type == "cuda"
+        return dz.rge(oracle, params, q=5, generator=torch.Generator().manual_seed(1)).grads["w"]
+
+    a, b = run(), run()
+    assert a.device.type == "cuda" and torch.equal(a, b)

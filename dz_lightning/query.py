@@ -1,0 +1,214 @@
+"""The query context: how every loss query runs, whatever the engine that computes it.
+
+* no autograd and no autocast;
+* full fp32 arithmetic: TF32 off for cuDNN convolutions and for matmuls (CUDA and oneDNN), whatever the user's
+  global settings, restored on exit (also after an exception); a model in fp16/bf16 is refused;
+* BatchNorm running statistics left untouched;
+* one memory-budget rule (:func:`memory_budget`), decided once per process and device.
+
+Lower precision is allowed only on a perturbation's *difference* from a cached fp32 base (see
+:class:`dz_lightning.reuse.StagedForward` ``delta_dtype``), where its error is relative to the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "float64_loss", "fp32_precision", "frozen_batchnorm_stats", "low_precision_deltas", "memory_budget", "query_mode",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_LOCK = threading.RLock()
+
+
+class _Flags:
+    """Process-wide precision flags with a depth count, so that nested and concurrent contexts restore them once."""
+
+    depth = 0
+    saved: dict[str, str] | tuple | None = None
+
+
+# the operator-level switches of PyTorch's fp32 precision API (``fp32_precision``: "ieee", "tf32", "bf16",
+# "none" = inherit); the legacy switches (``allow_tf32``, ``set_float32_matmul_precision``) are mapped onto them.
+# Only these leaves are set: mixing levels makes PyTorch refuse to read the legacy flags.
+_LEAVES = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+
+
+def _leaf(path: str) -> object | None:
+    obj: object = torch.backends
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj if obj is not None and hasattr(obj, "fp32_precision") else None
+
+
+def _read_flags() -> dict[str, str]:
+    return {path: _leaf(path).fp32_precision for path in _LEAVES if _leaf(path) is not None}
+
+
+def _write_flags(flags: dict[str, str]) -> None:
+    for path, value in flags.items():
+        _leaf(path).fp32_precision = value
+
+
+def _legacy_flags() -> tuple:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+
+
+def _write_legacy_flags(flags: tuple) -> None:
+    torch.set_float32_matmul_precision(flags[2])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[1], flags[0]
+
+
+@contextlib.contextmanager
+def fp32_precision() -> Iterator[None]:
+    """Full fp32 convolutions and matmuls inside (no TF32 on cuDNN/cuBLAS, no bf16/TF32 in oneDNN); the previous
+    settings come back on exit, also after an exception. Nested or concurrent uses restore them once, at the end."""
+    with _LOCK:
+        if _Flags.depth == 0:
+            if _leaf("cuda.matmul") is not None:
+                _Flags.saved = _read_flags()
+                _write_flags(dict.fromkeys(_Flags.saved, "ieee"))
+            else:  # PyTorch before the fp32_precision API
+                _Flags.saved = _legacy_flags()
+                _write_legacy_flags((False, False, "highest"))
+        _Flags.depth += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _Flags.depth -= 1
+            if _Flags.depth == 0:
+                (_write_flags if isinstance(_Flags.saved, dict) else _write_legacy_flags)(_Flags.saved)
+                _Flags.saved = None
+
+
+@contextlib.contextmanager
+def low_precision_deltas(enabled: bool) -> Iterator[None]:
+    """TF32 for cuDNN and cuBLAS inside (``enabled``): only for ops acting on a perturbation's difference."""
+    if not enabled:
+        yield
+        return
+    if _leaf("cuda.matmul") is None:
+        saved = _legacy_flags()
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        saved = {path: _leaf(path).fp32_precision for path in ("cuda.matmul", "cudnn.conv")}
+        _write_flags(dict.fromkeys(saved, "tf32"))
+    try:
+        yield
+    finally:
+        (_write_flags if isinstance(saved, dict) else _write_legacy_flags)(saved)
+
+
+def check_query_dtypes(model: nn.Module) -> None:
+    """Refuse a model with fp16/bf16 parameters or buffers: finite differences of a few 1e-3 drown in their
+    rounding error.
+
+    Raises:
+        TypeError: naming the first offending tensor.
+    """
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, value in named:
+            if value.dtype in _LOW_PRECISION:
+                raise TypeError(
+                    f"Loss queries run in float32 or float64, but {type(model).__name__} has {kind} {name!r} in "
+                    f"{value.dtype}: finite differences would drown in its rounding error. Query an fp32 copy "
+                    "(`model.float()`); lower precision is only allowed on differences (StagedForward `delta_dtype`)."
+                )
+
+
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` without updating BatchNorm running statistics.
+
+    In train mode BatchNorm still normalizes with batch statistics (the same numbers a training forward
+    computes); in eval mode it uses the running statistics. Only the buffer updates are suppressed. Nested and
+    concurrent uses on the same layers restore the flags once, when the last one exits.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with _LOCK:
+        for m in bns:
+            entry = _FROZEN.get(m)
+            if entry is None:
+                _FROZEN[m] = entry = [0, m.track_running_stats]
+                m.track_running_stats = False
+            entry[0] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for m in bns:
+                entry = _FROZEN[m]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    m.track_running_stats = entry[1]
+                    del _FROZEN[m]
+
+
+@contextlib.contextmanager
+def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """How every query runs: no autograd, autocast off, fp32 arithmetic (no TF32), BatchNorm statistics untouched.
+
+    Raises:
+        TypeError: ``model`` holds fp16/bf16 parameters or buffers.
+    """
+    check_query_dtypes(model)
+    device_type = device.type if device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
+    with (torch.no_grad(), torch.autocast(device_type, enabled=False), fp32_precision(),
+          frozen_batchnorm_stats(model)):
+        yield
+
+
+_CPU_BUDGET = 1 << 30
+_CUDA_BUDGETS: dict[int, int] = {}
+
+
+def memory_budget(device: torch.device, budget: int | None = None) -> int:
+    """Bytes that batched queries may use on ``device``: the one rule for every engine.
+
+    ``budget`` when given; else 1 GiB on CPU, or a quarter of the CUDA memory free at the first call for that
+    device, then fixed for the process: chunk shapes do not change from step to step or rank to rank (which
+    ``cudnn.benchmark`` and CUDA graphs need).
+    """
+    if budget is not None:
+        return int(budget)
+    if device.type != "cuda":
+        return _CPU_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _LOCK:
+        if index not in _CUDA_BUDGETS:
+            _CUDA_BUDGETS[index] = torch.cuda.mem_get_info(index)[0] // 4
+        return _CUDA_BUDGETS[index]
+
+
+_NO_FLOAT64: weakref.WeakSet = weakref.WeakSet()
+
+
+def float64_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> Tensor:
+    """``loss_fn(outputs, targets)`` evaluated on float64 copies of fp32 ``outputs``, where ``loss_fn`` allows it.
+
+    The outputs stay those of the fp32 model; only the loss is taken in float64, so that two nearby losses (a
+    finite difference of a few 1e-5 on a loss near 2.3) are not lost to fp32 rounding. A loss that cannot take
+    float64 (e.g. one holding an fp32 module) is evaluated as given, and remembered.
+    """
+    try:
+        known_fp32 = loss_fn in _NO_FLOAT64
+    except TypeError:  # not weakly referenceable: not remembered
+        known_fp32 = False
+    if outputs.dtype == torch.float32 and not known_fp32:
+        try:
+            return loss_fn(outputs.double(), targets)
+        except (RuntimeError, TypeError):
+            with contextlib.suppress(TypeError):
+                _NO_FLOAT64.add(loss_fn)
+    return loss_fn(outputs, targets)

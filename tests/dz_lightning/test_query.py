@@ -1,0 +1,134 @@
+"""The query context: precision flags, dtype policy, frozen BatchNorm statistics."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dz_lightning as dz
+from dz_lightning import query
+from dz_lightning.query import fp32_precision, frozen_batchnorm_stats, query_mode
+
+
+def _flags() -> tuple:
+    b = torch.backends
+    return (b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision,
+            b.mkldnn.conv.fp32_precision)
+
+
+_FP32 = ("ieee",) * 4
+
+
+@pytest.fixture
+def tf32_user_settings():
+    """A user who turned every fast-fp32 switch on; restored after the test."""
+    saved = _flags()
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")  # TF32 on cuBLAS, bf16 in oneDNN matmuls
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    yield _flags()
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[:2]
+    torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision = saved[2:]
+
+
+def test_tf32_is_off_inside_query_mode_and_restored(tf32_user_settings):
+    model = nn.Linear(2, 2)
+    with query_mode(model, torch.device("cpu")):
+        assert _flags() == _FP32
+        with query_mode(model, torch.device("cpu")):  # nested: still off, and the outer exit restores
+            pass
+        assert _flags() == _FP32
+        assert not torch.is_grad_enabled()
+    assert _flags() == tf32_user_settings
+    assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "medium"
+
+
+def test_flags_restored_after_an_exception(tf32_user_settings):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    with pytest.raises(RuntimeError, match="boom"), query_mode(model, torch.device("cpu")):
+        assert model[0].track_running_stats is False
+        raise RuntimeError("boom")
+    assert _flags() == tf32_user_settings
+    assert model[0].track_running_stats is True
+
+
+def test_oracle_queries_see_fp32_flags(tf32_user_settings):
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append(_flags())
+        return F.mse_loss(out, y)
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    oracle = dz.ModuleOracle(model, loss_fn, torch.randn(4, 3), torch.randn(4, 2))
+    dz.cge(oracle, dict(model.named_parameters()))
+    assert seen and all(f == _FP32 for f in seen)
+    assert _flags() == tf32_user_settings
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_is_refused(dtype):
+    model = nn.Linear(3, 2).to(dtype)
+    with pytest.raises(TypeError, match=rf"parameter 'weight' in {dtype}.*model.float\(\)"):
+        with query_mode(model, torch.device("cpu")):
+            pass
+    oracle = dz.ModuleOracle(model, F.mse_loss, torch.randn(4, 3, dtype=dtype), torch.randn(4, 2, dtype=dtype))
+    with pytest.raises(TypeError, match="Loss queries run in float32 or float64"):
+        oracle.loss(dict(model.named_parameters()))
+
+
+def test_concurrent_contexts_restore_once():
+    bn = nn.BatchNorm1d(2)
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with fp32_precision(), frozen_batchnorm_stats(bn):
+            inside.set()
+            release.wait(5)
+
+    saved = _flags()
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(5)
+    with fp32_precision(), frozen_batchnorm_stats(bn):
+        pass
+    # the other thread is still querying: its settings must survive this thread's exit
+    assert bn.track_running_stats is False
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    release.set()
+    t.join()
+    assert bn.track_running_stats is True
+    assert _flags() == saved
+
+
+def test_memory_budget_is_decided_once_per_device(monkeypatch):
+    calls = []
+
+    def fake_mem_get_info(index):
+        calls.append(index)
+        return (4 << 30) * len(calls), 80 << 30  # free memory that changes at every call
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake_mem_get_info)
+    monkeypatch.setattr(query, "_CUDA_BUDGETS", {})
+    cuda0 = torch.device("cuda", 0)
+    assert [query.memory_budget(cuda0) for _ in range(3)] == [1 << 30] * 3
+    assert calls == [0]
+    assert query.memory_budget(cuda0, 123) == 123
+    assert query.memory_budget(torch.device("cpu")) == 1 << 30
+
+
+def test_staged_chunk_sizes_are_fixed_at_construction():
+    from dz_lightning.models import simple_cnn
+    from dz_lightning.reuse import StagedForward
+
+    model = simple_cnn(2)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    staged = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
+    again = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
+    assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes)
+    assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == (3,) * len(staged.ops)
