@@ -58,6 +58,10 @@ class ZOModule(L.LightningModule):
         gradient_clip_val: clip the estimated gradient to this global 2-norm; ``None`` disables.
         max_batch: most perturbed points per batched oracle call; ``None`` derives it from ``memory_budget``.
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
+        delta_dtype: arithmetic of the staged engine's linear ops on a perturbation's difference from the cached
+            base: ``"float32"`` (default), ``"bfloat16"`` (error relative to the difference; faster convolutions on
+            CPUs with AVX512-BF16 and on GPUs) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the
+            losses stay fp32/float64 whatever this says.
         nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
             A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
         nonfinite_step: what to do when an optimizer step leaves a parameter or an optimizer state tensor
@@ -87,6 +91,7 @@ class ZOModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         max_batch: int | None = None,
         memory_budget: int | None = None,
+        delta_dtype: Literal["float32", "bfloat16", "tf32"] = "float32",
         nonfinite: Literal["raise", "skip"] = "raise",
         nonfinite_step: Literal["raise", "skip"] = "raise",
         max_queries: int | None = None,
@@ -96,6 +101,7 @@ class ZOModule(L.LightningModule):
         _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
                               nonfinite, max_queries)
         check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
+        check_choice("delta_dtype", delta_dtype, ("float32", "bfloat16", "tf32"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
@@ -112,6 +118,7 @@ class ZOModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.max_batch = max_batch
         self.memory_budget = memory_budget
+        self.delta_dtype = delta_dtype
         self.nonfinite = nonfinite
         self.nonfinite_step = nonfinite_step
         self.steps_undone = 0
@@ -156,7 +163,7 @@ class ZOModule(L.LightningModule):
     def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor) -> ModuleOracle:
         """A :class:`ModuleOracle` over ``self.model`` with this module's batching settings."""
         return ModuleOracle(self.model, loss_fn, inputs, targets, max_batch=self.max_batch,
-                            memory_budget=self.memory_budget)
+                            memory_budget=self.memory_budget, delta_dtype=self.delta_dtype)
 
     # -------------------------------------------------------------------------------------- Lightning API
     def configure_optimizers(self) -> Any:

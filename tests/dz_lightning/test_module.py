@@ -159,3 +159,11 @@ def test_progress_bar_throughput_is_smoothed():
     for _ in range(200):
         rate = meter.update(310, 0.0155)
     assert rate == pytest.approx(2.0e4, rel=1e-3)  # and settles on the steady rate
+
+
+def test_delta_dtype_reaches_the_oracle_and_is_checked():
+    module = ZOClassifier(MLP(hidden=(8,)), delta_dtype="bfloat16")
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    assert module.module_oracle(torch.nn.functional.cross_entropy, x, y).delta_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="`delta_dtype`.*'float16'"):
+        ZOClassifier(MLP(hidden=(8,)), delta_dtype="float16")
