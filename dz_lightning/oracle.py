@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -29,20 +30,43 @@ class NonFiniteLossError(ValueError):
     """Raised when the oracle returns NaN or infinity where a finite loss is needed."""
 
 
-def _as_scalar(value: object, where: str) -> Tensor:
-    """Convert an oracle answer to a 0-d float64-or-float32 tensor, checking that it is a scalar."""
+def _as_loss_tensor(value: object) -> Tensor:
+    """An oracle answer as a floating tensor in the precision the black box computed it in.
+
+    A tensor keeps its dtype; a NumPy value or array keeps its floating dtype (``float64``, ``float32``, ...);
+    Python floats and integers become ``float64`` (``torch.tensor(float)`` would round them to ``float32`` and
+    destroy finite differences of a float64 simulator at small ``mu``).
+
+    Raises:
+        TypeError: ``value`` is not numeric.
+    """
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(value.shape)}."
-            )
-        return value.detach().reshape(())
+        value = value.detach()
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+        value = torch.stack([v.detach().reshape(()) for v in value])
+    else:
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiub":
+            raise TypeError(f"got {type(value).__name__} of dtype {array.dtype}")
+        value = torch.from_numpy(np.array(array, dtype=array.dtype if array.dtype.kind == "f" else np.float64))
+    if not value.is_floating_point():
+        value = value.to(torch.float64)
+    return value
+
+
+def _as_scalar(value: object, where: str) -> Tensor:
+    """Convert an oracle answer to a 0-d floating tensor of the black box's precision, checking it is a scalar."""
     try:
-        return torch.tensor(float(value))  # type: ignore[arg-type]
+        tensor = _as_loss_tensor(value)
     except (TypeError, ValueError) as err:
         raise TypeError(
             f"The loss returned by {where} must be a float or a 0-d tensor, but got {type(value).__name__}."
         ) from err
+    if tensor.numel() != 1:
+        raise ValueError(
+            f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(tensor.shape)}."
+        )
+    return tensor.reshape(())
 
 
 class Oracle:
@@ -91,10 +115,11 @@ class Oracle:
         out = []
         for start in range(0, k, chunk):
             part = {n: v[start : start + chunk] for n, v in varied.items()}
-            values = self._losses(params, part)
-            if not isinstance(values, Tensor):
-                values = torch.as_tensor(values)
-            values = values.detach().reshape(-1)
+            try:
+                values = _as_loss_tensor(self._losses(params, part)).reshape(-1)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{type(self).__name__} must return K losses as a tensor, an array or a list of "
+                                f"floats ({err}).") from err
             n_part = min(chunk, k - start)
             if values.numel() != n_part:
                 raise ValueError(
@@ -191,7 +216,7 @@ class FunctionOracle(Oracle):
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
         with torch.no_grad():
             if self.batched:
-                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()}).reshape(())
+                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()})  # K = 1 losses
             return self.fn({n: v.detach() for n, v in params.items()})
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
@@ -202,7 +227,7 @@ class FunctionOracle(Oracle):
             n: (varied[n] if n in varied else v.detach().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()
         }
         with torch.no_grad():
-            return torch.as_tensor(self.fn(stacked))
+            return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
 
 
 @contextlib.contextmanager
