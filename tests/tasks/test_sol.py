@@ -117,7 +117,7 @@ def test_longer_test_sequences_are_cached_on_their_own(tmp_path):
     assert torch.equal(long.data["train"], short.data["train"])
     # the same simulation run on its own: its first 6 steps agree with the joint run's
     torch.testing.assert_close(long.data["test"][:, :7], short.data["test"], rtol=0, atol=1e-5)
-    assert len(list(tmp_path.glob("karman_*/meta.json"))) == 2
+    assert len(list(tmp_path.glob("karman_*/meta.json"))) == 3  # train + test, the longer test, validation
     (traj, re), = list(long.test_dataloader())
     assert traj.shape[1] == 10
     with pytest.raises(ValueError, match="test_steps=0"):
@@ -222,3 +222,17 @@ def test_fo_gradient_is_exact_at_a_trained_corrector(data):
     estimate = torch.cat([grads[n].flatten() for n in params])
     assert F.cosine_similarity(estimate, exact, 0).item() >= 0.9999
     assert exact.norm().item() == pytest.approx(estimate.norm().item(), rel=2e-3)
+
+
+def test_validation_simulations_are_held_out_from_test(tmp_path):
+    data = KarmanDataModule(cache_dir=str(tmp_path), **DATA, val_re=(120.0, 180.0))
+    data.setup()
+    (val, val_re), = list(data.val_dataloader())
+    (test, test_re), = list(data.test_dataloader())
+    assert val_re.tolist() == [120.0, 180.0] and test_re.tolist() == [150.0]
+    assert val.shape == (2, DATA["steps"] + 1, 2, *RES) and torch.isfinite(val).all()
+    assert not set(val_re.tolist()) & set(test_re.tolist()) and not set(val_re.tolist()) & set(DATA["train_re"])
+    with pytest.raises(ValueError, match=r"disjoint from the test ones.*val_re=\(150.0,\)"):
+        KarmanDataModule(**{**DATA, "val_re": (150.0,)})
+    with pytest.raises(ValueError, match="val_re=()"):
+        KarmanDataModule(**{**DATA, "val_re": ()})
