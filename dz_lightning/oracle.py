@@ -278,6 +278,12 @@ class ModuleOracle(Oracle):
         memory_budget: bytes the batched queries may use beyond the base forward; ``None`` means a default
             (a quarter of free CUDA memory, or 1 GiB on CPU).
         feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
+        head: an optional black box between the model and the loss, ``head(outputs, inputs) -> (N, ...)`` for
+            outputs ``(N, ...)`` and the inputs ``(N, ...)`` they came from; the loss is then
+            ``loss_fn(head(model(inputs), inputs), targets)``. It never runs under ``vmap``: K points' outputs
+            reach it as one flat ``(K * B, ...)`` batch (or, on the feature-reuse path, one ``(B, ...)`` batch per
+            point), so a non-torch callable works and every image it sees is counted by it (e.g. a residual
+            denoiser's black-box classifier).
     """
 
     def __init__(
@@ -289,8 +295,11 @@ class ModuleOracle(Oracle):
         max_batch: int | None = None,
         memory_budget: int | None = None,
         feature_reuse: bool = True,
+        head: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(max_batch=max_batch)
+        if head is not None and not callable(head):
+            raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
         self.model = model
@@ -299,6 +308,7 @@ class ModuleOracle(Oracle):
         self.targets = targets
         self.memory_budget = memory_budget
         self.feature_reuse = feature_reuse
+        self.head = head
         self._staged = None
         self._staged_key: tuple | None = None
 
@@ -331,11 +341,19 @@ class ModuleOracle(Oracle):
             return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
-            return self.loss_fn(out, self.targets)
+            return self._outputs_loss(out, self.targets)
+
+    def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The loss of one point's model outputs ``(B, ...)``, through the black-box head if there is one."""
+        if self.head is None:
+            return self.loss_fn(outputs, targets)
+        return self.loss_fn(self.head(outputs, self.inputs), targets)
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         fixed = {n: v for n, v in self._full(params).items() if n not in varied}
         names = list(varied)
+        if self.head is not None:
+            return self._head_losses(self.head, fixed, names, varied)
 
         def one(*values: Tensor) -> Tensor:
             point = dict(fixed)
@@ -344,6 +362,21 @@ class ModuleOracle(Oracle):
 
         with self._query_context():
             return vmap(one, randomness="same")(*(varied[n] for n in names))
+
+    def _head_losses(self, head: Callable[[Tensor, Tensor], Tensor], fixed: dict[str, Tensor], names: list[str],
+                     varied: Mapping[str, Tensor]) -> Tensor:
+        """K points with a black-box head: the model under ``vmap``, the head once on all ``K * B`` outputs."""
+
+        def forward(*values: Tensor) -> Tensor:
+            return functional_call(self.model, {**fixed, **dict(zip(names, values, strict=True))}, (self.inputs,))
+
+        with self._query_context():
+            outputs = vmap(forward, randomness="same")(*(varied[n] for n in names))  # (K, B, ...)
+            k, b = outputs.shape[:2]
+            inputs = self.inputs.unsqueeze(0).expand(k, *self.inputs.shape).reshape(k * b, *self.inputs.shape[1:])
+            heads = head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)
+            heads = heads.reshape(k, b, *heads.shape[1:])
+            return torch.stack([self.loss_fn(heads[i], self.targets).reshape(()) for i in range(k)])
 
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         staged = self._staged_forward(params) if self.feature_reuse else None
@@ -368,7 +401,7 @@ class ModuleOracle(Oracle):
         if self._staged is None or stale:
             with self._query_context():
                 self._staged = reuse.StagedForward(
-                    self.model, self.loss_fn, self.inputs, self.targets, dict(params),
+                    self.model, self._outputs_loss, self.inputs, self.targets, dict(params),
                     max_batch=self.max_batch, memory_budget=self.memory_budget,
                 )
             self._staged_key = key
