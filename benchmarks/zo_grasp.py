@@ -96,6 +96,8 @@ def lpr_study(args: argparse.Namespace, seed: int, q_values: list[int]) -> dict:
     lpr_fo = sp.layerwise_ratios(sp.grasp_scores(model, F.cross_entropy, x, y, names, args.temperature),
                                  args.sparsity)
     out: dict = {"lpr_fo": lpr_fo}
+    other_fo = {t: sp.layerwise_ratios(sp.grasp_scores(model, F.cross_entropy, x, y, names, t), args.sparsity)
+                for t in args.other_temperatures}
     for estimator in args.estimator:
         prefix = "" if estimator == "deepzero" else f"{estimator}_"
         res: dict = {"spearman_by_q": {}, "lpr_mad_by_q": {}, "queries_by_q": {}}
@@ -111,6 +113,9 @@ def lpr_study(args: argparse.Namespace, seed: int, q_values: list[int]) -> dict:
             if q == args.q:
                 res.update(lpr_zo=lpr_zo, spearman=rho, lpr_mad=mad, queries=queries,
                            seconds=time.perf_counter() - start)
+                for t, lpr in other_fo.items():  # the same ZO ratios against FO-GraSP at other temperatures
+                    res[f"lpr_mad_fo_t{t:g}"] = lpr_mad(lpr_zo, lpr)
+                    res[f"spearman_fo_t{t:g}"] = spearman(list(lpr.values()), [lpr_zo[n] for n in lpr])
             print(f"seed={seed} {estimator} q={q}: spearman {rho:.3f}, lpr_mad {mad:.3f}, {queries} queries, "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
         out.update({f"{prefix}{k}": v for k, v in res.items()})
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="further q values (first seed only)")
     parser.add_argument("--mu", type=float, default=5e-3)
     parser.add_argument("--temperature", type=float, default=200.0, help="FO-GraSP's logit temperature")
+    parser.add_argument("--other-temperatures", type=float, nargs="*", default=[1.0],
+                        help="also compare the ZO ratios at --q with FO-GraSP at these temperatures")
     parser.add_argument("--estimator", nargs="+", default=["deepzero"], choices=list(ESTIMATORS))
     parser.add_argument("--per-class", type=int, default=10, help="images per class (the paper uses 25)")
     parser.add_argument("--cifar-root", default=None, help="use real CIFAR-10 files from this directory")
