@@ -41,8 +41,11 @@ class ZOGraSP(L.Callback):
 
     Args:
         sparsity: fraction of the conv/linear weights NOT estimated per step, in [0, 1).
-        method: ``"zo_grasp"`` (scores from loss queries: RGE), ``"grasp"`` (FO reference, autograd),
-            ``"random"`` (global prune of random scores) or ``"uniform"`` (every layer at ``sparsity``).
+        method: ``"zo_grasp"`` (scores from loss queries: DeepZero's RGE with directions normalized per tensor,
+            :func:`~dz_lightning.sparsity.zo_grasp_scores`), ``"grasp"`` (FO reference, autograd, logits at
+            temperature 200 as in DeepZero's code), ``"random"`` (global prune of random scores) or ``"uniform"``
+            (every layer at ``sparsity``). GraSP-type scores are ``-theta * Hg``: a layer initialized at zero (e.g.
+            a corrector's output layer) scores 0 and is never estimated; keep such a layer in ``dense``.
         resample_every_n_epochs: redraw the masks every this many epochs (>= 1).
         resample_every_n_steps: redraw the masks every this many optimizer steps instead (>= 1; takes precedence
             over ``resample_every_n_epochs``). With few steps per epoch and many epochs, a redraw every step spreads

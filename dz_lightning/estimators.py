@@ -195,6 +195,12 @@ def _base_loss(oracle: Oracle, params: Mapping[str, Tensor]) -> Tensor:
     return f0
 
 
+def _difference(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b`` in the wider of the two loss dtypes, on ``a``'s device: never rounds a float64 loss first."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype) - b.to(a.device, dtype)
+
+
 def _handle_nonfinite(values: Tensor, nonfinite: str, where: str) -> tuple[Tensor, int]:
     bad = ~torch.isfinite(values)
     n_bad = int(bad.sum())
@@ -271,13 +277,14 @@ def cge(
             index = torch.arange(value.numel(), device=value.device)
         if index.numel() == 0:
             continue
-        # differences in the losses' own dtype (float64 where the oracle gives it), then the parameter's
+        # differences in the precision the oracle answered in (a float64 black box keeps float64 at small mu)
         plus = oracle.coordinate_losses(params, name, index, mu).to(value.device)
         if difference == "forward":
-            diff = ((plus - f0.to(plus)) / mu).to(value.dtype)
+            diff = _difference(plus, f0) / mu
         else:
             minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device)
-            diff = ((plus - minus.to(plus)) / (2 * mu)).to(value.dtype)
+            diff = _difference(plus, minus) / (2 * mu)
+        diff = diff.to(value.dtype)
         diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
         grads[name].view(-1)[index] = diff
@@ -409,10 +416,10 @@ def rge(
             _check_directions_resolve(params, points, mu, d, distribution)
         plus = oracle.losses(params, points)
         if difference == "forward":
-            coeff = (plus - f0.to(plus)) / mu
+            coeff = _difference(plus, f0) / mu
         else:
             minus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) - mu * u for n, u in dirs.items()})
-            coeff = (plus - minus) / (2 * mu)
+            coeff = _difference(plus, minus) / (2 * mu)
         coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}")
         skipped += n_bad
         for name, u in dirs.items():

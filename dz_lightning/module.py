@@ -160,10 +160,10 @@ class ZOModule(L.LightningModule):
         """Parameters estimated by ZO: name (relative to ``self.model``) -> tensor. Default: trainable ones."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor) -> ModuleOracle:
-        """A :class:`ModuleOracle` over ``self.model`` with this module's batching settings."""
+    def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor, head: Any = None) -> ModuleOracle:
+        """A :class:`ModuleOracle` over ``self.model`` with this module's batching settings (``head``: see there)."""
         return ModuleOracle(self.model, loss_fn, inputs, targets, max_batch=self.max_batch,
-                            memory_budget=self.memory_budget, delta_dtype=self.delta_dtype)
+                            memory_budget=self.memory_budget, delta_dtype=self.delta_dtype, head=head)
 
     # -------------------------------------------------------------------------------------- Lightning API
     def configure_optimizers(self) -> Any:

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -41,25 +42,47 @@ def _reject_bool_or_complex(value: object, where: str) -> None:
                         f"{str(kind).replace('<class ', '').rstrip('>')}.")
 
 
-def _as_scalar(value: object, where: str) -> Tensor:
-    """Convert an oracle answer to a 0-d float64-or-float32 tensor, checking that it is a scalar.
+def _as_loss_tensor(value: object) -> Tensor:
+    """An oracle answer as a floating tensor in the precision the black box computed it in.
 
-    Integer losses are accepted as floats; bool and complex ones are rejected with a ``TypeError``.
+    A tensor keeps its dtype; a NumPy value or array keeps its floating dtype (``float64``, ``float32``, ...);
+    Python floats and integers become ``float64`` (``torch.tensor(float)`` would round them to ``float32`` and
+    destroy finite differences of a float64 simulator at small ``mu``).
+
+    Raises:
+        TypeError: ``value`` is not numeric.
+    """
+    if isinstance(value, Tensor):
+        value = value.detach()
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+        value = torch.stack([v.detach().reshape(()) for v in value])
+    else:
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"got {type(value).__name__} of dtype {array.dtype}")
+        value = torch.from_numpy(np.array(array, dtype=array.dtype if array.dtype.kind == "f" else np.float64))
+    if not value.is_floating_point():
+        value = value.to(torch.float64)
+    return value
+
+
+def _as_scalar(value: object, where: str) -> Tensor:
+    """Convert an oracle answer to a 0-d floating tensor of the black box's precision, checking it is a scalar.
+
+    Integer losses are accepted as ``float64``; bool and complex ones are rejected with a ``TypeError``.
     """
     _reject_bool_or_complex(value, where)
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(value.shape)}."
-            )
-        value = value.detach().reshape(())
-        return value if value.is_floating_point() else value.double()
     try:
-        return torch.tensor(float(value))  # type: ignore[arg-type]
+        tensor = _as_loss_tensor(value)
     except (TypeError, ValueError) as err:
         raise TypeError(
             f"The loss returned by {where} must be a float or a 0-d tensor, but got {type(value).__name__}."
         ) from err
+    if tensor.numel() != 1:
+        raise ValueError(
+            f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(tensor.shape)}."
+        )
+    return tensor.reshape(())
 
 
 class Oracle:
@@ -108,13 +131,13 @@ class Oracle:
         out = []
         for start in range(0, k, chunk):
             part = {n: v[start : start + chunk] for n, v in varied.items()}
-            values = self._losses(params, part)
-            _reject_bool_or_complex(values, type(self).__name__)
-            if not isinstance(values, Tensor):
-                values = torch.as_tensor(values)
-            _reject_bool_or_complex(values, type(self).__name__)
-            values = values.detach().reshape(-1)
-            values = values if values.is_floating_point() else values.double()
+            raw = self._losses(params, part)
+            _reject_bool_or_complex(raw, type(self).__name__)
+            try:
+                values = _as_loss_tensor(raw).reshape(-1)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{type(self).__name__} must return K losses as a tensor, an array or a list of "
+                                f"floats ({err}).") from err
             n_part = min(chunk, k - start)
             if values.numel() != n_part:
                 raise ValueError(
@@ -212,7 +235,7 @@ class FunctionOracle(Oracle):
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
         with torch.no_grad():
             if self.batched:
-                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()}).reshape(())
+                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()})  # K = 1 losses
             return self.fn({n: v.detach() for n, v in params.items()})
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
@@ -223,7 +246,7 @@ class FunctionOracle(Oracle):
             n: (varied[n] if n in varied else v.detach().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()
         }
         with torch.no_grad():
-            return torch.as_tensor(self.fn(stacked))
+            return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
 
 
 def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -252,6 +275,12 @@ class ModuleOracle(Oracle):
         feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
         delta_dtype: arithmetic of the staged path's linear ops on perturbation differences (``"float32"``,
             ``"bfloat16"``, ``"tf32"`` on CUDA); see :class:`~dz_lightning.reuse.StagedForward`.
+        head: an optional black box between the model and the loss, ``head(outputs, inputs) -> (N, ...)`` for
+            outputs ``(N, ...)`` and the inputs ``(N, ...)`` they came from; the loss is then
+            ``loss_fn(head(model(inputs), inputs), targets)``. It never runs under ``vmap``: K points' outputs
+            reach it as one flat ``(K * B, ...)`` batch (or, on the feature-reuse path, one ``(B, ...)`` batch per
+            point), so a non-torch callable works and every image it sees is counted by it (e.g. a residual
+            denoiser's black-box classifier).
     """
 
     def __init__(
@@ -264,8 +293,11 @@ class ModuleOracle(Oracle):
         memory_budget: int | None = None,
         feature_reuse: bool = True,
         delta_dtype: str = "float32",
+        head: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(max_batch=max_batch)
+        if head is not None and not callable(head):
+            raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
         if isinstance(inputs, Tensor) and (inputs.dim() == 0 or inputs.shape[0] == 0):
@@ -279,6 +311,7 @@ class ModuleOracle(Oracle):
         self.feature_reuse = feature_reuse
         self._names = frozenset(n for n, _ in model.named_parameters())
         self.delta_dtype = delta_dtype
+        self.head = head
         self._staged = None
         self._staged_key: tuple | None = None
 
@@ -312,12 +345,20 @@ class ModuleOracle(Oracle):
             return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
-            return query.float64_loss(self.loss_fn, out, self.targets)
+            return self._outputs_loss(out, self.targets)
+
+    def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The loss (float64) of one point's model outputs ``(B, ...)``, through the black-box head if any."""
+        if self.head is not None:
+            outputs = self.head(outputs, self.inputs)
+        return query.float64_loss(self.loss_fn, outputs, targets)
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
         fixed = {n: v for n, v in self._full(params).items() if n not in varied}
         names = list(varied)
+        if self.head is not None:
+            return self._head_losses(self.head, fixed, names, varied)
 
         def one(*values: Tensor) -> Tensor:
             point = dict(fixed)
@@ -326,6 +367,21 @@ class ModuleOracle(Oracle):
 
         with self._query_context():
             return vmap(one, randomness="same")(*(varied[n] for n in names))
+
+    def _head_losses(self, head: Callable[[Tensor, Tensor], Tensor], fixed: dict[str, Tensor], names: list[str],
+                     varied: Mapping[str, Tensor]) -> Tensor:
+        """K points with a black-box head: the model under ``vmap``, the head once on all ``K * B`` outputs."""
+
+        def forward(*values: Tensor) -> Tensor:
+            return functional_call(self.model, {**fixed, **dict(zip(names, values, strict=True))}, (self.inputs,))
+
+        with self._query_context():
+            outputs = vmap(forward, randomness="same")(*(varied[n] for n in names))  # (K, B, ...)
+            k, b = outputs.shape[:2]
+            inputs = self.inputs.unsqueeze(0).expand(k, *self.inputs.shape).reshape(k * b, *self.inputs.shape[1:])
+            heads = head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)
+            heads = heads.reshape(k, b, *heads.shape[1:])
+            return torch.stack([query.float64_loss(self.loss_fn, heads[i], self.targets).reshape(()) for i in range(k)])
 
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         self._check_names(params)
@@ -351,8 +407,10 @@ class ModuleOracle(Oracle):
         if self._staged is None or stale:
             with self._query_context():
                 self._staged = reuse.StagedForward(
-                    self.model, self.loss_fn, self.inputs, self.targets, dict(params),
-                    max_batch=self.max_batch, memory_budget=self.memory_budget, delta_dtype=self.delta_dtype,
+                    # without a head the engine sees the plain loss function (it batches known losses per chunk)
+                    self.model, self.loss_fn if self.head is None else self._outputs_loss, self.inputs, self.targets,
+                    dict(params), max_batch=self.max_batch, memory_budget=self.memory_budget,
+                    delta_dtype=self.delta_dtype,
                 )
             self._staged_key = key
         return self._staged

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dz_lightning.estimators import rge
-from dz_lightning.oracle import ModuleOracle, Oracle, frozen_batchnorm_stats
+from dz_lightning.oracle import ModuleOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
 __all__ = [
@@ -24,6 +23,7 @@ __all__ = [
     "draw_masks",
     "grasp_scores",
     "layerwise_ratios",
+    "per_tensor_rge",
     "prunable_among",
     "prunable_parameters",
     "random_ratios",
@@ -122,11 +122,12 @@ def class_balanced_sample(batches: Iterable[Any], per_class: int = 25,
 
 
 def grasp_scores(model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Tensor,
-                 names: list[str] | None = None) -> dict[str, Tensor]:
+                 names: list[str] | None = None, temperature: float = 200.0) -> dict[str, Tensor]:
     r"""First-order GraSP scores :math:`-\theta \odot Hg` with autograd (FO only: reference and comparison).
 
-    :math:`g = \nabla \ell(\theta)` and :math:`Hg = \nabla_\theta (g^\top \mathrm{sg}(g))`. BatchNorm running
-    statistics are not updated.
+    :math:`g = \nabla \ell(\theta)` and :math:`Hg = \nabla_\theta (g^\top \mathrm{sg}(g))`, with the loss taken
+    at ``model(inputs) / temperature`` (softened logits, as in GraSP and DeepZero's code, whose reference uses 200).
+    BatchNorm running statistics are not updated.
 
     Args:
         model: the network.
@@ -134,40 +135,88 @@ def grasp_scores(model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Tensor
         inputs: ``(N, ...)``.
         targets: ``(N,)``.
         names: parameters to score; default :func:`prunable_parameters`.
+        temperature: the outputs (logits) are divided by it before ``loss_fn``; 1 scores the plain loss.
     """
+    check_positive_float("temperature", temperature)
     names = names or prunable_parameters(model)
     params = dict(model.named_parameters())
     weights = [params[n] for n in names]
     with torch.enable_grad(), frozen_batchnorm_stats(model):
-        loss = loss_fn(model(inputs), targets)
+        loss = loss_fn(model(inputs) / temperature, targets)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         gdotg = sum((g * g.detach()).sum() for g in grads)
         hg = torch.autograd.grad(gdotg, weights)
     return {n: (-w.detach() * h).detach() for n, w, h in zip(names, weights, hg, strict=True)}
 
 
-def zo_grasp_scores(oracle: Oracle, params: Mapping[str, Tensor], names: list[str], q: int = 192,
-                    mu: float = 5e-3, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], int]:
-    r"""ZO-GraSP scores from loss queries only.
+def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, mu: float = 5e-3,
+                   generator: torch.Generator | None = None, chunk: int = 64) -> tuple[dict[str, Tensor], int]:
+    r"""DeepZero's RGE for ZO-GraSP: directions normalized per tensor and scaled by ``mu``, no dimension factor.
 
-    With RGE (``q`` unit-sphere directions, smoothing ``mu``) over the weights in ``names``:
-    :math:`g_0 = \hat\nabla \ell(\theta)`, :math:`g_1 = \hat\nabla \ell(\theta + \mu g_0)`,
-    :math:`Hg \approx (g_1 - g_0) / \mu` and score :math:`= -\theta \odot Hg`. Both estimates use the same
-    directions (common random numbers), which cancels most of their noise in the difference.
+    For every direction :math:`k` and tensor :math:`l`, :math:`v_{k,l} = \mu\, z_{k,l} / \lVert z_{k,l}\rVert`
+    with :math:`z \sim \mathcal N(0, I)`; all tensors move together and
+
+    .. math:: \hat g = \frac{1}{q} \sum_{k=1}^{q} \frac{f(\theta + v_k) - f(\theta)}{\mu} v_k .
+
+    Its expectation is :math:`\mu\, \mathrm{diag}(1 / n_l)\, \nabla f` to first order (:math:`n_l`: the size of
+    tensor :math:`l`): a per-layer rescaling of the gradient, which is what ZO-GraSP's layer-wise ratios are made of.
+
+    Args:
+        oracle: the loss oracle (it must accept points that vary every entry of ``params``).
+        params: name -> value of the perturbed tensors.
+        q: directions.
+        mu: step; also the length of each tensor's share of a direction.
+        generator: CPU generator of the directions.
+        chunk: directions evaluated per batched oracle call.
 
     Returns:
-        ``(scores, queries)``.
+        ``(estimate, queries)``: name -> tensor of ``params[name]``'s shape, and the ``q + 1`` queries spent.
+
+    Raises:
+        NonFiniteLossError: a loss was not finite.
+    """
+    check_positive_int("q", q)
+    check_positive_float("mu", mu)
+    start = oracle.queries
+    f0 = oracle.loss(params)
+    grads = {n: torch.zeros_like(v) for n, v in params.items()}
+    for begin in range(0, q, chunk):
+        k = min(chunk, q - begin)
+        dirs = {}
+        for name, value in params.items():
+            z = torch.randn((k, *value.shape), generator=generator, dtype=value.dtype)
+            norm = z.reshape(k, -1).norm(dim=1).reshape(k, *([1] * value.dim()))
+            dirs[name] = (mu * z / (norm + 1e-8)).to(value.device)
+        plus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) + v for n, v in dirs.items()})
+        dtype = torch.promote_types(plus.dtype, f0.dtype)
+        coeff = (plus.to(dtype) - f0.to(plus.device, dtype)) / mu
+        if not (torch.isfinite(coeff).all() and torch.isfinite(f0)):
+            raise NonFiniteLossError("ZO-GraSP's RGE got a non-finite loss; lower `mu` or check the model and data.")
+        for name, v in dirs.items():
+            grads[name] += torch.tensordot(coeff.to(v.device, v.dtype), v, dims=1) / q
+    return grads, oracle.queries - start
+
+
+def zo_grasp_scores(oracle: Oracle, params: Mapping[str, Tensor], names: list[str], q: int = 192,
+                    mu: float = 5e-3, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], int]:
+    r"""ZO-GraSP scores from loss queries only, as DeepZero's code computes them.
+
+    With :func:`per_tensor_rge` over the weights in ``names`` (``q`` directions normalized per tensor, step ``mu``):
+    :math:`g_0 = \hat\nabla \ell(\theta)`, :math:`g_1 = \hat\nabla \ell(\theta + \mu g_0)` with fresh
+    directions, :math:`Hg \approx (g_1 - g_0) / \mu` and score :math:`= -\theta \odot Hg`. Only the layer-wise
+    ratios of a global prune of these scores are used (:func:`layerwise_ratios`).
+
+    Returns:
+        ``(scores, queries)``: ``2 (q + 1)`` queries.
     """
     check_positive_int("q", q)
     check_positive_float("mu", mu)
     sub = {n: params[n].detach() for n in names}
-    state = generator.get_state() if generator is not None else None
+    restricted = _Restricted(oracle, params)
     start = oracle.queries
-    g0 = rge(_Restricted(oracle, params), sub, q=q, mu=mu, distribution="sphere", generator=generator).grads
-    if generator is not None:
-        generator.set_state(state)
+    g0, _ = per_tensor_rge(restricted, sub, q=q, mu=mu, generator=generator)
     shifted = {n: sub[n] + mu * g0[n] for n in names}
-    g1 = rge(_Restricted(oracle, params), shifted, q=q, mu=mu, distribution="sphere", generator=generator).grads
+    g1, _ = per_tensor_rge(restricted, shifted, q=q, mu=mu, generator=generator)
     scores = {n: -sub[n] * (g1[n] - g0[n]) / mu for n in names}
     return scores, oracle.queries - start
 

@@ -42,7 +42,8 @@ class KarmanSolver:
         dt: time step.
         differentiable: ``False`` (the default) runs the jit-compiled step under ``no_grad`` on detached inputs: a
             black box to the trainer. ``True`` runs it eagerly with autograd (FO-SOL only).
-        cg_tolerance: relative/absolute tolerance of the pressure solve.
+        cg_tolerance: relative/absolute tolerance of the forward pressure solve; the adjoint solve of the
+            differentiable step uses it as a relative tolerance only (independent of the loss's scale).
     """
 
     def __init__(self, resolution: tuple[int, int] = (16, 32), dt: float = 1.0, differentiable: bool = False,
@@ -85,8 +86,12 @@ class KarmanSolver:
         v = diffuse.explicit(v, math.tensor(nu, batch("b")), self.dt)
         v = v * (1 - self.inflow) + self.inflow * vec(x=0, y=1)
         v = advect.semi_lagrangian(v, v, self.dt)
+        # The adjoint (backward) pressure solve gets a purely relative tolerance: by default PhiFlow copies the
+        # forward Solve, whose absolute tolerance would stop the adjoint solve at once when the loss (hence its
+        # right-hand side) is small, as it is for a trained corrector; FO gradients would then be inexact.
+        adjoint = Solve("CG", self.tolerance, 0.0, max_iterations=2000)
         v, _ = fluid.make_incompressible(v, [self.obstacle], Solve("CG", self.tolerance, self.tolerance,
-                                                                   max_iterations=2000))
+                                                                   max_iterations=2000, gradient_solve=adjoint))
         return v.at_centers().values.native("b,vector,x,y")
 
     def __call__(self, u: Tensor, re: Tensor) -> Tensor:

@@ -65,7 +65,10 @@ class _Sequences(Dataset):
 
 
 class KarmanDataModule(L.LightningDataModule):
-    """Windows of ``m + 1`` reference states from the training simulations; whole test simulations for evaluation.
+    """Windows of ``m + 1`` reference states from the training simulations; whole simulations for evaluation.
+
+    Three disjoint sets of simulations, each with its own Reynolds numbers: training (windows), validation (whole
+    sequences, for choosing learning rates and schedules) and test (whole sequences, reported once).
 
     Reference data are generated once (``factor`` x finer, down-sampled) and cached under ``cache_dir``.
 
@@ -75,6 +78,8 @@ class KarmanDataModule(L.LightningDataModule):
         factor: reference grid = ``factor`` x source grid.
         train_re: Reynolds numbers of the training simulations.
         test_re: Reynolds numbers of the test simulations.
+        val_re: Reynolds numbers of the held-out validation simulations (disjoint from ``test_re``); they are
+            cached on their own and have ``steps`` recorded steps.
         warmup: reference steps discarded before recording. The default 250 skips the start-up transient: the
             shedding grows until about step 250 on the default grid, so the data show a developed vortex street.
         steps: recorded steps per simulation. 300 by default: correctors trained on 60-step sequences drifted
@@ -91,20 +96,23 @@ class KarmanDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str = "data/karman", resolution: tuple[int, int] = (16, 32), factor: int = 4,
                  train_re: Sequence[float] = (100.0, 150.0, 250.0, 400.0), test_re: Sequence[float] = (125.0, 300.0),
-                 warmup: int = 250, steps: int = 300, test_steps: int | None = None, window: int = 8,
-                 batch_size: int = 8, seed: int = 0) -> None:
+                 val_re: Sequence[float] = (175.0, 350.0), warmup: int = 250, steps: int = 300,
+                 test_steps: int | None = None, window: int = 8, batch_size: int = 8, seed: int = 0) -> None:
         super().__init__()
         if window < 1 or steps <= window:
             raise ValueError(f"Expected 1 <= window < steps, but got window={window}, steps={steps}.")
         if test_steps is not None and test_steps < 1:
             raise ValueError(f"Expected test_steps >= 1 or None, but got test_steps={test_steps}.")
         check_positive_int("batch_size", batch_size)
-        if not train_re or not test_re or min(*train_re, *test_re) <= 0:
+        if not train_re or not test_re or not val_re or min(*train_re, *test_re, *val_re) <= 0:
             raise ValueError(f"Expected non-empty positive Reynolds numbers, got train_re={train_re}, "
-                             f"test_re={test_re}.")
+                             f"test_re={test_re}, val_re={val_re}.")
+        if set(map(float, val_re)) & set(map(float, test_re)):
+            raise ValueError(f"Expected validation Reynolds numbers disjoint from the test ones (the test set is "
+                             f"reported once, never tuned on), but got val_re={val_re}, test_re={test_re}.")
         self.save_hyperparameters()
         self.cache_dir, self.resolution, self.factor = cache_dir, tuple(resolution), factor
-        self.train_re, self.test_re = list(train_re), list(test_re)
+        self.train_re, self.test_re, self.val_re = list(train_re), list(test_re), list(val_re)
         self.warmup, self.steps, self.window, self.batch_size, self.seed = warmup, steps, window, batch_size, seed
         self.test_steps = steps if test_steps is None else test_steps
         self.data: dict[str, Tensor] | None = None
@@ -116,7 +124,8 @@ class KarmanDataModule(L.LightningDataModule):
             test = load_or_generate(self.cache_dir, [], self.test_re, self.resolution, self.factor, self.warmup,
                                     self.test_steps)
             data = {**data, "test": test["test"]}
-        return data
+        val = load_or_generate(self.cache_dir, [], self.val_re, self.resolution, self.factor, self.warmup, self.steps)
+        return {**data, "val": val["test"], "val_re": val["test_re"]}
 
     def prepare_data(self) -> None:
         self._load()
@@ -131,7 +140,7 @@ class KarmanDataModule(L.LightningDataModule):
                           drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        return DataLoader(_Sequences(self.data["val"], self.data["val_re"]), batch_size=len(self.val_re))
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(_Sequences(self.data["test"], self.data["test_re"]), batch_size=len(self.test_re))

@@ -47,3 +47,25 @@ def test_bad_sizes_are_rejected():
 
 def test_a_plain_module_is_not_staged():
     assert get_stages(nn.Linear(2, 2)) is None
+
+
+def test_sol_resnet_is_solver_in_the_loops_corrector():
+    """12 convolutions of 5 x 5 at 32 channels (stem, 5 residual blocks of two, head); stages compose to forward."""
+    from dz_lightning.models import SOLResNet
+
+    model = SOLResNet()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 12 and all(c.kernel_size == (5, 5) for c in convs)
+    assert [c.out_channels for c in convs] == [32] * 11 + [2]
+    assert sum(p.numel() for p in model.parameters()) == 3 * 32 * 25 + 32 + 10 * (32 * 32 * 25 + 32) + 32 * 2 * 25 + 2
+    x = torch.randn(2, 3, 8, 16)
+    assert torch.equal(model(x), torch.zeros(2, 2, 8, 16))  # starts from the uncorrected solver
+    torch.manual_seed(0)
+    model = SOLResNet(width=4, blocks=2, zero_output=False)
+    h = x
+    for op in flatten_ops(get_stages(model)):
+        h = op(h)
+    torch.testing.assert_close(h, model(x))
+    assert h.abs().sum() > 0
+    with pytest.raises(ValueError, match="kernel_size=4"):
+        SOLResNet(kernel_size=4)

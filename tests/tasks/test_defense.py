@@ -165,3 +165,46 @@ def test_empty_test_set_and_bad_labels_are_errors_not_zero_accuracy(tmp_path):
                                                                            torch.tensor([3, -1])), batch_size=2)
     with pytest.raises(ValueError, match=r"labels in 0\.\.9 \(num_classes=10\).*\[-1\]"):
         _trainer(tmp_path).test(module, negative)
+
+
+class _NumpyBlackBox:
+    """A linear classifier evaluated in NumPy (it cannot run under vmap), counting the images it sees."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.weight = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.images += images.shape[0]
+        return torch.from_numpy(images.reshape(images.shape[0], -1).numpy() @ self.weight)
+
+
+@pytest.mark.parametrize("path", ["rge", "cge_staged", "cge_unstaged"])
+def test_residual_denoiser_counts_every_black_box_image_on_every_path(path):
+    """With a residual denoiser the black box is the oracle's head: it runs outside vmap on all K * B images."""
+    import dz_lightning as dz
+
+    torch.manual_seed(0)
+    raw = _NumpyBlackBox()
+    blackbox = BlackBoxClassifier(fn=raw)
+    module = ZODenoisedSmoothing(DnCNN(1, 2, 3), blackbox, estimator="rge" if path == "rge" else "cge", max_batch=7,
+                                 **CERT)
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    oracle = module.make_oracle((x, y))
+    oracle.feature_reuse = path != "cge_unstaged"
+    assert blackbox.queries == raw.images == 5  # the prediction targets
+    params = {n: p.detach() for n, p in module.zo_parameters().items()}
+    if path == "rge":
+        est = dz.rge(oracle, params, q=10, chunk=4, generator=torch.Generator().manual_seed(0))
+    else:
+        est = dz.cge(oracle, params)
+    assert est.queries == oracle.queries == (11 if path == "rge" else 1 + sum(p.numel() for p in params.values()))
+    assert blackbox.queries == raw.images == 5 + 5 * est.queries
+    # the batched losses equal one-at-a-time ones (the head sees the right images for every point)
+    name = "0.weight"
+    stacked = params[name] + 0.1 * torch.randn(3, *params[name].shape)
+    one_by_one = torch.stack([oracle.loss({**params, name: w}) for w in stacked])
+    torch.testing.assert_close(oracle.losses(params, {name: stacked}), one_by_one)
+    assert blackbox.queries == raw.images == 5 + 5 * (est.queries + 6)
