@@ -350,7 +350,9 @@ class ModuleOracle(Oracle):
     def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss (float64) of one point's model outputs ``(B, ...)``, through the black-box head if any."""
         if self.head is not None:
-            outputs = self.head(outputs, self.inputs)
+            # the head is a black box of the model's precision: the staged engine may hand it float64 outputs
+            dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
+            outputs = self.head(outputs.to(dtype) if outputs.is_floating_point() else outputs, self.inputs)
         return query.float64_loss(self.loss_fn, outputs, targets)
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
