@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import pickle
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import ZOModule
+from dz_lightning.checkpointing import verify_checksum
 from dz_lightning.figures import log_figure, new_figure, save_figure
 from dz_lightning.oracle import Oracle, parameter_values, query_mode
 from dz_lightning.validation import check_choice, check_positive_int
@@ -46,8 +48,12 @@ def load_state_dict(path: str | Path, argument: str = "checkpoint") -> dict[str,
     Raises:
         ValueError: the file holds other Python objects, or has no ``state_dict`` of tensors.
     """
+    verify_checksum(path)  # a `.sha256` written beside it by `dz` must match (flipped bytes are named, not loaded)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"corrupted or truncated checkpoint {str(path)!r} given as `{argument}` "
+                         f"({type(err).__name__}); use another checkpoint.") from err
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(

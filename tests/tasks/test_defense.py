@@ -208,3 +208,22 @@ def test_residual_denoiser_counts_every_black_box_image_on_every_path(path):
     one_by_one = torch.stack([oracle.loss({**params, name: w}) for w in stacked])
     torch.testing.assert_close(oracle.losses(params, {name: stacked}), one_by_one)
     assert blackbox.queries == raw.images == 5 + 5 * (est.queries + 6)
+
+
+def test_classifier_checkpoint_with_a_wrong_digest_or_truncated_is_named(tmp_path):
+    from dz_lightning.checkpointing import sha256_file
+    from dz_lightning.tasks.defense import load_state_dict
+
+    path = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": MLP(64, (8,), 10).state_dict()}, path)
+    (tmp_path / "classifier.ckpt.sha256").write_text(sha256_file(path) + "\n")
+    assert set(load_state_dict(path)) == set(MLP(64, (8,), 10).state_dict())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted or truncated checkpoint"):
+        load_state_dict(path)
+    (tmp_path / "classifier.ckpt.sha256").unlink()
+    path.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(ValueError, match="corrupted or truncated checkpoint .*`checkpoint`"):
+        load_state_dict(path)
