@@ -118,6 +118,10 @@ def _cli_class() -> type:
             kwargs.setdefault("plugins", plugins)
             trainer = super().instantiate_trainer(**kwargs)
             for callback in extra:
+                if callback is not None and any(isinstance(c, type(callback)) for c in trainer.callbacks):
+                    raise ConfigurationError(
+                        f"--zo_grasp configures a {type(callback).__name__} callback, but trainer.callbacks holds one "
+                        "too (two would both set the masks and share one checkpoint entry); keep one of them.")
                 if callback is not None:
                     trainer.callbacks.insert(0, callback)
             if not any(isinstance(c, CheckpointGuard) for c in trainer.callbacks):

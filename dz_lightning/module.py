@@ -133,7 +133,7 @@ class ZOModule(L.LightningModule):
         self._generator = torch.Generator().manual_seed(seed)
         self.last_estimate: Estimate | None = None
         self._zo_throughput = _Throughput()
-        self._zo_hparams_logged: set[str] = set()
+        self._zo_hparams_logged: set[tuple[str, Any]] = set()  # (log folder, fit/test): fit and test each once
 
     @property
     def zo_costs(self) -> dict[str, float] | None:
@@ -352,10 +352,10 @@ class ZOModule(L.LightningModule):
                          lr=float(group.get("initial_lr", group["lr"])))
         for logger in self.loggers:
             folder = str(getattr(logger, "log_dir", None) or id(logger))
-            if not isinstance(logger, TensorBoardLogger) or folder in self._zo_hparams_logged:
+            if not isinstance(logger, TensorBoardLogger) or (folder, self.trainer.state.fn) in self._zo_hparams_logged:
                 continue
             logger.log_hyperparams({**dict(logger.hparams), **extra}, metrics=metrics, step=self.global_step)
-            self._zo_hparams_logged.add(folder)
+            self._zo_hparams_logged.add((folder, self.trainer.state.fn))
 
     def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
@@ -400,9 +400,11 @@ class ZOModule(L.LightningModule):
         opt = opt[0] if isinstance(opt, list) else opt
         self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            # loss against the unit a ZO user pays in: the cumulative query count is the x axis (the step)
+            # loss against the unit a ZO user pays in: the cumulative query count is the x axis (the step); only
+            # TensorBoard keeps one step axis per tag (CSV or W&B loggers would get a second step column)
             for logger in self.loggers:
-                logger.log_metrics({"train/loss_vs_queries": loss}, step=self.queries_total)
+                if isinstance(logger, TensorBoardLogger):
+                    logger.log_metrics({"train/loss_vs_queries": loss}, step=self.queries_total)
 
 
 class _Throughput:

@@ -203,3 +203,12 @@ def test_corrupted_checkpoint_and_unwritable_folder_print_one_clear_line(tmp_pat
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "blocker/x is not writable" in err and "Traceback" not in err
+
+
+def test_zo_grasp_key_and_a_zo_grasp_callback_together_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[2] / "configs/classification/digits_zo_grasp90.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "-c", config, "--trainer.callbacks+=ZOGraSP", "--trainer.max_steps", "1"])
+    assert exit_info.value.code != 0
+    assert "--zo_grasp configures a ZOGraSP callback, but trainer.callbacks holds one too" in capsys.readouterr().err

@@ -211,8 +211,9 @@ def test_residual_denoiser_counts_every_black_box_image_on_every_path(path):
 
 
 def test_classifier_checkpoint_with_a_wrong_digest_or_truncated_is_named(tmp_path):
-    from dz_lightning.checkpointing import sha256_file
     from dz_lightning.tasks.defense import load_state_dict
+
+    from dz_lightning.checkpointing import sha256_file
 
     path = tmp_path / "classifier.ckpt"
     torch.save({"state_dict": MLP(64, (8,), 10).state_dict()}, path)
