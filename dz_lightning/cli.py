@@ -185,7 +185,17 @@ def _find_last_checkpoint(config: Any) -> Any:
         searched = ", ".join(str(p) for p in [*folders, *(r / "version_*/checkpoints" for r in runs)]) or "nothing"
         raise ConfigurationError(f"--ckpt_path last: no last checkpoint found (searched {searched}); run `dz fit` "
                                  "with this config first, or give the checkpoint's path.")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    chosen = max(candidates, key=lambda p: p.stat().st_mtime)
+    # a later run that stopped before writing last.ckpt left only its interrupt checkpoint: say so, never pick silently
+    newer = [p for f in folders for p in f.glob("interrupted*.ckpt")]
+    newer += [p for r in runs for p in r.glob("version_*/checkpoints/interrupted*.ckpt")]
+    newer = [p for p in newer if p.is_file() and p.stat().st_mtime > chosen.stat().st_mtime]
+    if newer:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"--ckpt_path last: using {chosen}, but a later run stopped early and left only "
+                       f"{max(newer, key=lambda p: p.stat().st_mtime)}; pass that path to use it.", stacklevel=1)
+    return chosen
 
 
 def _root_cause(message: str) -> str:

@@ -212,3 +212,20 @@ def test_zo_grasp_key_and_a_zo_grasp_callback_together_are_refused(tmp_path, mon
         cli_main(["fit", "-c", config, "--trainer.callbacks+=ZOGraSP", "--trainer.max_steps", "1"])
     assert exit_info.value.code != 0
     assert "--zo_grasp configures a ZOGraSP callback, but trainer.callbacks holds one too" in capsys.readouterr().err
+
+
+def test_ckpt_path_last_names_a_later_interrupted_run(tmp_path):
+    import os
+
+    from dz_lightning.cli import _find_last_checkpoint
+
+    finished = tmp_path / "logs/digits/version_0/checkpoints/last.ckpt"
+    stopped = tmp_path / "logs/digits/version_1/checkpoints/interrupted.ckpt"
+    for i, path in enumerate((finished, stopped)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(tmp_path / "logs"), "name": "digits"}}
+    with pytest.warns(UserWarning, match=r"using .*version_0.*last\.ckpt, but a later run .*version_1.*interrupted"):
+        assert _find_last_checkpoint({"trainer": {"logger": logger}}) == finished
