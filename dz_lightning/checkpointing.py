@@ -20,6 +20,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "load_checkpoint",
-           "sha256_file"]
+__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "atomic_write",
+           "load_checkpoint", "sha256_file"]
 
 _DIGEST_SUFFIX = ".sha256"
 
@@ -54,18 +55,27 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` whole or not at all.
+
+    ``write(tmp)`` fills a temporary file unique to this writer in the same folder (two writers never share one);
+    it is then fsynced and renamed over ``path``. On any failure the temporary file is removed.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _is_local(path: str | Path) -> bool:

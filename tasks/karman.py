@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from dz_lightning.checkpointing import atomic_write
 
 __all__ = ["CYLINDER_DIAMETER", "KarmanSolver", "generate_reference", "initial_state", "load_or_generate"]
 
@@ -167,8 +166,8 @@ def load_or_generate(cache_dir: str, train_re: list[float], test_re: list[float]
                    "the same settings load it).")
     data = generate_reference(train_re, test_re, resolution, factor, warmup, steps)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder / "data.pt", lambda path: torch.save(data, path))
-    _write_atomically(folder / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / "data.pt", lambda path: torch.save(data, path))
+    atomic_write(folder / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
     return data
 
 
@@ -198,15 +197,3 @@ def _load_cached(folder: Path, meta: dict) -> tuple[dict[str, Tensor] | None, st
         if not isinstance(re, Tensor) or re.shape != want_re.shape or not torch.allclose(re.double(), want_re):
             return None, f"its {split} Reynolds numbers differ from {want_re.tolist()}"
     return data, ""
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file unique to this writer, then rename it into place (whole or not at all)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
