@@ -45,7 +45,8 @@ class PredictionWriter(BasePredictionWriter):
         path = self._path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         # one dataloader gives a flat list of batch outputs; keep one list per dataloader in the file
-        nested = len(predictions) > 0 and isinstance(predictions[0], list)
+        # (decided from the number of dataloaders: a predict_step may itself return a list)
+        nested = len(trainer.num_predict_batches) > 1
         torch.save({"predictions": list(predictions) if nested else [list(predictions)],
                     "batch_indices": list(batch_indices)}, path)
         self.written = path

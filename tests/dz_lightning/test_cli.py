@@ -229,3 +229,23 @@ def test_ckpt_path_last_names_a_later_interrupted_run(tmp_path):
               "init_args": {"save_dir": str(tmp_path / "logs"), "name": "digits"}}
     with pytest.warns(UserWarning, match=r"using .*version_0.*last\.ckpt, but a later run .*version_1.*interrupted"):
         assert _find_last_checkpoint({"trainer": {"logger": logger}}) == finished
+
+
+def test_prediction_writer_keeps_list_outputs_of_one_dataloader_intact(tmp_path):
+    import lightning as L
+    from dz_lightning.callbacks import PredictionWriter
+
+    class ListPredictor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def predict_step(self, batch, batch_idx):
+            return [batch[0].sum(), batch[0].mean()]  # a list per batch, from one dataloader
+
+    writer = PredictionWriter(output_path=tmp_path / "p.pt")
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
+    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[writer]).predict(ListPredictor(), data,
+                                                                                   return_predictions=False)
+    saved = torch.load(tmp_path / "p.pt", weights_only=True)["predictions"]
+    assert len(saved) == 1 and len(saved[0]) == 2 and all(len(batch) == 2 for batch in saved[0])
