@@ -253,20 +253,16 @@ def batched_vs_loop(data: KarmanDataModule, width: int, k: int = 32) -> dict[str
 
 
 def _plot(means: dict[str, float], stds: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dz_lightning.figures import new_figure, save_figure
 
     names: list[str] = list(means)
-    fig, ax = plt.subplots(figsize=(4.5, 3), dpi=100)
+    fig = new_figure(4.5, 3.0)
+    ax = fig.add_subplot()
     ax.bar(names, [means[n] for n in names], yerr=[stds.get(n, 0.0) for n in names], capsize=3)
     ax.set_ylabel("test MAE vs reference")
     ax.set_title("Karman wake, solver in the loop")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
+    save_figure(fig, path)
 
 if __name__ == "__main__":
     main()
