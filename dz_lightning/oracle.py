@@ -8,7 +8,6 @@ the objective may be a true black box (a NumPy program, a simulator, a remote se
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -314,6 +313,7 @@ class ModuleOracle(Oracle):
         self.head = head
         self._staged = None
         self._staged_key: tuple | None = None
+        self._staged_unavailable = False
 
     # -------------------------------------------------------------------------------------------- helpers
     def _query_context(self) -> contextlib.AbstractContextManager[None]:
@@ -396,10 +396,9 @@ class ModuleOracle(Oracle):
         return values
 
     def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.StagedForward | None:
-        from dz_lightning import reuse  # reuse imports this module
+        from dz_lightning import reuse
 
-        if reuse.get_stages(self.model) is None:
-            _warn_not_staged(self.model)
+        if self._staged_unavailable:
             return None
         # the key holds the tensors themselves (identity and in-place version), so a freed tensor's memory can
         # never be mistaken for the cached parameters
@@ -408,24 +407,14 @@ class ModuleOracle(Oracle):
             a[0] != b[0] or a[1] is not b[1] or a[2] != b[2] for a, b in zip(key, self._staged_key, strict=True))
         if self._staged is None or stale:
             with self._query_context():
-                self._staged = reuse.StagedForward(
+                self._staged = reuse.build_staged(
                     # without a head the engine sees the plain loss function (it batches known losses per chunk)
                     self.model, self.loss_fn if self.head is None else self._outputs_loss, self.inputs, self.targets,
                     dict(params), max_batch=self.max_batch, memory_budget=self.memory_budget,
                     delta_dtype=self.delta_dtype,
                 )
+            if self._staged is None:  # not staged (warned once per model type): full forwards from now on
+                self._staged_unavailable = True
+                return None
             self._staged_key = key
         return self._staged
-
-
-_WARNED: set[type] = set()
-
-
-def _warn_not_staged(model: nn.Module) -> None:
-    if type(model) not in _WARNED:
-        _WARNED.add(type(model))
-        warnings.warn(
-            f"{type(model).__name__} exposes no stages (it is not an nn.Sequential and has no `stages()` method), "
-            "so CGE runs the full forward for every query. Define `stages()` to enable feature reuse.",
-            stacklevel=3,
-        )

@@ -38,6 +38,7 @@ Every shortcut gives the same finite differences as the plain one-query-at-a-tim
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -55,7 +56,7 @@ from dz_lightning.differences import (
 )
 from dz_lightning.query import low_precision_deltas, query_mode
 
-__all__ = ["StagedForward", "flatten_ops", "get_stages", "residual_parts"]
+__all__ = ["StagedForward", "build_staged", "flatten_ops", "get_stages", "residual_parts"]
 
 _ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Identity
@@ -75,6 +76,41 @@ def get_stages(model: nn.Module) -> list[nn.Module] | None:
     if callable(stages):
         return list(stages())
     return None
+
+
+def build_staged(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    params: Mapping[str, Tensor] | None = None,
+    *,
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
+    delta_dtype: str | torch.dtype = "float32",
+) -> StagedForward | None:
+    """The feature-reuse engine for ``model``, or ``None`` (with one warning per model type) when it has none.
+
+    This is the one entry point the oracles use; the arguments are those of :class:`StagedForward`.
+    """
+    if get_stages(model) is None:
+        _warn_not_staged(model)
+        return None
+    return StagedForward(model, loss_fn, inputs, targets, params, max_batch=max_batch, memory_budget=memory_budget,
+                         delta_dtype=delta_dtype)
+
+
+_WARNED: set[type] = set()
+
+
+def _warn_not_staged(model: nn.Module) -> None:
+    if type(model) not in _WARNED:
+        _WARNED.add(type(model))
+        warnings.warn(
+            f"{type(model).__name__} exposes no stages (it is not an nn.Sequential and has no `stages()` method), "
+            "so CGE runs the full forward for every query. Define `stages()` to enable feature reuse.",
+            stacklevel=4,
+        )
 
 
 def flatten_ops(stages: list[nn.Module]) -> list[nn.Module]:
