@@ -73,7 +73,7 @@ def shared_sphere_scores(oracle: dz.Oracle, params: dict, names: list[str], q: i
     """The project's earlier ZO-GraSP, for comparison only: RGE on one unit sphere over all weights scaled by d,
     the same directions for both estimates (``dz.sparsity.zo_grasp_scores`` is DeepZero's estimator)."""
     sub = {n: params[n].detach() for n in names}
-    start, restricted = oracle.queries, sp._Restricted(oracle, params)  # the other parameters stay at `params`
+    start, restricted = oracle.queries, sp.RestrictedOracle(oracle, params)  # the other parameters stay at `params`
     state = generator.get_state()
     g0 = dz.rge(restricted, sub, q=q, mu=mu, distribution="sphere", generator=generator).grads
     generator.set_state(state)

@@ -2,7 +2,9 @@
 
 An oracle answers "what is the loss at these parameter values?" for one point or for K points at once.
 Estimators (:mod:`dz_lightning.estimators`) talk to the objective exclusively through this interface, so
-the objective may be a true black box (a NumPy program, a simulator, a remote service).
+the objective may be a true black box (a NumPy program, a simulator, a remote service). The base classes are in
+:mod:`dz_lightning.oracle_base`; here are the black-box :class:`FunctionOracle`, the white-box
+:class:`ModuleOracle`, and :func:`vmap_points`, the one primitive that evaluates a module at K parameter points.
 """
 
 from __future__ import annotations
@@ -11,201 +13,21 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import query
+from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 if TYPE_CHECKING:
     from dz_lightning import reuse
 
 __all__ = [
-    "FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats", "parameter_values",
-    "query_mode",
+    "DelegatingOracle", "FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats",
+    "has_batchnorm", "parameter_values", "query_mode", "vmap_points",
 ]
-
-
-class NonFiniteLossError(ValueError):
-    """Raised when the oracle returns NaN or infinity where a finite loss is needed."""
-
-
-def _reject_bool_or_complex(value: object, where: str) -> None:
-    """A loss is real: a bool (a comparison's result) or a complex value is a bug in the black box, not a loss."""
-    kind = value.dtype if isinstance(value, Tensor) else type(value)
-    if (kind == torch.bool or isinstance(value, complex) or type(value).__name__ in ("bool", "bool_")
-            or (isinstance(value, Tensor) and value.is_complex())):
-        raise TypeError(f"The loss returned by {where} must be real (a float, an int or a real tensor), but got "
-                        f"{str(kind).replace('<class ', '').rstrip('>')}.")
-
-
-def _as_loss_tensor(value: object) -> Tensor:
-    """An oracle answer as a floating tensor in the precision the black box computed it in.
-
-    A tensor keeps its dtype; a NumPy value or array keeps its floating dtype (``float64``, ``float32``, ...);
-    Python floats and integers become ``float64`` (``torch.tensor(float)`` would round them to ``float32`` and
-    destroy finite differences of a float64 simulator at small ``mu``).
-
-    Raises:
-        TypeError: ``value`` is not numeric.
-    """
-    if isinstance(value, Tensor):
-        value = value.detach()
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
-        value = torch.stack([v.detach().reshape(()) for v in value])
-    else:
-        array = np.asarray(value)
-        if array.dtype.kind not in "fiu":
-            raise TypeError(f"got {type(value).__name__} of dtype {array.dtype}")
-        value = torch.from_numpy(np.array(array, dtype=array.dtype if array.dtype.kind == "f" else np.float64))
-    if not value.is_floating_point():
-        value = value.to(torch.float64)
-    return value
-
-
-def _as_scalar(value: object, where: str) -> Tensor:
-    """Convert an oracle answer to a 0-d floating tensor of the black box's precision, checking it is a scalar.
-
-    Integer losses are accepted as ``float64``; bool and complex ones are rejected with a ``TypeError``.
-    """
-    _reject_bool_or_complex(value, where)
-    try:
-        tensor = _as_loss_tensor(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"The loss returned by {where} must be a float or a 0-d tensor, but got {type(value).__name__}."
-        ) from err
-    if tensor.numel() != 1:
-        raise ValueError(
-            f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(tensor.shape)}."
-        )
-    return tensor.reshape(())
-
-
-class Oracle:
-    """Base class of loss oracles.
-
-    Subclasses implement :meth:`_loss` (one point) and may override :meth:`_losses` (K points as one
-    batched computation) and :meth:`coordinate_losses` (K one-coordinate perturbations, the CGE workhorse).
-
-    Attributes:
-        queries: number of loss evaluations answered so far (one per point).
-        max_batch: largest number of points evaluated in one call; ``None`` means unlimited.
-    """
-
-    def __init__(self, max_batch: int | None = None) -> None:
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"Expected argument `max_batch` to be a positive int or None, but got {max_batch!r}.")
-        self.max_batch = max_batch
-        self.queries = 0
-
-    # ----------------------------------------------------------------------------------------- public API
-    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Loss at one point.
-
-        Args:
-            params: parameter name -> value.
-
-        Returns:
-            A 0-d tensor.
-        """
-        value = _as_scalar(self._loss(params), type(self).__name__)
-        self.queries += 1
-        return value
-
-    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        """Loss at K points that differ from ``params`` in the entries of ``varied``.
-
-        Args:
-            params: parameter name -> value (the fixed part of every point).
-            varied: name -> stacked values of shape ``(K, *params[name].shape)``.
-
-        Returns:
-            Losses of shape ``(K,)``.
-        """
-        k = self._check_varied(params, varied)
-        chunk = self._chunk_size(k)
-        out = []
-        for start in range(0, k, chunk):
-            part = {n: v[start : start + chunk] for n, v in varied.items()}
-            raw = self._losses(params, part)
-            _reject_bool_or_complex(raw, type(self).__name__)
-            try:
-                values = _as_loss_tensor(raw).reshape(-1)
-            except (TypeError, ValueError) as err:
-                raise TypeError(f"{type(self).__name__} must return K losses as a tensor, an array or a list of "
-                                f"floats ({err}).") from err
-            n_part = min(chunk, k - start)
-            if values.numel() != n_part:
-                raise ValueError(
-                    f"{type(self).__name__} returned {values.numel()} losses for a batch of {n_part} points."
-                )
-            out.append(values)
-            self.queries += n_part
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
-        """Losses of one-coordinate perturbations of one parameter.
-
-        Point ``i`` equals ``params`` except ``params[name].view(-1)[index[i]] += delta``.
-
-        Args:
-            params: parameter name -> value.
-            name: the parameter to perturb.
-            index: flat coordinate indices, shape ``(n,)``.
-            delta: the perturbation added to each coordinate.
-
-        Returns:
-            Losses of shape ``(n,)``.
-        """
-        base = params[name]
-        n = int(index.numel())
-        chunk = self._chunk_size(n)
-        out = []
-        for start in range(0, n, chunk):
-            idx = index[start : start + chunk].to(base.device)
-            stacked = base.detach().reshape(1, -1).repeat(idx.numel(), 1)
-            stacked[torch.arange(idx.numel(), device=base.device), idx] += delta
-            out.append(self.losses(params, {name: stacked.reshape(idx.numel(), *base.shape)}))
-        return torch.cat(out) if out else torch.zeros(0, device=base.device)
-
-    # ------------------------------------------------------------------------------------ for subclasses
-    def _chunk_size(self, k: int) -> int:
-        """Points per call when ``k`` are asked for: ``max_batch`` if set, else all of them."""
-        return self.max_batch or k
-
-    def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
-        raise NotImplementedError
-
-    def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        """Default: one point at a time."""
-        k = next(iter(varied.values())).shape[0]
-        values = []
-        for i in range(k):
-            point = dict(params)
-            point.update({n: v[i] for n, v in varied.items()})
-            values.append(_as_scalar(self._loss(point), type(self).__name__))
-        return torch.stack(values)
-
-    @staticmethod
-    def _check_varied(params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> int:
-        if not varied:
-            raise ValueError("Expected argument `varied` to name at least one parameter, but got an empty dict.")
-        sizes = set()
-        for name, value in varied.items():
-            if name not in params:
-                raise ValueError(f"`varied` names {name!r}, which is not in `params` ({sorted(params)}).")
-            if tuple(value.shape[1:]) != tuple(params[name].shape):
-                raise ValueError(
-                    f"`varied[{name!r}]` must have shape (K, *{tuple(params[name].shape)}), "
-                    f"but got {tuple(value.shape)}."
-                )
-            sizes.add(value.shape[0])
-        if len(sizes) != 1:
-            raise ValueError(f"All entries of `varied` must stack the same number of points, but got {sorted(sizes)}.")
-        return sizes.pop()
 
 
 class FunctionOracle(Oracle):
@@ -251,6 +73,43 @@ class FunctionOracle(Oracle):
 def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """All of ``module``'s parameters by name, taking the values in ``params`` where it names them."""
     return {n: params.get(n, p) for n, p in module.named_parameters()}
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds a BatchNorm layer (whose running statistics a training forward updates)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor, *,
+                per_point_inputs: bool = False, then: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``module`` evaluated at K parameter points as one batched computation (``vmap`` over ``functional_call``).
+
+    Point ``k`` takes ``varied[name][k]`` for the names in ``varied`` and ``params`` (or the module's own value) for
+    every other parameter. The caller chooses the context (no autograd, precision: :func:`query_mode`). A black box
+    that cannot run under ``vmap`` goes after this call, on the result reshaped to one flat ``(K * B, ...)`` batch.
+
+    Args:
+        module: the white-box network.
+        params: name -> value, the fixed part of every point.
+        varied: name -> stacked values ``(K, *shape)``.
+        inputs: ``(B, ...)`` shared by every point, or ``(K, B, ...)`` (one batch per point) with ``per_point_inputs``.
+        per_point_inputs: whether ``inputs`` has a leading K dimension.
+        then: applied to each point's outputs inside ``vmap`` (e.g. ``outputs -> loss``); it must be vmap-able.
+
+    Returns:
+        ``(K, B, ...)`` outputs, or ``(K, ...)`` values of ``then``.
+    """
+    fixed = {n: v for n, v in parameter_values(module, params).items() if n not in varied}
+    names = list(varied)
+
+    def one(x: Tensor, *values: Tensor) -> Tensor:
+        point = dict(fixed)
+        point.update(zip(names, values, strict=True))
+        out = functional_call(module, point, (x,))
+        return out if then is None else then(out)
+
+    in_dims = (0 if per_point_inputs else None, *([0] * len(names)))
+    return vmap(one, in_dims=in_dims, randomness="same")(inputs, *(varied[n] for n in names))
 
 
 class ModuleOracle(Oracle):
@@ -357,33 +216,25 @@ class ModuleOracle(Oracle):
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
-        fixed = {n: v for n, v in self._full(params).items() if n not in varied}
-        names = list(varied)
-        if self.head is not None:
-            return self._head_losses(self.head, fixed, names, varied)
-
-        def one(*values: Tensor) -> Tensor:
-            point = dict(fixed)
-            point.update(zip(names, values, strict=True))
-            return query.float64_loss(self.loss_fn, functional_call(self.model, point, (self.inputs,)), self.targets)
-
         with self._query_context():
-            return vmap(one, randomness="same")(*(varied[n] for n in names))
-
-    def _head_losses(self, head: Callable[[Tensor, Tensor], Tensor], fixed: dict[str, Tensor], names: list[str],
-                     varied: Mapping[str, Tensor]) -> Tensor:
-        """K points with a black-box head: the model under ``vmap``, the head once on all ``K * B`` outputs."""
-
-        def forward(*values: Tensor) -> Tensor:
-            return functional_call(self.model, {**fixed, **dict(zip(names, values, strict=True))}, (self.inputs,))
-
-        with self._query_context():
-            outputs = vmap(forward, randomness="same")(*(varied[n] for n in names))  # (K, B, ...)
+            if self.head is None:
+                return vmap_points(self.model, params, varied, self.inputs,
+                                   then=lambda out: query.float64_loss(self.loss_fn, out, self.targets))
+            # the black-box head never runs under vmap: it gets all K * B outputs of the chunk as one flat batch
+            outputs = vmap_points(self.model, params, varied, self.inputs)  # (K, B, ...)
             k, b = outputs.shape[:2]
             inputs = self.inputs.unsqueeze(0).expand(k, *self.inputs.shape).reshape(k * b, *self.inputs.shape[1:])
-            heads = head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)
+            heads = self.head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)
             heads = heads.reshape(k, b, *heads.shape[1:])
             return torch.stack([query.float64_loss(self.loss_fn, heads[i], self.targets).reshape(()) for i in range(k)])
+
+    def training_forward(self) -> Tensor:
+        """One plain forward of ``inputs`` (fp32, no autograd) in the model's mode: the step's training forward.
+
+        In train mode it updates BatchNorm running statistics, which queries never touch; returns ``(B, ...)``.
+        """
+        with torch.no_grad(), torch.autocast(self.inputs.device.type, enabled=False):
+            return self.model(self.inputs)
 
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         self._check_names(params)

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dz_lightning.oracle import ModuleOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
+from dz_lightning.oracle import DelegatingOracle, ModuleOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
 __all__ = [
+    "RestrictedOracle",
     "check_sparsity",
     "class_balanced_sample",
     "draw_masks",
@@ -212,7 +213,7 @@ def zo_grasp_scores(oracle: Oracle, params: Mapping[str, Tensor], names: list[st
     check_positive_int("q", q)
     check_positive_float("mu", mu)
     sub = {n: params[n].detach() for n in names}
-    restricted = _Restricted(oracle, params)
+    restricted = RestrictedOracle(oracle, params)
     start = oracle.queries
     g0, _ = per_tensor_rge(restricted, sub, q=q, mu=mu, generator=generator)
     shifted = {n: sub[n] + mu * g0[n] for n in names}
@@ -221,26 +222,20 @@ def zo_grasp_scores(oracle: Oracle, params: Mapping[str, Tensor], names: list[st
     return scores, oracle.queries - start
 
 
-class _Restricted(Oracle):
-    """An oracle over a subset of the parameters; the others stay at ``fixed``."""
+class RestrictedOracle(DelegatingOracle):
+    """An oracle over a subset of the parameters: the others stay at ``fixed``.
+
+    Args:
+        oracle: the oracle over all parameters.
+        fixed: name -> value of every parameter; the names a call passes override these.
+    """
 
     def __init__(self, oracle: Oracle, fixed: Mapping[str, Tensor]) -> None:
-        super().__init__()
-        self.inner, self.fixed = oracle, fixed
+        super().__init__(oracle)
+        self.fixed = fixed
 
-    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        return self.inner.loss({**self.fixed, **params})
-
-    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        return self.inner.losses({**self.fixed, **params}, varied)
-
-    @property
-    def queries(self) -> int:  # type: ignore[override]
-        return self.inner.queries
-
-    @queries.setter
-    def queries(self, value: int) -> None:
-        pass
+    def _inner_params(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        return {**self.fixed, **params}
 
 
 def layerwise_ratios(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, float]:

@@ -172,3 +172,40 @@ def test_loss_dtype_of_the_black_box_is_kept():
         dz.FunctionOracle(lambda p: "1.5").loss(params)
     with pytest.raises(TypeError, match="must return K losses"):
         dz.FunctionOracle(lambda p: ["a", "b"], batched=True).losses(params, {"w": torch.zeros(2, 2)})
+
+
+def test_wrappers_are_oracles_that_count_what_the_wrapped_oracle_spent():
+    """A restricted oracle is an Oracle; its queries are the evaluations it caused, whatever the call."""
+    from dz_lightning.sparsity import RestrictedOracle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    oracle = dz.ModuleOracle(model, F.cross_entropy, torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    restricted = RestrictedOracle(oracle, params)
+    assert isinstance(restricted, dz.Oracle) and isinstance(restricted, dz.oracle.DelegatingOracle)
+    sub = {"2.weight": params["2.weight"]}
+    assert torch.equal(restricted.loss(sub), oracle.loss(params))
+    stacked = sub["2.weight"] + 0.1 * torch.randn(3, 2, 4)
+    torch.testing.assert_close(restricted.losses(sub, {"2.weight": stacked}),
+                               oracle.losses(params, {"2.weight": stacked}), rtol=0, atol=0)
+    assert restricted.queries == 1 + 3 and oracle.queries == 2 * (1 + 3)
+    est = dz.cge(restricted, sub)  # its coordinates reach the wrapped oracle's own coordinate path
+    assert est.queries == 1 + 8 and restricted.queries == 4 + 9 and oracle.queries == 8 + 9
+    torch.testing.assert_close(est.grads["2.weight"], dz.cge(oracle, params).grads["2.weight"])
+
+
+def test_vmap_points_with_per_point_inputs_equals_a_loop():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    stacked = params["0.bias"] + 0.1 * torch.randn(3, 4)
+    inputs = torch.randn(3, 5, 3)
+    batched = dz.oracle.vmap_points(model, params, {"0.bias": stacked}, inputs, per_point_inputs=True)
+    loop = torch.stack([torch.func.functional_call(model, {**params, "0.bias": stacked[k]}, (inputs[k],))
+                        for k in range(3)])
+    torch.testing.assert_close(batched, loop)
+    shared = dz.oracle.vmap_points(model, params, {"0.bias": stacked}, inputs[0], then=lambda out: out.sum())
+    torch.testing.assert_close(shared, loop.new_tensor([
+        float(torch.func.functional_call(model, {**params, "0.bias": stacked[k]}, (inputs[0],)).sum())
+        for k in range(3)]))
