@@ -36,7 +36,6 @@ def worker(args: argparse.Namespace) -> None:
     from dz_lightning.tasks.classification import ZOClassifier
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dz_lightning import distributed
     from dz_lightning.models import simple_cnn
     from dz_lightning.sampling import SeededRandomSampler
     from dz_lightning.strategies import ZODDPStrategy
@@ -54,20 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     wait_times: list[float] = []
     cycle_times: list[float] = []
     first: dict = {}
-    reduce = distributed.all_reduce_step
     last_end = [None]
-
-    def timed_all_reduce(*a, **k):  # time spent in (mostly waiting for) the step's one collective
-        start = time.perf_counter()
-        out = reduce(*a, **k)
-        end = time.perf_counter()
-        wait_times.append(end - start)
-        if last_end[0] is not None:  # from the end of the previous step's all-reduce to this one's start
-            cycle_times.append(start - last_end[0])
-        last_end[0] = end
-        return out
-
-    distributed.all_reduce_step = timed_all_reduce  # ZOModule calls it once per step
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -80,8 +66,12 @@ def worker(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
             cpu_times.append(time.process_time() - self.cpu_start)
-            timing = getattr(pl_module, "_zo_timing", None)
-            coord_times.append(sum(timing.seconds.values()) if timing is not None else float("nan"))
+            timing = pl_module.last_timing  # this rank's step: its coordinates' seconds and the collective
+            coord_times.append(timing.coordinates if args.devices > 1 else float("nan"))
+            wait_times.append(timing.reduce_end - timing.reduce_start)  # mostly waiting for the slowest rank
+            if last_end[0] is not None:  # from the end of the previous step's all-reduce to this one's start
+                cycle_times.append(timing.reduce_start - last_end[0])
+            last_end[0] = timing.reduce_end
             if not first:
                 first.update({n: g.cpu() for n, g in pl_module.last_estimate.grads.items()})
 

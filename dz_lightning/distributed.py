@@ -5,20 +5,18 @@ contiguous share of the step's coordinates, estimates those, and a single ``all_
 buffer gives every rank the full gradient. The buffer also carries a failure flag and the query count, so a
 rank whose oracle failed makes *every* rank raise after the same collective instead of hanging.
 
-The cost of a coordinate is *measured*: each rank times its queries per parameter
-(:func:`timed_coordinates`), the seconds and coordinate counts ride in the same buffer, and every rank feeds
-the identical sums into its :class:`CostTable` (a moving average of seconds per coordinate). The table
-starts from the static :func:`query_costs` and is only ever updated from all-reduced numbers, so every rank
-computes the same split without another collective.
+The cost of a coordinate is *measured*: CGE times its queries per parameter (``cge(..., timed=True)`` fills
+``Estimate.seconds``), the seconds and coordinate counts ride in the same buffer, and every rank feeds the
+identical sums into its :class:`CostTable` (a moving average of seconds per coordinate). The table starts from
+the static :func:`query_costs` and is only ever updated from all-reduced numbers, so every rank computes the
+same split without another collective. :class:`~dz_lightning.step.StepPlan` puts these pieces together.
 All functions return early when no process group exists, so one code path serves one process and DDP.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,18 +24,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dz_lightning.reuse import flatten_ops, get_stages
+
 __all__ = [
     "CostTable",
     "RankFailedError",
-    "RecordingOracle",
     "Reduced",
-    "ReplayOracle",
-    "all_reduce_estimate",
     "all_reduce_step",
     "query_costs",
     "rank_and_world",
     "split_coordinates",
-    "timed_coordinates",
 ]
 
 
@@ -68,8 +64,6 @@ def query_costs(model: nn.Module, inputs: Tensor) -> dict[str, float]:
         model: the network.
         inputs: a batch ``(B, ...)`` (only shapes matter).
     """
-    from dz_lightning.reuse import flatten_ops, get_stages
-
     stages = get_stages(model)
     if stages is None:
         return {n: 1.0 for n, _ in model.named_parameters()}
@@ -230,126 +224,6 @@ class CostTable:
         return table
 
 
-@contextlib.contextmanager
-def timed_coordinates(oracle: Any, seconds: dict[str, float]) -> Iterator[None]:
-    """Add the wall time of every ``oracle.coordinate_losses`` call to ``seconds[name]`` while active.
-
-    On CUDA the device is synchronized around each call, so the time is the queries' and not their launch's.
-    The oracle is left as it was on exit. An oracle that takes no instance attributes (``__slots__``) is not timed.
-    """
-    inner = oracle.coordinate_losses
-    own = "coordinate_losses" in getattr(oracle, "__dict__", {})
-
-    def timed(params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
-        value = params.get(name)
-        device = value.device if isinstance(value, Tensor) else index.device
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = inner(params, name, index, delta)
-        if isinstance(out, Tensor) and out.is_cuda:
-            device, cuda = out.device, True
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-        return out
-
-    try:
-        oracle.coordinate_losses = timed
-    except AttributeError:  # an oracle that takes no instance attributes is not timed (its costs stay the prior)
-        yield
-        return
-    try:
-        yield
-    finally:
-        if own:
-            oracle.coordinate_losses = inner
-        else:
-            del oracle.coordinate_losses
-
-
-class RecordingOracle:
-    """First pass of an exact distributed RGE step: evaluate a round-robin share of the points, record the losses.
-
-    Wraps ``oracle``. Point ``g`` of the step (counted over every ``losses`` call, in order) is evaluated on rank
-    ``g % world_size``; the wrapper returns 0 for the others, so the estimate computed through it is meaningless.
-    What counts is :meth:`payload`: ``(n_points,)`` float64 losses, zero outside this rank's share. Summed over the
-    ranks (exactly: every entry has one non-zero term), it holds every loss of the step, and each rank replays the
-    estimator through a :class:`ReplayOracle` with the same random state. The estimate is then built in the same
-    order as on one process, so it matches one process bit for bit whenever each loss does.
-
-    Args:
-        oracle: the real oracle.
-        rank: this rank.
-        world_size: number of ranks.
-        n_points: perturbed points the estimator will ask for this step (``q``, or ``2q`` for central differences).
-        device: where the payload lives (the parameters' device, so NCCL can reduce it).
-    """
-
-    def __init__(self, oracle: Any, rank: int, world_size: int, n_points: int,
-                 device: torch.device | str = "cpu") -> None:
-        self.oracle, self.rank, self.world_size, self.n_points = oracle, rank, world_size, n_points
-        self.base: Tensor | None = None
-        self._values = torch.zeros(n_points, dtype=torch.float64, device=device)
-        self._cursor = 0
-
-    @property
-    def queries(self) -> int:
-        return self.oracle.queries
-
-    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        self.base = self.oracle.loss(params)
-        return self.base
-
-    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        k = next(iter(varied.values())).shape[0]
-        start = self._cursor
-        if start + k > self.n_points:
-            raise RuntimeError(f"The estimator asked for more than the expected {self.n_points} perturbed points.")
-        self._cursor += k
-        mine = ((torch.arange(start, start + k) % self.world_size) == self.rank).nonzero().reshape(-1)
-        ref = self.base if self.base is not None else torch.zeros(())
-        out = torch.zeros(k, dtype=ref.dtype, device=ref.device)
-        if mine.numel():
-            values = self.oracle.losses(params, {n: v[mine.to(v.device)] for n, v in varied.items()}).reshape(-1)
-            out = out.to(values.dtype)
-            out[mine.to(out.device)] = values.to(out.device)
-            self._values[(start + mine).to(self._values.device)] = values.to(self._values.device, torch.float64)
-        return out
-
-    def payload(self) -> Tensor:
-        """This rank's losses at their positions, zeros elsewhere: ``(n_points,)`` float64."""
-        if self._cursor != self.n_points:
-            raise RuntimeError(f"The estimator asked for {self._cursor} perturbed points, expected {self.n_points}.")
-        return self._values
-
-
-class ReplayOracle:
-    """Second pass of an exact distributed RGE step: answer the estimator's queries from all-reduced losses.
-
-    Args:
-        base: the loss at the unperturbed point (every rank evaluated it).
-        values: every perturbed point's loss, in the order the estimator asks for them.
-    """
-
-    def __init__(self, base: Tensor, values: Tensor) -> None:
-        self.base, self.values = base, values
-        self.queries = 0  # nothing is evaluated again
-        self._cursor = 0
-
-    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        return self.base
-
-    def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        k = next(iter(varied.values())).shape[0]
-        out = self.values[self._cursor : self._cursor + k]
-        if out.numel() != k:
-            raise RuntimeError("The estimator asked for more points on replay than were recorded.")
-        self._cursor += k
-        return out
-
-
 @dataclass
 class Reduced:
     """What :func:`all_reduce_step` returns, identical on every rank.
@@ -360,6 +234,7 @@ class Reduced:
         failed: whether any rank failed.
         seconds: name -> seconds all ranks spent on that parameter's coordinates (empty if none were sent).
         counts: name -> coordinates of that parameter evaluated over all ranks (empty if none were sent).
+        losses: the summed ``losses`` buffer (``None`` if none was sent).
     """
 
     grads: dict[str, Tensor]
@@ -367,6 +242,7 @@ class Reduced:
     failed: bool
     seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
+    losses: Tensor | None = None
 
 
 def all_reduce_step(
@@ -375,8 +251,9 @@ def all_reduce_step(
     failed: bool,
     seconds: Mapping[str, float] | None = None,
     counts: Mapping[str, float] | None = None,
+    losses: Tensor | None = None,
 ) -> Reduced:
-    """Sum partial gradients, query counts, failure flags and timings over all ranks in one collective.
+    """Sum partial gradients, query counts, failure flags, timings and losses over all ranks in one collective.
 
     Args:
         grads: this rank's partial gradient (zero outside its share).
@@ -385,6 +262,8 @@ def all_reduce_step(
         seconds: name -> seconds this rank spent on its coordinates of ``name`` (names of ``grads``).
         counts: name -> how many coordinates of ``name`` this rank evaluated. Timings travel only when
             ``counts`` is given.
+        losses: a flat buffer of per-point losses to sum (exact distributed RGE: each rank's share at its
+            positions, zeros elsewhere); it travels in the same collective, in float64.
 
     Returns:
         The :class:`Reduced` sums. Without a process group the inputs come back unchanged.
@@ -396,16 +275,20 @@ def all_reduce_step(
     if world == 1:
         return Reduced(dict(grads), queries, failed,
                        {n: float(seconds.get(n, 0.0)) for n in names} if timed else {},
-                       {n: float(counts.get(n, 0)) for n in names} if timed else {})
+                       {n: float(counts.get(n, 0)) for n in names} if timed else {}, losses)
     first = grads[names[0]]
-    flat = torch.cat([grads[n].reshape(-1).to(first.dtype) for n in names])
+    dtype = torch.float64 if losses is not None else first.dtype  # recorded losses are summed without rounding
+    flat = torch.cat([grads[n].reshape(-1).to(dtype) for n in names])
     n_flat = flat.numel()
     parts = [torch.zeros_like(flat) if failed else flat]
     if timed:
         timing = [float(seconds.get(n, 0.0)) for n in names] + [float(counts.get(n, 0)) for n in names]
-        timing_t = torch.tensor(timing, dtype=first.dtype, device=first.device)
+        timing_t = torch.tensor(timing, dtype=dtype, device=first.device)
         parts.append(torch.zeros_like(timing_t) if failed else timing_t)
-    parts.append(torch.tensor([float(queries), 1.0 if failed else 0.0], dtype=first.dtype, device=first.device))
+    if losses is not None:
+        values_t = losses.reshape(-1).to(first.device, dtype)
+        parts.append(torch.zeros_like(values_t) if failed else values_t)
+    parts.append(torch.tensor([float(queries), 1.0 if failed else 0.0], dtype=dtype, device=first.device))
     buf = torch.cat(parts)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     out, offset = {}, 0
@@ -419,22 +302,7 @@ def all_reduce_step(
         values = buf[n_flat : n_flat + 2 * len(names)].tolist()
         sums_s = dict(zip(names, values[: len(names)], strict=True))
         sums_c = dict(zip(names, values[len(names) :], strict=True))
-    return Reduced(out, int(round(float(buf[-2]))), bool(buf[-1] > 0), sums_s, sums_c)
+        offset += 2 * len(names)
+    summed = None if losses is None else buf[offset : offset + losses.numel()].view_as(losses).to(losses.dtype)
+    return Reduced(out, int(round(float(buf[-2]))), bool(buf[-1] > 0), sums_s, sums_c, summed)
 
-
-def all_reduce_estimate(
-    grads: Mapping[str, Tensor], queries: int, failed: bool
-) -> tuple[dict[str, Tensor], int, bool]:
-    """Sum partial gradients, query counts and failure flags over all ranks in one collective.
-
-    Args:
-        grads: this rank's partial gradient (zero outside its share).
-        queries: oracle evaluations spent on this rank.
-        failed: whether this rank failed (its grads are then ignored by everyone).
-
-    Returns:
-        ``(grads, total_queries, any_failed)``, identical on every rank. See :func:`all_reduce_step` for the
-        variant that also carries timings.
-    """
-    r = all_reduce_step(grads, queries, failed)
-    return r.grads, r.queries, r.failed

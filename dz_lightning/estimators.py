@@ -7,6 +7,7 @@ Both estimators talk to the objective only through an :class:`~dz_lightning.orac
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,13 +35,15 @@ class Estimate:
         queries: oracle evaluations spent, the base point included.
         loss: loss at the unperturbed parameters.
         skipped: number of finite differences dropped because a perturbed loss was not finite.
+        seconds: name -> wall seconds spent on that parameter's queries (``cge(..., timed=True)``; empty otherwise).
+            A DDP step splits coordinates by these (:class:`~dz_lightning.distributed.CostTable`).
     """
 
     grads: dict[str, Tensor]
     queries: int
     loss: float
     skipped: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _check_common(mu: float, difference: str, nonfinite: str) -> None:
@@ -225,6 +228,7 @@ def cge(
     *,
     coordinates: Mapping[str, Tensor] | None = None,
     nonfinite: NonFinite = "raise",
+    timed: bool = False,
 ) -> Estimate:
     r"""Coordinate-wise gradient estimate (CGE), dense or restricted to a mask.
 
@@ -247,6 +251,8 @@ def cge(
             coordinates across ranks). Parameters absent from it are not estimated.
         nonfinite: ``"raise"`` a :class:`NonFiniteLossError` on a non-finite perturbed loss, or ``"skip"``
             the coordinate (its estimate stays 0) with a warning.
+        timed: record the wall seconds of every parameter's queries in ``Estimate.seconds`` (on CUDA the device is
+            synchronized around them, so the time is the queries' and not their launch's).
 
     Returns:
         The :class:`Estimate`.
@@ -266,6 +272,7 @@ def cge(
     f0 = _base_loss(oracle, params)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     skipped = 0
+    seconds: dict[str, float] = {}
     for name, value in params.items():
         if coordinates is not None:
             if name not in coordinates:
@@ -277,18 +284,28 @@ def cge(
             index = torch.arange(value.numel(), device=value.device)
         if index.numel() == 0:
             continue
+        start_time = _clock(value.device) if timed else 0.0
         # differences in the precision the oracle answered in (a float64 black box keeps float64 at small mu)
         plus = oracle.coordinate_losses(params, name, index, mu).to(value.device)
-        if difference == "forward":
+        minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device) if difference == "central" else None
+        if timed:
+            seconds[name] = _clock(value.device) - start_time
+        if minus is None:
             diff = _difference(plus, f0) / mu
         else:
-            minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device)
             diff = _difference(plus, minus) / (2 * mu)
         diff = diff.to(value.dtype)
         diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
         grads[name].view(-1)[index] = diff
-    return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped)
+    return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped, seconds=seconds)
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the work queued on ``device`` (CUDA) has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -344,7 +361,6 @@ def rge(
     masks: Mapping[str, Tensor] | None = None,
     *,
     chunk: int = 64,
-    shard: tuple[int, int] | None = None,
     nonfinite: NonFinite = "raise",
 ) -> Estimate:
     r"""Randomized (vector-wise) gradient estimate (RGE).
@@ -371,8 +387,6 @@ def rge(
             (:func:`device_generator`).
         masks: optional bool masks; directions are zero outside them (``d`` counts only masked-in entries).
         chunk: directions generated and evaluated per batch (bounds memory).
-        shard: ``(rank, world_size)``: every rank draws all ``q`` directions (so generators stay in step) but
-            evaluates only ``k = rank, rank + world_size, ...``; summing the ranks' grads gives the full estimate.
         nonfinite: ``"raise"`` or ``"skip"`` directions whose loss is not finite.
 
     Returns:
@@ -386,8 +400,6 @@ def rge(
     check_choice("distribution", distribution, ("gaussian", "sphere"))
     check_positive_int("q", q)
     check_positive_int("chunk", chunk)
-    if shard is not None and not 0 <= shard[0] < shard[1]:
-        raise ValueError(f"Expected argument `shard` to be (rank, world_size) 0 <= rank < world_size, got {shard}.")
     _check_params(params)
     validate_masks(params, masks)
     start = oracle.queries
@@ -404,13 +416,6 @@ def rge(
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = _directions(params, masks, k, distribution, generators)
-        keep = torch.arange(begin, begin + k)
-        if shard is not None:
-            keep = keep[keep % shard[1] == shard[0]]
-            if keep.numel() == 0:
-                continue
-            sel = keep - begin
-            dirs = {n: u[sel.to(u.device)] for n, u in dirs.items()}
         points = {n: params[n].detach().unsqueeze(0) + mu * u for n, u in dirs.items()}
         if begin == 0:
             _check_directions_resolve(params, points, mu, d, distribution)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -13,11 +12,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from dz_lightning import distributed
-from dz_lightning.estimators import Estimate, cge, rge, validate_masks
+from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError, StepUndo
-from dz_lightning.oracle import ModuleOracle, Oracle
+from dz_lightning.oracle import ModuleOracle, Oracle, has_batchnorm
+from dz_lightning.step import StepPlan, StepTiming
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["NonFiniteStepError", "ZOModule", "build_optimizers"]
@@ -31,14 +32,17 @@ class ZOModule(L.LightningModule):
     A subclass says what the objective is by implementing :meth:`make_oracle` (and what to log in
     ``validation_step`` / ``test_step``). The step itself is written once, here:
 
-    1. ``oracle = self.make_oracle(batch)``;
-    2. CGE (restricted to ``self.zo_masks`` when a callback such as ZO-GraSP set them) or RGE estimates the
-       gradient of ``self.zo_parameters()``; under DDP each rank estimates its share of the coordinates (or
-       directions) and one all-reduce combines them (CGE coordinates are split by measured cost: the same
-       all-reduce carries each rank's seconds per parameter into an identical :class:`~dz_lightning.distributed.
-       CostTable` on every rank; RGE all-reduces the directions' losses and every rank sums the directions in the
-       single process's order);
-    3. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
+    1. ``oracle = self.make_oracle(batch)``; :meth:`training_forward` (BatchNorm statistics, training metrics);
+    2. :meth:`estimate`: CGE (restricted to ``self.zo_masks`` when a callback such as ZO-GraSP set them) or RGE
+       estimates this rank's share of the gradient of :meth:`zo_parameters` through :attr:`zo_plan`, a
+       :class:`~dz_lightning.step.StepPlan` (CGE coordinates split by measured cost, RGE points round-robin);
+    3. ``zo_plan.reduce``: one all-reduce gives every rank the full estimate (with one process it returns its
+       input), identical on all ranks;
+    4. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
+
+    The module follows :class:`~dz_lightning.protocol.ZOTrainable`, the protocol the bundled callbacks check.
+    After each step ``last_estimate`` holds the full :class:`~dz_lightning.Estimate` and ``last_timing`` the
+    :class:`~dz_lightning.step.StepTiming` of this rank (benchmarks read them).
 
     Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
     ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated); ``train/loss_vs_queries``
@@ -125,13 +129,12 @@ class ZOModule(L.LightningModule):
         self.max_queries = max_queries
         self.seed = seed
         self.zo_masks: dict[str, Tensor] | None = None
-        self.zo_cost_table: distributed.CostTable | None = None
-        self._zo_timing: _StepTiming | None = None
-        self._zo_rge: _RGEShare | None = None
         self.queries_total = 0
-        self.last_train_outputs: Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
+        self.zo_plan = StepPlan(estimator, mu=self.mu, q=q, difference=difference, distribution=distribution,
+                                nonfinite=nonfinite, generator=self._generator)
         self.last_estimate: Estimate | None = None
+        self.last_timing: StepTiming | None = None
         self._zo_throughput = _Throughput()
         self._zo_hparams_logged: set[tuple[str, Any]] = set()  # (log folder, fit/test): fit and test each once
 
@@ -148,6 +151,15 @@ class ZOModule(L.LightningModule):
     def zo_costs(self, prior: Mapping[str, float] | None) -> None:
         self.zo_cost_table = None if prior is None else distributed.CostTable(prior)
 
+    @property
+    def zo_cost_table(self) -> distributed.CostTable | None:
+        """The DDP CGE split's :class:`~dz_lightning.distributed.CostTable` (``zo_plan.cost_table``)."""
+        return self.zo_plan.cost_table
+
+    @zo_cost_table.setter
+    def zo_cost_table(self, table: distributed.CostTable | None) -> None:
+        self.zo_plan.cost_table = table
+
     # ------------------------------------------------------------------------------------ template hooks
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -157,27 +169,51 @@ class ZOModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement `make_oracle(batch)`.")
 
     def zo_parameters(self) -> dict[str, Tensor]:
-        """Parameters estimated by ZO: name (relative to ``self.model``) -> tensor. Default: trainable ones."""
+        """Parameters estimated by ZO: name (relative to ``self.model``) -> tensor. Default: trainable ones.
+
+        A task that trains only part of ``self.model`` overrides this (and names the parameters relative to the
+        sub-network its oracle evaluates) instead of registering the sub-network under a second attribute.
+        """
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor, head: Any = None) -> ModuleOracle:
-        """A :class:`ModuleOracle` over ``self.model`` with this module's batching settings (``head``: see there)."""
-        return ModuleOracle(self.model, loss_fn, inputs, targets, max_batch=self.max_batch,
-                            memory_budget=self.memory_budget, delta_dtype=self.delta_dtype, head=head)
+    def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor, head: Any = None,
+                      model: nn.Module | None = None) -> ModuleOracle:
+        """A :class:`ModuleOracle` over ``model`` (default ``self.model``) with this module's batching settings.
+
+        ``head``: a black box between the model and the loss (see :class:`ModuleOracle`).
+        """
+        return ModuleOracle(self.model if model is None else model, loss_fn, inputs, targets,
+                            max_batch=self.max_batch, memory_budget=self.memory_budget, delta_dtype=self.delta_dtype,
+                            head=head)
+
+    def training_forward(self, batch: Any, oracle: Oracle) -> Tensor | None:
+        """The step's one plain forward of the training batch, before the estimate; returns its outputs or ``None``.
+
+        Queries never update BatchNorm running statistics, so this forward does: by default, when ``oracle`` is a
+        :class:`ModuleOracle` over one of this module's networks that holds BatchNorm layers in train mode, one
+        forward of the oracle's inputs (:meth:`ModuleOracle.training_forward`, no autograd). Subclasses override it
+        to log training metrics from the outputs (taken at the weights before the step) or to forward differently.
+        """
+        model = oracle.model if isinstance(oracle, ModuleOracle) else None
+        if model is None or not model.training or not has_batchnorm(model) or all(m is not model
+                                                                                  for m in self.modules()):
+            return None
+        return oracle.training_forward()
 
     # -------------------------------------------------------------------------------------- Lightning API
     def configure_optimizers(self) -> Any:
         return build_optimizers(self.parameters(), self.optimizer_fn, self.scheduler_fn, self.scheduler_interval)
 
-    def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if stage == "fit" and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(self.trainer.train_dataloader)):
             raise ValueError(
                 "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
-                "Trainer shards the data (use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` "
-                "(the task data modules order batches by (seed, epoch), identically on every rank)."
+                "training data are sharded across ranks (a DistributedSampler; the Trainer adds one when "
+                "use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` (the task data modules "
+                "order batches by (seed, epoch), identically on every rank)."
             )
+
+    def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
         if precision not in _PRECISIONS:
             raise ValueError(
@@ -187,103 +223,34 @@ class ZOModule(L.LightningModule):
             )
 
     def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> Estimate:
-        """The gradient estimate on one process; under DDP this rank's share of it (before the all-reduce).
+        """This rank's share of the step's estimate (with one process: the estimate), from :attr:`zo_plan`.
 
-        Under DDP, CGE returns this rank's coordinates (zero elsewhere). RGE evaluates this rank's round-robin share
-        of the directions and records their losses; the returned grads are meaningless, and the step finishes after
-        the all-reduce by replaying RGE on every rank from all the losses (the same sum as on one process).
+        A subclass may override it. Under DDP the grads it returns are then taken as partial gradients and summed
+        over the ranks (so an override that does not split the work across ranks must return ``grads / world``);
+        returning ``super().estimate(...)`` unchanged keeps the plan's exact split (and exact distributed RGE).
         """
-        rank, world = distributed.rank_and_world()
-        masks = self.zo_masks
-        validate_masks(params, masks)
-        kwargs = {"nonfinite": self.nonfinite}
-        if self.estimator == "rge":
-            rge_kwargs = {"q": self.q, "mu": self.mu, "distribution": self.distribution,
-                          "difference": self.difference, "masks": masks, **kwargs}
-            if world == 1:
-                return rge(oracle, params, generator=self._generator, **rge_kwargs)
-            recorder = distributed.RecordingOracle(oracle, rank, world, self._rge_points(), _device(params))
-            self._zo_rge = _RGEShare(recorder, self._generator.get_state(), rge_kwargs)
-            return rge(recorder, params, generator=self._generator, **rge_kwargs)
-        if world == 1:
-            return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference, **kwargs)
-        if self.zo_cost_table is None:
-            inputs = oracle.inputs if isinstance(oracle, ModuleOracle) else None
-            self.zo_cost_table = distributed.CostTable(
-                distributed.query_costs(self.model, inputs) if inputs is not None else None)
-        index = {n: (masks[n].reshape(-1).nonzero().reshape(-1) if masks is not None and n in masks
-                     else torch.arange(p.numel(), device=p.device)) for n, p in params.items()}
-        coordinates = self.zo_cost_table.split(index, rank, world)
-        timing = _StepTiming(counts={n: c.numel() for n, c in coordinates.items()},
-                             expected={n: i.numel() for n, i in index.items()})
-        self._zo_timing = timing
-        with distributed.timed_coordinates(oracle, timing.seconds):
-            return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference,
-                       coordinates=coordinates, **kwargs)
+        return self.zo_plan.estimate(oracle, params, self.zo_masks)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The paper's step: oracle, this rank's estimate, one all-reduce, ``p.grad``, optimizer step, log."""
         start = time.perf_counter()
-        self.last_train_outputs = None
         oracle = self.make_oracle(batch)
-        if getattr(oracle, "model", None) is self.model and hasattr(oracle, "inputs") and self.model.training:
-            self._update_batchnorm_stats(oracle)
+        self.training_forward(batch, oracle)
         params = self.zo_parameters()
-        self._zo_timing, self._zo_rge = None, None
-        # exact distributed RGE sends the step's losses instead of partial gradients (a subclass that overrides
-        # `estimate` keeps sending its partial gradients)
-        rge_losses = (self.estimator == "rge" and distributed.rank_and_world()[1] > 1
-                      and type(self).estimate is ZOModule.estimate)
-        error: BaseException | None = None
         try:
-            est = self.estimate(oracle, params)
-            grads, queries, loss = est.grads, est.queries, est.loss
-            if rge_losses:
-                grads = {_LOSSES: self._zo_rge.recorder.payload()}
-        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective every rank joins
-            error = err
-            queries, loss = oracle.queries, float("nan")
-            grads = ({_LOSSES: torch.zeros(self._rge_points(), dtype=torch.float64, device=_device(params))}
-                     if rge_losses else {n: torch.zeros_like(p) for n, p in params.items()})
-        timing = self._zo_timing
-        # timings always travel (zeros when there are none), so every rank sends a buffer of the same layout
-        reduced = distributed.all_reduce_step(grads, queries, error is not None,
-                                              seconds=timing.seconds if timing else {},
-                                              counts=timing.counts if timing else {})
-        grads, queries, failed = reduced.grads, reduced.queries, reduced.failed
-        if error is not None:
-            raise error
-        if failed:
-            raise distributed.RankFailedError(
-                "Another rank failed to estimate its share of the gradient (see its error); stopping all ranks."
-            )
-        if timing is not None and self.zo_cost_table is not None:
-            _check_split(reduced.counts, timing.expected)
-            self.zo_cost_table.update(reduced.seconds, reduced.counts)
-        if rge_losses:
-            grads = self._zo_rge.finish(params, grads[_LOSSES])
-            self._zo_rge = None  # it holds the oracle (and its cached activations)
-        if not all(torch.isfinite(g).all() for g in grads.values()):
-            raise ValueError("The estimated gradient is not finite; refusing to write it into the weights.")
-        self.last_estimate = Estimate(grads=grads, queries=queries, loss=loss)
+            share, error = self.estimate(oracle, params), None
+        except Exception as err:  # noqa: BLE001 - re-raised by `reduce`, after the collective every rank joins
+            share, error = None, err
+        est, self.last_timing = self.zo_plan.reduce(params, share, error, queries=oracle.queries)
+        self.last_estimate = est
         for name, p in params.items():
-            p.grad = grads[name].to(p.dtype)
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        undo = StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
-        for opt in opts:
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        self._undo_nonfinite_step(undo)
-        if self.scheduler_interval == "step":
-            self._step_schedulers()
-        self.queries_total += queries
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        self._log_step(loss, queries, elapsed, params)
+            p.grad = est.grads[name].to(p.dtype)
+        self._optimizer_step()
+        self.queries_total += est.queries
+        self._log_step(est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
         if self.max_queries is not None and self.queries_total >= self.max_queries:
             self.trainer.should_stop = True
-        return torch.tensor(loss)
+        return torch.tensor(est.loss)
 
     def on_train_epoch_end(self) -> None:
         if self.scheduler_interval == "epoch":
@@ -313,6 +280,20 @@ class ZOModule(L.LightningModule):
         self._log_hparams_with_metrics()
 
     # -------------------------------------------------------------------------------------------- helpers
+    def _optimizer_step(self) -> None:
+        """Clip, step every optimizer (undoing a step that leaves anything non-finite), step per-step schedulers."""
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        undo = StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
+        for opt in opts:
+            if self.gradient_clip_val is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self._undo_nonfinite_step(undo)
+        if self.scheduler_interval == "step":
+            self._step_schedulers()
+
     def _undo_nonfinite_step(self, undo: StepUndo) -> None:
         """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
         bad = undo.nonfinite()
@@ -364,24 +345,6 @@ class ZOModule(L.LightningModule):
         for sch in scheds if isinstance(scheds, list) else [scheds]:
             sch.step()
 
-    def _rge_points(self) -> int:
-        """Perturbed points one RGE step evaluates."""
-        return self.q * (2 if self.difference == "central" else 1)
-
-    def _has_batchnorm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-
-    def _update_batchnorm_stats(self, oracle: Oracle) -> None:
-        """One plain forward of ``oracle.inputs`` so BatchNorm running statistics follow training.
-
-        Queries never touch the statistics; oracles over ``self.model`` that expose ``model`` and ``inputs``
-        (:class:`ModuleOracle` and task oracles alike) get this update. Its outputs (before the step's update) are
-        kept in ``last_train_outputs`` for subclasses that log training metrics without another forward.
-        """
-        if self._has_batchnorm():
-            with torch.no_grad(), torch.autocast(oracle.inputs.device.type, enabled=False):
-                self.last_train_outputs = self.model(oracle.inputs)
-
     def _log_step(self, loss: float, queries: int, elapsed: float, params: Mapping[str, Tensor]) -> None:
         total = sum(p.numel() for p in params.values())
         if self.estimator == "cge":
@@ -425,48 +388,23 @@ class _Throughput:
         return self.queries / max(self.seconds, 1e-12)
 
 
-@dataclass
-class _StepTiming:
-    """This rank's share of one DDP CGE step: coordinates per parameter, how many the step has, seconds spent."""
-
-    counts: dict[str, int]
-    expected: dict[str, int]
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-_LOSSES = "__rge_losses__"
-
-
-def _device(params: Mapping[str, Tensor]) -> torch.device:
-    return next(iter(params.values())).device
+def _loaders(loaders: Any) -> Iterator[Any]:
+    """The data loaders in what ``trainer.train_dataloader`` returns (one loader, or a list/dict of them)."""
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            yield from _loaders(item)
+    elif loaders is not None:
+        yield loaders
 
 
-@dataclass
-class _RGEShare:
-    """A DDP RGE step between its two passes: the recorder of this rank's losses and the random state to replay."""
-
-    recorder: distributed.RecordingOracle
-    generator_state: Tensor
-    kwargs: dict[str, Any]
-
-    def finish(self, params: Mapping[str, Tensor], losses: Tensor) -> dict[str, Tensor]:
-        """Every rank: RGE again over the same directions, answered from the all-reduced ``losses``."""
-        base = self.recorder.base
-        replay = distributed.ReplayOracle(base, losses.to(base.device, base.dtype))
-        generator = torch.Generator()
-        generator.set_state(self.generator_state)
-        return rge(replay, params, generator=generator, **self.kwargs).grads
-
-
-def _check_split(counts: Mapping[str, float], expected: Mapping[str, int]) -> None:
-    """Every coordinate evaluated by exactly one rank, judged from all-reduced counts (same verdict on all ranks)."""
-    wrong = {n: (counts.get(n, 0.0), e) for n, e in expected.items()
-             if e < 2**24 and abs(counts.get(n, 0.0) - e) > 0.5}
-    if wrong:
-        raise distributed.RankFailedError(
-            "The ranks split the coordinates inconsistently (parameter: (evaluated, expected)): "
-            f"{dict(list(wrong.items())[:5])}. Every rank must see the same batch, masks and cost table."
-        )
+def _shards(loader: Any) -> bool:
+    """Whether a loader gives each rank a different part of the data (a ``DistributedSampler`` in it)."""
+    if not isinstance(loader, DataLoader):
+        return False
+    samplers = (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+    return any(isinstance(s, DistributedSampler) for s in samplers)
 
 
 def build_optimizers(parameters: Any, optimizer_fn: OptimizerCallable, scheduler_fn: LRSchedulerCallable | None,

@@ -90,19 +90,16 @@ class ZOClassifier(_ClassificationMetrics, ZOModule):
         self.train_accuracy = train_accuracy
         self._configure_metrics(num_classes)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        logits = None
-        if self.train_accuracy and not (self._has_batchnorm() and self.model.training):
-            x, _ = batch
-            with query_mode(self.model, x.device):
-                logits = self.model(x)
-        loss = super().training_step(batch, batch_idx)
-        if self.train_accuracy:
-            # a BatchNorm model in train mode got one plain forward of the batch before the update (its statistics)
-            logits = self.last_train_outputs if logits is None else logits
-            if logits is not None:
-                self._log_train_acc(logits, batch[1])
-        return loss
+    def training_forward(self, batch: Any, oracle: Oracle) -> Tensor | None:
+        """The engine's training forward (BatchNorm statistics), or a query-mode forward; logs ``train/acc``."""
+        logits = super().training_forward(batch, oracle)
+        if not self.train_accuracy:
+            return logits
+        if logits is None:  # no statistics to update: a forward that leaves the model untouched
+            with query_mode(self.model, batch[0].device):
+                logits = self.model(batch[0])
+        self._log_train_acc(logits, batch[1])
+        return logits
 
     def make_oracle(self, batch: Any) -> Oracle:
         x, y = batch

@@ -1,12 +1,14 @@
 """Two Gloo processes without Lightning: split CGE coordinates, all-reduce, compare with one process.
 
 Used by test_distributed.py's fast 2-rank test through a subprocess with a clean environment. Each rank
-estimates its share of a small MLP's coordinates, and ``all_reduce_estimate`` combines them; the script prints
+estimates its share of a small MLP's coordinates, and ``all_reduce_step`` combines them; the script prints
 one line ``RESULT <max_abs_diff> <queries> <failed_flags>`` from rank 0 and exits non-zero on any error.
 Then a few steps split by a measured :class:`CostTable` (timings in the same all-reduce) print
 ``TABLE <max_abs_diff over the steps> <tables identical on all ranks: 1/0> <updates>``. Last, exact RGE (record
 a round-robin share of the losses, all-reduce them, replay RGE on every rank) prints
-``RGE <bit-identical to one process: 1/0> <queries> <single-process queries>``.
+``RGE <bit-identical to one process: 1/0> <queries> <single-process queries>``. Then the engine's
+:class:`~dz_lightning.step.StepPlan` (its own shares, and a subclass-style partial estimate that is summed) prints
+``PLAN <cge max_abs_diff> <rge bit-identical: 1/0> <partial max_abs_diff> <cost table updates>``.
 """
 
 from __future__ import annotations
@@ -19,16 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dz_lightning import ModuleOracle, cge, rge
-from dz_lightning.distributed import (
-    CostTable,
-    RecordingOracle,
-    ReplayOracle,
-    all_reduce_estimate,
-    all_reduce_step,
-    rank_and_world,
-    split_coordinates,
-    timed_coordinates,
-)
+from dz_lightning.distributed import CostTable, all_reduce_step, rank_and_world, split_coordinates
+from dz_lightning.estimators import Estimate
+from dz_lightning.step import RecordingOracle, ReplayOracle, StepPlan
 
 
 def _problem() -> tuple[torch.nn.Module, ModuleOracle]:
@@ -54,10 +49,11 @@ def _rank(rank: int, world: int, port: int) -> None:
         costs = {n: 1.0 + i for i, n in enumerate(params)}
         index = {n: torch.arange(p.numel()) for n, p in params.items()}
         part = cge(oracle, params, coordinates=split_coordinates(index, rank, world, costs))
-        grads, queries, failed = all_reduce_estimate(part.grads, part.queries, False)
+        reduced = all_reduce_step(part.grads, part.queries, False)
+        grads, queries, failed = reduced.grads, reduced.queries, reduced.failed
         diff = max(float((grads[n] - reference.grads[n]).abs().max()) for n in params)
         # a failure on the last rank reaches every rank through the same single collective
-        _, _, failed_later = all_reduce_estimate(part.grads, 0, rank == world - 1)
+        failed_later = all_reduce_step(part.grads, 0, rank == world - 1).failed
         flags = [torch.tensor([float(failed_later)])]
         gathered = [torch.zeros(1) for _ in range(world)]
         dist.all_gather(gathered, flags[0])
@@ -68,11 +64,9 @@ def _rank(rank: int, world: int, port: int) -> None:
         table = CostTable(costs, momentum=0.5)
         step_diff = 0.0
         for _ in range(4):
-            seconds: dict[str, float] = {}
             share = table.split(index, rank, world)
-            with timed_coordinates(oracle, seconds):
-                part = cge(oracle, params, coordinates=share)
-            reduced = all_reduce_step(part.grads, part.queries, False, seconds=seconds,
+            part = cge(oracle, params, coordinates=share, timed=True)
+            reduced = all_reduce_step(part.grads, part.queries, False, seconds=part.seconds,
                                       counts={n: c.numel() for n, c in share.items()})
             assert reduced.counts == {n: float(i.numel()) for n, i in index.items()}, reduced.counts
             table.update(reduced.seconds, reduced.counts)
@@ -90,14 +84,31 @@ def _rank(rank: int, world: int, port: int) -> None:
         state = generator.get_state()
         recorder = RecordingOracle(oracle, rank, world, 20)
         first = rge(recorder, params, generator=generator, **settings)
-        reduced = all_reduce_step({"losses": recorder.payload()}, first.queries, False)
+        reduced = all_reduce_step({n: torch.zeros_like(p) for n, p in params.items()}, first.queries, False,
+                                  losses=recorder.payload())
         replay_generator = torch.Generator()
         replay_generator.set_state(state)
-        replayed = rge(ReplayOracle(recorder.base, reduced.grads["losses"].to(recorder.base.dtype)), params,
+        replayed = rge(ReplayOracle(recorder.base, reduced.losses.to(recorder.base.dtype)), params,
                        generator=replay_generator, **settings)
         exact = all(torch.equal(replayed.grads[n], single.grads[n]) for n in params)
         if rank == 0:
             print(f"RGE {int(exact)} {reduced.queries} {single.queries}", flush=True)
+        # the step plan: CGE and RGE shares, then a partial estimate (an overriding subclass's) summed as it is
+        plans = {e: StepPlan(e, mu=5e-3, q=10, difference=d, distribution="sphere", nonfinite="raise",
+                             generator=torch.Generator().manual_seed(3)) for e, d in (("cge", "forward"),
+                                                                                      ("rge", "central"))}
+        cge_full, _ = plans["cge"].reduce(params, plans["cge"].estimate(oracle, params))
+        rge_full, _ = plans["rge"].reduce(params, plans["rge"].estimate(oracle, params))
+        partial = Estimate({n: g / world for n, g in reference.grads.items()}, 1, reference.loss)
+        summed, _ = plans["cge"].reduce(params, partial)
+        cge_diff = max(float((cge_full.grads[n] - reference.grads[n]).abs().max()) for n in params)
+        one = rge(oracle, params, generator=torch.Generator().manual_seed(3), q=10, mu=5e-3, distribution="sphere",
+                  difference="central")
+        rge_exact = all(torch.equal(rge_full.grads[n], one.grads[n]) for n in params)
+        partial_diff = max(float((summed.grads[n] - reference.grads[n]).abs().max()) for n in params)
+        if rank == 0:
+            print(f"PLAN {cge_diff:.3e} {int(rge_exact)} {partial_diff:.3e} {plans['cge'].cost_table.updates}",
+                  flush=True)
     finally:
         dist.destroy_process_group()
 

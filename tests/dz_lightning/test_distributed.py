@@ -12,18 +12,9 @@ import pytest
 import torch
 
 import dz_lightning as dz
-from dz_lightning.distributed import (
-    CostTable,
-    RankFailedError,
-    RecordingOracle,
-    ReplayOracle,
-    all_reduce_estimate,
-    all_reduce_step,
-    query_costs,
-    split_coordinates,
-    timed_coordinates,
-)
+from dz_lightning.distributed import CostTable, RankFailedError, all_reduce_step, query_costs, split_coordinates
 from dz_lightning.models import resnet20
+from dz_lightning.step import RecordingOracle, ReplayOracle, StepPlan
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 COLLECTIVE_WORKER = Path(__file__).with_name("collective_worker.py")
@@ -119,28 +110,18 @@ def test_cost_table_survives_a_checkpoint(tmp_path):
     assert resumed.zo_cost_table is None
 
 
-def test_timed_coordinates_times_per_parameter_and_restores_the_oracle():
+def test_timed_cge_reports_seconds_per_parameter_and_the_same_estimate():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(5, 4), torch.randint(0, 2, (5,)))
     params = {n: p.detach() for n, p in model.named_parameters()}
-    seconds: dict[str, float] = {}
-    with timed_coordinates(oracle, seconds):
-        timed = dz.cge(oracle, params)
-    assert set(seconds) == set(params) and all(s > 0 for s in seconds.values())
-    assert "coordinate_losses" not in vars(oracle)  # the class method is back
+    timed = dz.cge(oracle, params, timed=True)
+    assert set(timed.seconds) == set(params) and all(s > 0 for s in timed.seconds.values())
     plain = dz.cge(oracle, params)
+    assert plain.seconds == {}  # untimed by default
     assert all(torch.equal(timed.grads[n], plain.grads[n]) for n in params)
-
-    class Slotted:  # takes no instance attributes: it runs untimed
-        __slots__ = ()
-
-        def coordinate_losses(self, params, name, index, delta):
-            return torch.zeros(index.numel())
-
-    untimed: dict[str, float] = {}
-    with timed_coordinates(Slotted(), untimed):
-        pass
-    assert untimed == {}
+    # a split step times only the parameters it evaluates
+    part = dz.cge(oracle, params, coordinates={"0.weight": torch.arange(3)}, timed=True)
+    assert set(part.seconds) == {"0.weight"}
 
 
 def test_zo_costs_setter_gives_the_prior():
@@ -178,23 +159,53 @@ def test_recorded_rge_losses_summed_over_ranks_replay_to_the_single_process_esti
 
 def test_all_reduce_step_without_process_group_returns_the_inputs():
     r = all_reduce_step({"w": torch.ones(2), "v": torch.zeros(1)}, 3, False, seconds={"w": 0.5}, counts={"w": 2})
-    assert r.queries == 3 and not r.failed
+    assert r.queries == 3 and not r.failed and r.losses is None
     assert r.seconds == {"w": 0.5, "v": 0.0} and r.counts == {"w": 2.0, "v": 0.0}
     assert all_reduce_step({"w": torch.ones(2)}, 3, False).counts == {}
+    losses = torch.arange(4, dtype=torch.float64)
+    assert torch.equal(all_reduce_step({"w": torch.ones(3)}, 7, False, losses=losses).losses, losses)
 
 
 def test_an_inconsistent_split_is_an_error_on_every_rank():
-    from dz_lightning.module import _check_split
+    from dz_lightning.step import _check_split
 
     _check_split({"a": 4.0, "b": 2.0}, {"a": 4, "b": 2})
     with pytest.raises(RankFailedError, match="inconsistently"):
         _check_split({"a": 3.0, "b": 2.0}, {"a": 4, "b": 2})
 
 
-def test_all_reduce_without_process_group_is_identity():
-    grads = {"w": torch.ones(3)}
-    out, queries, failed = all_reduce_estimate(grads, 7, False)
-    assert torch.equal(out["w"], grads["w"]) and queries == 7 and not failed
+@pytest.mark.parametrize("estimator", ["cge", "rge"])
+def test_step_plan_with_one_process_is_the_plain_estimator(estimator):
+    """One code path: without a process group the plan's share is the whole estimate and `reduce` returns it."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    settings = {"mu": 1e-2, "q": 5, "difference": "forward", "distribution": "sphere", "nonfinite": "raise"}
+    plan = StepPlan(estimator, generator=torch.Generator().manual_seed(2), **settings)
+    oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, x, y)
+    share = plan.estimate(oracle, params)
+    est, timing = plan.reduce(params, share)
+    generator = torch.Generator().manual_seed(2)
+    reference = (dz.cge(oracle, params, mu=1e-2) if estimator == "cge" else
+                 dz.rge(oracle, params, q=5, mu=1e-2, distribution="sphere", generator=generator))
+    assert all(torch.equal(est.grads[n], reference.grads[n]) for n in params)
+    assert est.queries == reference.queries and est.loss == reference.loss
+    assert timing.reduce_end >= timing.reduce_start and plan.cost_table is None  # no split with one process
+    with pytest.raises(ZeroDivisionError):  # a failed share is raised after the (here trivial) collective
+        plan.reduce(params, None, ZeroDivisionError("boom"), queries=3)
+
+
+def test_wrapper_oracles_count_what_they_evaluate():
+    """Recording and replay are Oracles: the recorder counts the points it evaluated, the replay none."""
+    model = torch.nn.Linear(3, 2)
+    oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    recorder = RecordingOracle(oracle, 1, 2, 6)
+    assert isinstance(recorder, dz.Oracle)
+    est = dz.rge(recorder, params, q=6, generator=torch.Generator().manual_seed(0))
+    assert est.queries == recorder.queries == oracle.queries == 1 + 3  # the base point and points 1, 3, 5
+    replay = ReplayOracle(recorder.base, recorder.payload())
+    assert dz.rge(replay, params, q=6).queries == replay.queries == 0
 
 
 def _run(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -267,3 +278,7 @@ def test_two_gloo_ranks_combine_to_the_single_process_gradient():
     # exact RGE: every loss evaluated once on some rank, the estimate summed in the single process's order
     _, exact, rge_queries, rge_single = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RGE")).split()
     assert exact == "1" and int(rge_queries) == int(rge_single) + 1
+    # the engine's StepPlan: its own CGE and RGE shares combine exactly; a partial estimate is summed as it is
+    _, cge_diff, rge_exact, partial_diff, updates = next(
+        ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")).split()
+    assert float(cge_diff) <= 1e-6 and rge_exact == "1" and float(partial_diff) <= 1e-6 and updates == "1"

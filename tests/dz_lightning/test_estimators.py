@@ -86,7 +86,7 @@ def test_rge_mean_approaches_true_gradient(distribution):
     assert est.queries == 2 * 20000 + 1
 
 
-def test_rge_same_seed_same_estimate_and_shards_sum_to_whole():
+def test_rge_same_seed_same_estimate():
     torch.manual_seed(3)
     model = MLP(4, (3,), 2)
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
@@ -98,9 +98,6 @@ def test_rge_same_seed_same_estimate_and_shards_sum_to_whole():
 
     a, b = run(), run()
     assert all(torch.equal(a.grads[n], b.grads[n]) for n in params)
-    parts = [run(shard=(r, 3)) for r in range(3)]
-    for n in params:
-        torch.testing.assert_close(sum(p.grads[n] for p in parts), a.grads[n], rtol=1e-5, atol=1e-6)
 
 
 def test_estimators_leave_params_bit_for_bit_unchanged():

@@ -167,3 +167,21 @@ def test_delta_dtype_reaches_the_oracle_and_is_checked():
     assert module.module_oracle(torch.nn.functional.cross_entropy, x, y).delta_dtype == "bfloat16"
     with pytest.raises(ValueError, match="`delta_dtype`.*'float16'"):
         ZOClassifier(MLP(hidden=(8,)), delta_dtype="float16")
+
+
+class _FrozenEstimate(ZOClassifier):
+    """Overrides `estimate`: the step writes whatever it returns (under DDP, summed over the ranks as partials)."""
+
+    def estimate(self, oracle, params):
+        est = super().estimate(oracle, params)
+        return dz.Estimate({n: torch.zeros_like(g) for n, g in est.grads.items()}, est.queries, est.loss)
+
+
+def test_a_subclass_estimate_is_what_the_step_writes():
+    model = MLP(hidden=(4,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    module = _FrozenEstimate(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    _trainer(max_steps=2).fit(module, DigitsDataModule(batch_size=16))
+    assert module.global_step == 2 and module.queries_total == 2 * (sum(p.numel() for p in model.parameters()) + 1)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(not g.any() for g in module.last_estimate.grads.values())
