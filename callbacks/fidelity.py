@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from dz_lightning.oracle import ModuleOracle, frozen_batchnorm_stats
+from dz_lightning.protocol import ZOTrainable
 from dz_lightning.validation import check_positive_int
 
 __all__ = ["GradientFidelity"]
@@ -43,6 +44,10 @@ class GradientFidelity(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if trainer.global_step % self.every_n_steps != 0 or self._batch is None:
             return
+        if not isinstance(pl_module, ZOTrainable):
+            raise TypeError(f"GradientFidelity needs a module that follows dz_lightning.protocol.ZOTrainable "
+                            f"(`zo_parameters()`, `zo_masks`, `make_oracle(batch)`); {type(pl_module).__name__} "
+                            "does not.")
         oracle = pl_module.make_oracle(self._batch)
         if not isinstance(oracle, ModuleOracle):
             raise TypeError(f"GradientFidelity needs a white-box ModuleOracle, but {type(pl_module).__name__} "
@@ -54,7 +59,7 @@ class GradientFidelity(L.Callback):
             fo = torch.autograd.grad(loss, [params[n] for n in names])
         zo = torch.cat([params[n].grad.reshape(-1) for n in names])
         fo_flat = torch.cat([g.reshape(-1) for g in fo])
-        masks = getattr(pl_module, "zo_masks", None) or {}
+        masks = pl_module.zo_masks or {}
         keep = torch.cat([masks[n].reshape(-1) if n in masks else torch.ones_like(params[n], dtype=torch.bool)
                           .reshape(-1) for n in names])
         self.last = {

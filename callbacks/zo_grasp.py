@@ -1,10 +1,11 @@
 """ZO-GraSP: layer-wise pruning ratios at fit start, random gradient masks redrawn every N epochs (or steps).
 
-Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule that follows this protocol:
+Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule that follows the protocol
+:class:`~dz_lightning.protocol.ZOTrainable`:
 
 * ``zo_parameters() -> dict[str, Tensor]``: the parameters its estimator perturbs;
 * a ``zo_masks`` attribute that its estimator reads (``None`` = dense);
-* ``make_oracle(batch) -> dz_lightning.Oracle`` (needed by ``method="zo_grasp"``; ``"grasp"`` needs the oracle
+* ``make_oracle(batch) -> dz_lightning.Oracle`` (used by ``method="zo_grasp"``; ``"grasp"`` needs the oracle
   to be a :class:`~dz_lightning.ModuleOracle`).
 """
 
@@ -22,6 +23,7 @@ from typing_extensions import override
 
 from dz_lightning import sparsity as sp
 from dz_lightning.figures import log_figure, lpr_figure
+from dz_lightning.protocol import ZOTrainable
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["ZOGraSP"]
@@ -133,10 +135,11 @@ class ZOGraSP(L.Callback):
     # ------------------------------------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        missing = [a for a in ("zo_parameters", "zo_masks") if not hasattr(pl_module, a)]
-        if missing:
-            raise TypeError(f"ZOGraSP needs a module with `zo_parameters()` and a `zo_masks` attribute (see the "
-                            f"README's protocol), but {type(pl_module).__name__} lacks {missing}.")
+        if not isinstance(pl_module, ZOTrainable):
+            missing = [a for a in ("zo_parameters", "zo_masks", "make_oracle") if not hasattr(pl_module, a)]
+            raise TypeError(f"ZOGraSP needs a module that follows dz_lightning.protocol.ZOTrainable "
+                            f"(`zo_parameters()`, a `zo_masks` attribute, `make_oracle(batch)`), but "
+                            f"{type(pl_module).__name__} lacks {missing}.")
         params = pl_module.zo_parameters()
         unknown = sorted(set(self.dense) - set(params))
         if unknown:
@@ -203,8 +206,6 @@ class ZOGraSP(L.Callback):
             return sp.uniform_ratios(self._names, self.sparsity)
         if self.method == "random":
             return sp.random_ratios(params, self._names, self.sparsity, self._generator)
-        if not hasattr(pl_module, "make_oracle"):
-            raise TypeError(f"method={self.method!r} needs `make_oracle(batch)` on {type(pl_module).__name__}.")
         device = next(iter(params.values())).device
         x, y = sp.class_balanced_sample(trainer.train_dataloader, self.samples_per_class, self.num_classes)
         oracle = pl_module.make_oracle((x.to(device), y.to(device)))

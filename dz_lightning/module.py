@@ -80,6 +80,9 @@ class ZOModule(L.LightningModule):
 
     #: constructor arguments of subclasses that are modules or black boxes (kept out of ``hparams``)
     _hparams_ignore: tuple[str, ...] = ()
+    #: attributes under which older versions of a subclass also registered its network (the whole network, or the
+    #: module that holds ``self.model``); their checkpoint keys are renamed to ``model.`` on load
+    _legacy_model_aliases: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -263,6 +266,8 @@ class ZOModule(L.LightningModule):
                                       else self.zo_cost_table.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(checkpoint.get("state_dict"), Mapping):
+            checkpoint["state_dict"] = self._remap_legacy_keys(checkpoint["state_dict"])
         state = checkpoint.get("dz_lightning")
         if state is None:
             rank_zero_warn("The checkpoint has no dz_lightning state; the direction generator restarts from its seed.")
@@ -273,6 +278,10 @@ class ZOModule(L.LightningModule):
         table = state.get("cost_table")
         self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, accepting the layouts of older versions (see ``_legacy_model_aliases``)."""
+        return super().load_state_dict(self._remap_legacy_keys(state_dict), strict=strict, assign=assign)
+
     def on_fit_end(self) -> None:
         self._log_hparams_with_metrics()
 
@@ -280,6 +289,19 @@ class ZOModule(L.LightningModule):
         self._log_hparams_with_metrics()
 
     # -------------------------------------------------------------------------------------------- helpers
+    def _remap_legacy_keys(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A state dict of an older layout, which stored the network twice, in the current one (else ``state``).
+
+        Keys under an alias (``"denoiser."``) are the whole network: they replace the keys under ``"model."`` (the
+        second copy, or a part of the network), renamed to ``"model."``.
+        """
+        for alias in self._legacy_model_aliases:
+            prefix = alias + "."
+            if any(k.startswith(prefix) for k in state):
+                state = {("model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
+                         if not k.startswith("model.")}
+        return state
+
     def _optimizer_step(self) -> None:
         """Clip, step every optimizer (undoing a step that leaves anything non-finite), step per-step schedulers."""
         opts = self.optimizers()

@@ -12,7 +12,7 @@ import csv
 import pickle
 import time
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,16 +23,14 @@ from dz_lightning.tasks.smoothing import ABSTAIN, NonFiniteOutputError, _check, 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from dz_lightning import ZOModule
 from dz_lightning.checkpointing import verify_checksum
 from dz_lightning.figures import log_figure, new_figure, save_figure
-from dz_lightning.oracle import Oracle, parameter_values, query_mode
+from dz_lightning.oracle import ModuleOracle, Oracle
 from dz_lightning.validation import check_choice, check_positive_int
 
-__all__ = ["BlackBoxClassifier", "DenoiserOracle", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing",
-           "load_state_dict"]
+__all__ = ["BlackBoxClassifier", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing", "load_state_dict"]
 
 
 def load_state_dict(path: str | Path, argument: str = "checkpoint") -> dict[str, Tensor]:
@@ -126,40 +124,6 @@ class BlackBoxClassifier:
                              f"{self.num_classes}), but returned {shape}.")
         self.queries += images.shape[0]
         return out.detach()
-
-
-class DenoiserOracle(Oracle):
-    """Loss of ``CE(f(D_theta(x_noisy)), targets)`` as a function of the denoiser's parameters ``theta``.
-
-    ``D`` is ours (white box, evaluated for K parameter points at once with ``vmap``); ``f`` is only queried.
-    """
-
-    def __init__(self, denoiser: nn.Module, classifier: BlackBoxClassifier, noisy: Tensor, targets: Tensor,
-                 max_batch: int | None = None) -> None:
-        super().__init__(max_batch=max_batch or max(1, 8192 // noisy.shape[0]))
-        self.denoiser, self.classifier, self.noisy, self.targets = denoiser, classifier, noisy, targets
-        self.model, self.inputs = denoiser, noisy  # what ZOModule uses to update BatchNorm statistics
-
-    def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return parameter_values(self.denoiser, params)
-
-    def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        with query_mode(self.denoiser, self.noisy.device):
-            out = functional_call(self.denoiser, self._full(params), (self.noisy,))
-            return F.cross_entropy(self.classifier(out), self.targets)
-
-    def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        fixed = {n: v for n, v in self._full(params).items() if n not in varied}
-        names = list(varied)
-
-        def denoise(*values: Tensor) -> Tensor:
-            return functional_call(self.denoiser, {**fixed, **dict(zip(names, values, strict=True))}, (self.noisy,))
-
-        with query_mode(self.denoiser, self.noisy.device):
-            images = vmap(denoise, randomness="same")(*(varied[n] for n in names))  # (K, B, C, H, W)
-            k, b = images.shape[:2]
-            logits = self.classifier(images.reshape(k * b, *images.shape[2:])).reshape(k, b, -1)
-            return torch.stack([F.cross_entropy(logits[i], self.targets) for i in range(k)])
 
 
 class _CertifiedTest:
@@ -309,6 +273,7 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
     """
 
     _hparams_ignore = ("denoiser", "classifier")
+    _legacy_model_aliases = ("denoiser",)  # before 0.2 the denoiser (or its body) was also stored as `model`
 
     def __init__(self, denoiser: nn.Module, classifier: BlackBoxClassifier, sigma: float = 0.25,
                  target: Literal["prediction", "label"] = "prediction", n0: int = 100, n: int = 10_000,
@@ -316,18 +281,33 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
                  certify_batch: int = 1000, max_certified: int | None = None, output_dir: str | None = None,
                  certify_seed: int = 0, certify_nonfinite: Literal["raise", "abstain"] = "raise",
                  **kwargs: Any) -> None:
-        # a residual denoiser D(x) = x - body(x) with a staged body: queries use feature reuse over the body
-        self.residual_body = isinstance(getattr(denoiser, "body", None), nn.Sequential) and getattr(
-            denoiser, "residual", False)
-        super().__init__(denoiser.body if self.residual_body else denoiser, **kwargs)
+        super().__init__(denoiser, **kwargs)
         if not isinstance(classifier, BlackBoxClassifier):
             raise TypeError(f"Expected `classifier` to be a BlackBoxClassifier, but got {type(classifier).__name__}.")
         if target not in ("prediction", "label"):
             raise ValueError(f"Expected argument `target` to be 'prediction' or 'label', but got {target!r}.")
-        self.denoiser, self.classifier, self.target = denoiser, classifier, target
+        self.classifier, self.target = classifier, target
         self._setup_certification(sigma, n0, n, alpha, radii, num_classes, certify_batch, max_certified,
                                   output_dir, certify_seed, certify_nonfinite)
         self._noise = torch.Generator().manual_seed(self.seed + 1)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The denoiser ``D`` (``self.model``)."""
+        return self.model
+
+    @property
+    def residual_body(self) -> bool:
+        """Whether ``D(x) = x - body(x)`` with a staged body: queries then perturb the body with feature reuse."""
+        return isinstance(getattr(self.model, "body", None), nn.Sequential) and getattr(self.model, "residual", False)
+
+    def trained_network(self) -> nn.Module:
+        """The network whose parameters ZO perturbs: the residual body, or the whole denoiser."""
+        return self.model.body if self.residual_body else self.model
+
+    def zo_parameters(self) -> dict[str, Tensor]:
+        """The trainable parameters of :meth:`trained_network`, named relative to it (as the oracle names them)."""
+        return {n: p for n, p in self.trained_network().named_parameters() if p.requires_grad}
 
     def on_fit_start(self) -> None:
         self.classifier.to(self.device)
@@ -336,17 +316,22 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
         self.classifier.to(self.device)
 
     def make_oracle(self, batch: Any) -> Oracle:
+        """``CE(f(D(x + delta)), t)`` over :meth:`trained_network`, with the black box ``f`` as the oracle's head.
+
+        The head runs outside ``vmap`` on every ``K * B`` denoised image of a chunk at once (or one image batch per
+        point on the feature-reuse path): each image is counted, and a non-torch classifier works.
+        """
         x, y = batch
         noisy = x + self.sigma * torch.randn(x.shape, generator=self._noise).to(x)
         targets = _noisy_targets(self.classifier, x, y, self.target, self.num_classes)
         if self.residual_body:
-            # the black box is the oracle's head, run outside vmap on every K * B denoised image of a chunk at once:
-            # each image is counted, and a non-torch classifier works
             def head(noise: Tensor, inputs: Tensor) -> Tensor:
                 return self.classifier(inputs - noise)
 
-            return self.module_oracle(F.cross_entropy, noisy, targets, head=head)
-        return DenoiserOracle(self.denoiser, self.classifier, noisy, targets, self.max_batch)
+            return self.module_oracle(F.cross_entropy, noisy, targets, head=head, model=self.model.body)
+        return ModuleOracle(self.model, F.cross_entropy, noisy, targets, feature_reuse=False,
+                            max_batch=self.max_batch or max(1, 8192 // noisy.shape[0]),
+                            head=lambda images, inputs: self.classifier(images))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)

@@ -20,13 +20,12 @@ import torch.nn.functional as F
 from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
 from dz_lightning.figures import log_figure, new_figure, save_figure
 from dz_lightning.module import build_optimizers
-from dz_lightning.oracle import Oracle, parameter_values
+from dz_lightning.oracle import Oracle, parameter_values, vmap_points
 from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 from dz_lightning.validation import check_positive_int
 
@@ -283,23 +282,15 @@ class SOLOracle(Oracle):
             self._first_step = self.solver(self.windows[:, 0], self.re)
         return self._first_step
 
-    def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return parameter_values(self.corrector, params)
-
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        return self._losses(params, {n: v.unsqueeze(0) for n, v in self._full(params).items()})[0]
+        points = {n: v.unsqueeze(0) for n, v in parameter_values(self.corrector, params).items()}
+        return self._losses(params, points)[0]
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
-        fixed = {n: v for n, v in self._full(params).items() if n not in varied}
-        names = list(varied)
-        k = varied[names[0]].shape[0]
+        k = next(iter(varied.values())).shape[0]
         b, m = self.windows.shape[0], self.windows.shape[1] - 1
         re = self.re.repeat(k)
         u = self.first_step().repeat(k, 1, 1, 1)
-
-        def correction(x: Tensor, *values: Tensor) -> Tensor:
-            return functional_call(self.corrector, {**fixed, **dict(zip(names, values, strict=True))}, (x,))
-
         loss = torch.zeros(k, device=u.device)
         diverged = torch.zeros(k * b, dtype=torch.bool, device=u.device)
         with torch.no_grad():
@@ -308,7 +299,7 @@ class SOLOracle(Oracle):
                     # a diverged simulation is not stepped again (its pressure solve would run to the iteration cap)
                     u = self.solver(torch.where(diverged.view(-1, 1, 1, 1), torch.zeros_like(u), u), re)
                 x = corrector_input(u, re).reshape(k, b, 3, *u.shape[2:])
-                u = u + vmap(correction, randomness="same")(x, *(varied[n] for n in names)).reshape(u.shape)
+                u = u + vmap_points(self.corrector, params, varied, x, per_point_inputs=True).reshape(u.shape)
                 diverged |= ~torch.isfinite(u).flatten(1).all(1)
                 err = (u.reshape(k, b, *u.shape[1:]) - self.windows[:, step].unsqueeze(0)) ** 2
                 loss += err.flatten(1).mean(1)
@@ -330,12 +321,17 @@ class ZOSOL(_SOLEvaluation, ZOModule):
     """
 
     _hparams_ignore = ("corrector",)
+    _legacy_model_aliases = ("corrector",)  # before 0.2 the corrector was also stored as `corrector`
 
     def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32), mu: float = 1e-4,
                  **kwargs: Any) -> None:
         super().__init__(corrector, mu=mu, **kwargs)
-        self.corrector = self.model
         self.solver = KarmanSolver(tuple(resolution))
+
+    @property
+    def corrector(self) -> nn.Module:
+        """The correction network (``self.model``)."""
+        return self.model
 
     def make_oracle(self, batch: Any) -> Oracle:
         windows, re = batch

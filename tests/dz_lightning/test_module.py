@@ -185,3 +185,41 @@ def test_a_subclass_estimate_is_what_the_step_writes():
     assert module.global_step == 2 and module.queries_total == 2 * (sum(p.numel() for p in model.parameters()) + 1)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(not g.any() for g in module.last_estimate.grads.values())
+
+
+def test_modules_follow_the_protocol_the_callbacks_check():
+    from dz_lightning.callbacks.zo_grasp import ZOGraSP
+    from dz_lightning.tasks.classification import FOClassifier
+
+    from dz_lightning.protocol import ZOTrainable
+
+    assert isinstance(ZOClassifier(MLP(hidden=(4,))), ZOTrainable)
+    assert isinstance(FOClassifier(MLP(hidden=(4,))), ZOTrainable)
+    assert not isinstance(L.LightningModule(), ZOTrainable)
+    with pytest.raises(TypeError, match=r"ZOTrainable.*LightningModule lacks \['zo_parameters', 'zo_masks', 'make_"):
+        ZOGraSP(sparsity=0.5, method="uniform").setup(None, L.LightningModule(), "fit")
+
+
+def test_sharded_training_data_are_recognised_through_the_loader():
+    """Every rank must see the same batch: the check reads the loaders' samplers (public API), not the Trainer's."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from dz_lightning.module import _loaders, _shards
+
+    data = list(range(8))
+    sharded = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    plain = DataLoader(data, batch_size=2)
+    assert [_shards(dl) for dl in _loaders({"a": plain, "b": [sharded]})] == [False, True]
+    assert list(_loaders(None)) == []
+
+
+def test_training_forward_updates_batchnorm_only_for_this_modules_networks():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+    module = ZOClassifier(model, train_accuracy=False)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    outputs = module.training_forward((x, y), module.make_oracle((x, y)))
+    assert outputs.shape == (6, 10) and int(model[2].num_batches_tracked) == 1
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8))
+    assert module.training_forward((x, y), dz.ModuleOracle(other, lambda o, t: o.sum(), x, y)) is None
+    assert int(other[2].num_batches_tracked) == 0
+    assert module.training_forward((x, y), dz.FunctionOracle(lambda p: 0.0)) is None

@@ -181,26 +181,30 @@ class _NumpyBlackBox:
         return torch.from_numpy(images.reshape(images.shape[0], -1).numpy() @ self.weight)
 
 
-@pytest.mark.parametrize("path", ["rge", "cge_staged", "cge_unstaged"])
+@pytest.mark.parametrize("path", ["rge", "cge_staged", "cge_unstaged", "plain_rge", "plain_cge"])
 def test_residual_denoiser_counts_every_black_box_image_on_every_path(path):
-    """With a residual denoiser the black box is the oracle's head: it runs outside vmap on all K * B images."""
+    """The black box is the oracle's head: it runs outside vmap on all K * B images, for a residual denoiser (its
+    body perturbed, with or without feature reuse) and for a plain one (``plain_*``: the whole denoiser)."""
     import dz_lightning as dz
 
     torch.manual_seed(0)
     raw = _NumpyBlackBox()
     blackbox = BlackBoxClassifier(fn=raw)
-    module = ZODenoisedSmoothing(DnCNN(1, 2, 3), blackbox, estimator="rge" if path == "rge" else "cge", max_batch=7,
+    denoiser = (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1))
+                if path.startswith("plain") else DnCNN(1, 2, 3))
+    module = ZODenoisedSmoothing(denoiser, blackbox, estimator="rge" if path.endswith("rge") else "cge", max_batch=7,
                                  **CERT)
     x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
     oracle = module.make_oracle((x, y))
     oracle.feature_reuse = path != "cge_unstaged"
     assert blackbox.queries == raw.images == 5  # the prediction targets
     params = {n: p.detach() for n, p in module.zo_parameters().items()}
-    if path == "rge":
+    if path.endswith("rge"):
         est = dz.rge(oracle, params, q=10, chunk=4, generator=torch.Generator().manual_seed(0))
     else:
         est = dz.cge(oracle, params)
-    assert est.queries == oracle.queries == (11 if path == "rge" else 1 + sum(p.numel() for p in params.values()))
+    n_params = sum(p.numel() for p in params.values())
+    assert est.queries == oracle.queries == (11 if path.endswith("rge") else 1 + n_params)
     assert blackbox.queries == raw.images == 5 + 5 * est.queries
     # the batched losses equal one-at-a-time ones (the head sees the right images for every point)
     name = "0.weight"
@@ -228,3 +232,20 @@ def test_classifier_checkpoint_with_a_wrong_digest_or_truncated_is_named(tmp_pat
     path.write_bytes(bytes(data[: len(data) // 3]))
     with pytest.raises(ValueError, match="corrupted or truncated checkpoint .*`checkpoint`"):
         load_state_dict(path)
+
+
+def test_checkpoints_carry_the_denoiser_once_and_the_old_layout_loads():
+    """The denoiser is `model`; the trained body is chosen by `zo_parameters()`, not registered a second time."""
+    module = ZODenoisedSmoothing(DnCNN(1, 2, 3), BlackBoxClassifier(fn=MLP(64, (8,), 10)), **CERT)
+    state = module.state_dict()
+    assert all(k.startswith("model.") for k in state) and module.denoiser is module.model
+    assert set(module.zo_parameters()) == {n for n, _ in module.model.body.named_parameters()}
+    # before: `model.` held the body, `denoiser.` the whole denoiser (the body's weights twice)
+    old = {**{"model." + k[11:]: v for k, v in state.items() if k.startswith("model.body.")},
+           **{"denoiser." + k[6:]: v + 1 for k, v in state.items()}}
+    fresh = ZODenoisedSmoothing(DnCNN(1, 2, 3), BlackBoxClassifier(fn=MLP(64, (8,), 10)), **CERT)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(fresh.state_dict()[k], v + 1) for k, v in state.items())
+    checkpoint = {"state_dict": old}
+    fresh.on_load_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == set(state)

@@ -251,3 +251,17 @@ def test_validation_simulations_are_held_out_from_test(tmp_path):
         KarmanDataModule(**{**DATA, "val_re": (150.0,)})
     with pytest.raises(ValueError, match="val_re=()"):
         KarmanDataModule(**{**DATA, "val_re": ()})
+
+
+def test_checkpoints_carry_the_corrector_once_and_the_old_layout_loads():
+    zo = ZOSOL(SOLCorrector(width=2, depth=2), resolution=RES)
+    state = zo.state_dict()
+    assert state and all(k.startswith("model.") for k in state)  # no second copy under `corrector.`
+    assert zo.corrector is zo.model
+    old = {**{k: v + 1 for k, v in state.items()}, **{"corrector." + k[6:]: v + 1 for k, v in state.items()}}
+    fresh = ZOSOL(SOLCorrector(width=2, depth=2), resolution=RES)
+    fresh.load_state_dict(old)  # the layout that stored the corrector twice
+    assert all(torch.equal(fresh.state_dict()[k], v + 1) for k, v in state.items())
+    checkpoint = {"state_dict": old}
+    fresh.on_load_checkpoint(checkpoint)  # what Trainer(ckpt_path=...) and load_from_checkpoint call first
+    assert set(checkpoint["state_dict"]) == set(state)
