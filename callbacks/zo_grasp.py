@@ -103,9 +103,28 @@ class ZOGraSP(L.Callback):
         self._generator = torch.Generator().manual_seed(seed)
         self.ratios: dict[str, float] | None = None
         self.masks: dict[str, torch.Tensor] | None = None
+        self._names: list[str] | None = None
         self._drawn_epoch = -1
         self._drawn_step = -1
         self.queries = 0
+
+    @property
+    def prunable_names(self) -> list[str] | None:
+        """Names (as in ``zo_parameters()``) of the conv/linear weights the callback masks; ``None`` before setup.
+
+        Biases, normalization layers and the names in ``dense`` are not among them: they are always estimated.
+        """
+        return None if self._names is None else list(self._names)
+
+    @property
+    def drawn_epoch(self) -> int:
+        """The epoch at which the current masks were drawn (-1 before the first draw); saved in checkpoints."""
+        return self._drawn_epoch
+
+    @property
+    def drawn_step(self) -> int:
+        """The optimizer step at which the current masks were drawn (-1 before the first draw); saved in checkpoints."""
+        return self._drawn_step
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @override

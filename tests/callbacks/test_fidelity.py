@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import pytest
 import torch
@@ -12,26 +14,24 @@ from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 from dz_lightning.models import MLP
 
 
-def _fit(callbacks: list, **module_kw) -> None:
+def _fit(tiny_trainer: Callable[..., L.Trainer], callbacks: list, **module_kw) -> None:
     torch.manual_seed(0)
     module = ZOClassifier(MLP(hidden=(8,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **module_kw)
-    L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
-              enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks).fit(
-        module, DigitsDataModule(batch_size=32))
+    tiny_trainer(max_steps=3, callbacks=callbacks).fit(module, DigitsDataModule(batch_size=32))
 
 
-def test_dense_cge_is_faithful_and_rge_less_so():
+def test_dense_cge_is_faithful_and_rge_less_so(tiny_trainer):
     cge_probe, rge_probe = GradientFidelity(every_n_steps=1), GradientFidelity(every_n_steps=1)
-    _fit([cge_probe], mu=1e-3)
-    _fit([rge_probe], estimator="rge", q=16)
+    _fit(tiny_trainer, [cge_probe], mu=1e-3)
+    _fit(tiny_trainer, [rge_probe], estimator="rge", q=16)
     assert cge_probe.last["fidelity/cosine"] > 0.99
     assert cge_probe.last["fidelity/norm_ratio"] == pytest.approx(1.0, rel=5e-2)
     assert rge_probe.last["fidelity/cosine"] < 0.9
 
 
-def test_masked_cosine_with_sparse_cge():
+def test_masked_cosine_with_sparse_cge(tiny_trainer):
     probe = GradientFidelity(every_n_steps=1)
-    _fit([ZOGraSP(sparsity=0.9, method="uniform"), probe], mu=1e-3)
+    _fit(tiny_trainer, [ZOGraSP(sparsity=0.9, method="uniform"), probe], mu=1e-3)
     assert probe.last["fidelity/cosine_masked"] > 0.99
     assert probe.last["fidelity/cosine"] < probe.last["fidelity/cosine_masked"]
 

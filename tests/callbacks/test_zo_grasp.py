@@ -18,19 +18,12 @@ import dz_lightning as dz
 from dz_lightning.models import MLP
 
 
-def _trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
-    base = {"accelerator": "cpu", "max_epochs": 4, "limit_train_batches": 2, "limit_val_batches": 0,
-            "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-            "default_root_dir": str(tmp_path)}
-    return L.Trainer(callbacks=callbacks, **{**base, **kw})
-
-
 def _module() -> ZOClassifier:
     torch.manual_seed(0)
     return ZOClassifier(MLP(hidden=(16,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
 
 
-def test_masks_reach_the_estimator_and_are_redrawn_on_schedule(tmp_path):
+def test_masks_reach_the_estimator_and_are_redrawn_on_schedule(tiny_trainer, digits):
     cb = ZOGraSP(sparsity=0.9, method="zo_grasp", q=8, resample_every_n_epochs=2, samples_per_class=3)
     module = _module()
     seen = []
@@ -41,16 +34,17 @@ def test_masks_reach_the_estimator_and_are_redrawn_on_schedule(tmp_path):
             est = pl_module.last_estimate.grads
             assert all(torch.all(est[n][~m] == 0) for n, m in pl_module.zo_masks.items())
 
-    _trainer(tmp_path, [cb, Spy()]).fit(module, DigitsDataModule(batch_size=16))
+    tiny_trainer(callbacks=[cb, Spy()], max_epochs=4, limit_train_batches=2).fit(module, digits)
     assert set(seen[0]) == {"1.weight", "3.weight"}
     assert all(torch.equal(seen[0][n], seen[3][n]) for n in seen[0])  # epochs 0 and 1 share masks
     assert not all(torch.equal(seen[0][n], seen[4][n]) for n in seen[0])  # redrawn at epoch 2
     total = sum(m.numel() for m in seen[0].values())
     assert abs(sum(int(m.sum()) for m in seen[0].values()) / total - 0.1) < 0.005
     assert cb.queries == 2 * (8 + 1)
+    assert cb.drawn_epoch == 2 and cb.drawn_step == 4  # the last draw: epoch 2 starts at step 4
 
 
-def test_masks_redrawn_every_n_steps(tmp_path):
+def test_masks_redrawn_every_n_steps(tiny_trainer, digits):
     cb = ZOGraSP(sparsity=0.9, method="uniform", resample_every_n_steps=3)
     seen = []
 
@@ -58,7 +52,7 @@ def test_masks_redrawn_every_n_steps(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, *args):
             seen.append({n: m.clone() for n, m in pl_module.zo_masks.items()})
 
-    _trainer(tmp_path, [cb, Spy()], max_epochs=2, limit_train_batches=4).fit(_module(), DigitsDataModule(batch_size=16))
+    tiny_trainer(callbacks=[cb, Spy()], max_epochs=2, limit_train_batches=4).fit(_module(), digits)
     assert len(seen) == 8
 
     def same(i: int, j: int) -> bool:
@@ -67,17 +61,18 @@ def test_masks_redrawn_every_n_steps(tmp_path):
     # draws at steps 0, 3 and 6, across the epoch boundary, and not at the epoch start (step 4)
     assert same(0, 1) and same(1, 2) and not same(2, 3)
     assert same(3, 4) and same(4, 5) and not same(5, 6) and same(6, 7)
-    assert cb._drawn_step == 6
+    assert cb.drawn_step == 6
 
 
 @pytest.mark.parametrize("schedule", [{"resample_every_n_epochs": 2}, {"resample_every_n_steps": 3}],
                          ids=["epochs", "steps"])
-def test_resume_keeps_masks_and_future_draws(tmp_path, schedule):
+def test_resume_keeps_masks_and_future_draws(tiny_trainer, tmp_path, schedule):
     def run(root: Path, epochs: int, ckpt: str | None = None) -> tuple[ZOGraSP, ZOClassifier]:
         cb = ZOGraSP(sparsity=0.8, method="random", **schedule)
         module = _module()
         ckpt_cb = ModelCheckpoint(dirpath=root, save_last=True)
-        _trainer(root, [cb, ckpt_cb], max_epochs=epochs).fit(module, DigitsDataModule(batch_size=16), ckpt_path=ckpt)
+        tiny_trainer(default_root_dir=str(root), callbacks=[cb, ckpt_cb], max_epochs=epochs, limit_train_batches=2).fit(
+            module, DigitsDataModule(batch_size=16), ckpt_path=ckpt)
         return cb, module
 
     straight, _ = run(tmp_path / "a", 5)
@@ -120,10 +115,10 @@ class PlainModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_callback_works_with_a_plain_lightning_module(tmp_path):
+def test_callback_works_with_a_plain_lightning_module(tiny_trainer, tmp_path, digits):
     module = PlainModule()
     cb = ZOGraSP(sparsity=0.5, method="grasp", samples_per_class=2, save_ratios_path=str(tmp_path / "lpr.json"))
-    _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule(batch_size=16))
+    tiny_trainer(callbacks=[cb], max_epochs=1, limit_train_batches=2).fit(module, digits)
     assert set(module.zo_masks) == {"net.1.weight"}
     assert module.est.queries == 320 + 10 + 1  # half of the 640 weights, the dense bias, the base point
     assert json.loads((tmp_path / "lpr.json").read_text()) == {"net.1.weight": pytest.approx(0.5)}
@@ -169,10 +164,10 @@ class PrefixedModule(NetModule):
     (NetModule, "1.weight", "grasp"),
     (PrefixedModule, "net.1.weight", "grasp"),  # FO GraSP differentiates the oracle's model under its own names
 ])
-def test_layers_found_by_identity_whatever_the_attribute(tmp_path, module_cls, name, method):
+def test_layers_found_by_identity_whatever_the_attribute(tiny_trainer, digits, module_cls, name, method):
     module = module_cls()
     cb = ZOGraSP(sparsity=0.5, method=method, q=8, samples_per_class=2)
-    _trainer(tmp_path, [cb], max_epochs=1).fit(module, DigitsDataModule(batch_size=16))
+    tiny_trainer(callbacks=[cb], max_epochs=1, limit_train_batches=2).fit(module, digits)
     assert set(module.zo_masks) == set(cb.ratios) == {name}
     assert cb.ratios[name] == pytest.approx(0.5)
     assert module.est.queries == 320 + 10 + 1
@@ -194,14 +189,14 @@ def test_bad_arguments_fail_before_any_trainer(kwargs, match):
         ZOGraSP(**kwargs)
 
 
-def test_model_without_prunable_layers_and_mismatched_ratio_file(tmp_path):
+def test_model_without_prunable_layers_and_mismatched_ratio_file(tiny_trainer, tmp_path, digits):
     module = ZOClassifier(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Flatten()))
     with pytest.raises(ValueError, match="no prunable layer"):
-        _trainer(tmp_path, [ZOGraSP(method="uniform")]).fit(module, DigitsDataModule(batch_size=16))
+        tiny_trainer(callbacks=[ZOGraSP(method="uniform")]).fit(module, digits)
     bad = tmp_path / "lpr.json"
     bad.write_text(json.dumps({"conv.weight": 0.5}))
     with pytest.raises(ValueError, match="does not match the model.*conv.weight.*1.weight"):
-        _trainer(tmp_path, [ZOGraSP(ratios_path=str(bad))]).fit(_module(), DigitsDataModule(batch_size=16))
+        tiny_trainer(callbacks=[ZOGraSP(ratios_path=str(bad))]).fit(_module(), DigitsDataModule(batch_size=16))
 
 
 _DDP_WORKER = '''
@@ -242,19 +237,10 @@ trainer.strategy.barrier("saved")
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_share_ratios_and_masks(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
+def test_two_ddp_ranks_share_ratios_and_masks(tmp_path, run_ddp):
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK")}
-    env.update(PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_ddp(script, tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ratios"] == r1["ratios"]

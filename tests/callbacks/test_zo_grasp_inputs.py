@@ -52,4 +52,5 @@ def test_dense_names_must_exist():
         _setup(ZOGraSP(dense=["3.wieght"]))
     with pytest.raises(TypeError, match="`dense` to be a list of parameter names"):
         ZOGraSP(dense="3.weight")
-    assert _setup(ZOGraSP(dense=["3.weight"]))._names == ["1.weight"]
+    assert _setup(ZOGraSP(dense=["3.weight"])).prunable_names == ["1.weight"]
+    assert ZOGraSP().prunable_names is None  # known after setup only

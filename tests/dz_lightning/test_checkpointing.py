@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -22,11 +23,16 @@ def _module(optimizer=None) -> ZOClassifier:
                         optimizer=optimizer or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)))
 
 
-def _trainer(root: Path, callbacks=(), **kw) -> L.Trainer:
-    kw.setdefault("max_epochs", 2)
-    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     limit_train_batches=5, limit_val_batches=0, default_root_dir=root,
-                     plugins=[SafeCheckpointIO()], callbacks=[CheckpointGuard(), *callbacks], **kw)
+@pytest.fixture
+def guarded_trainer(tiny_trainer) -> Callable[..., L.Trainer]:
+    """``guarded_trainer(root, callbacks=(), **kw)``: a tiny Trainer in ``root``, safe checkpoint IO, the guard."""
+
+    def make(root: Path, callbacks=(), **kw) -> L.Trainer:
+        kw.setdefault("max_epochs", 2)
+        return tiny_trainer(default_root_dir=str(root), limit_train_batches=5, plugins=[SafeCheckpointIO()],
+                            callbacks=[CheckpointGuard(), *callbacks], **kw)
+
+    return make
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -37,9 +43,9 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _uninterrupted(root: Path) -> dict[str, torch.Tensor]:
+def _uninterrupted(guarded_trainer: Callable[..., L.Trainer], root: Path) -> dict[str, torch.Tensor]:
     model = _module()
-    _trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(model, DigitsDataModule(batch_size=32))
+    guarded_trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(model, DigitsDataModule(batch_size=32))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -93,23 +99,23 @@ def test_corrupted_checkpoint_is_named_plainly(tmp_path, damage):
         load_checkpoint(path)
 
 
-def test_resuming_from_a_corrupted_checkpoint_fails_before_training(tmp_path):
-    _uninterrupted(tmp_path)
+def test_resuming_from_a_corrupted_checkpoint_fails_before_training(guarded_trainer, tmp_path):
+    _uninterrupted(guarded_trainer, tmp_path)
     path = tmp_path / "last.ckpt"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     model = _module()
     with pytest.raises(CorruptCheckpointError, match=f"corrupted or truncated checkpoint {path}"):
-        _trainer(tmp_path / "again", max_epochs=3).fit(model, DigitsDataModule(batch_size=32), ckpt_path=path)
+        guarded_trainer(tmp_path / "again", max_epochs=3).fit(model, DigitsDataModule(batch_size=32), ckpt_path=path)
 
 
 # ------------------------------------------------------------------------------------------ unwritable folder
-def test_unwritable_checkpoint_folder_fails_before_the_first_step(tmp_path):
+def test_unwritable_checkpoint_folder_fails_before_the_first_step(guarded_trainer, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     model = _module()
-    trainer = _trainer(tmp_path, [ModelCheckpoint(dirpath=blocker / "ckpts")])
+    trainer = guarded_trainer(tmp_path, [ModelCheckpoint(dirpath=blocker / "ckpts")])
     with pytest.raises(PermissionError, match="checkpoint folder .*a_file/ckpts is not writable"):
         trainer.fit(model, DigitsDataModule(batch_size=32))
     assert trainer.global_step == 0
@@ -117,12 +123,12 @@ def test_unwritable_checkpoint_folder_fails_before_the_first_step(tmp_path):
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
                     reason="root writes into read-only folders")
-def test_read_only_checkpoint_folder_fails_before_the_first_step(tmp_path):
+def test_read_only_checkpoint_folder_fails_before_the_first_step(guarded_trainer, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        trainer = _trainer(tmp_path, [ModelCheckpoint(dirpath=folder)])
+        trainer = guarded_trainer(tmp_path, [ModelCheckpoint(dirpath=folder)])
         with pytest.raises(PermissionError, match="not writable"):
             trainer.fit(_module(), DigitsDataModule(batch_size=32))
         assert trainer.global_step == 0
@@ -142,17 +148,17 @@ class _FailAt(L.Callback):
             raise RuntimeError(f"black box crashed at step {self.step}")
 
 
-def test_exception_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path):
-    reference = _uninterrupted(tmp_path / "straight")
+def test_exception_mid_epoch_saves_a_checkpoint_and_resume_is_bit_identical(guarded_trainer, tmp_path):
+    reference = _uninterrupted(guarded_trainer, tmp_path / "straight")
     root = tmp_path / "split"
     with pytest.raises(RuntimeError, match="crashed at step 3"):
-        _trainer(root, [ModelCheckpoint(dirpath=root, filename="last"), _FailAt(3)]).fit(
+        guarded_trainer(root, [ModelCheckpoint(dirpath=root, filename="last"), _FailAt(3)]).fit(
             _module(), DigitsDataModule(batch_size=32))
     saved = load_checkpoint(root / "interrupted.ckpt")
     assert saved["global_step"] == 3 and saved["epoch"] == 0
     assert not (root / "last.ckpt").exists()  # no epoch finished: last.ckpt untouched
     model = _module()
-    _trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(
+    guarded_trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(
         model, DigitsDataModule(batch_size=32), ckpt_path=root / "interrupted.ckpt")
     assert _equal(model.state_dict(), reference), "the resumed run diverged from the uninterrupted one"
 
@@ -163,13 +169,13 @@ class _CtrlCAt(L.Callback):
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(guarded_trainer, tmp_path):
     import signal
 
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a KeyboardInterrupt; restore it
     try:
         with pytest.raises(SystemExit) as exc:
-            _trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="last"), _CtrlCAt()]).fit(
+            guarded_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="last"), _CtrlCAt()]).fit(
                 _module(), DigitsDataModule(batch_size=32))
     finally:
         signal.signal(signal.SIGINT, handler)
@@ -177,25 +183,25 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     assert load_checkpoint(tmp_path / "interrupted.ckpt")["global_step"] == 2
 
 
-def test_mid_epoch_checkpoint_resume_is_bit_identical(tmp_path):
-    reference = _uninterrupted(tmp_path / "straight")
+def test_mid_epoch_checkpoint_resume_is_bit_identical(guarded_trainer, tmp_path):
+    reference = _uninterrupted(guarded_trainer, tmp_path / "straight")
     root = tmp_path / "split"
     every = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    _trainer(root, [every], max_steps=4).fit(_module(), DigitsDataModule(batch_size=32))
+    guarded_trainer(root, [every], max_steps=4).fit(_module(), DigitsDataModule(batch_size=32))
     mid = root / "step=4.ckpt"
     saved = load_checkpoint(mid)
     assert saved["global_step"] == 4 and saved["epoch"] == 0  # 4 of the epoch's 5 batches done
     model = _module()
-    _trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(
+    guarded_trainer(root, [ModelCheckpoint(dirpath=root, filename="last")]).fit(
         model, DigitsDataModule(batch_size=32), ckpt_path=mid)
     assert _equal(model.state_dict(), reference), "mid-epoch resume diverged from the uninterrupted run"
 
 
-def test_resume_into_another_optimizer_is_refused_with_a_clear_error(tmp_path):
-    _uninterrupted(tmp_path)
+def test_resume_into_another_optimizer_is_refused_with_a_clear_error(guarded_trainer, tmp_path):
+    _uninterrupted(guarded_trainer, tmp_path)
     model = _module(optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     with pytest.raises(ValueError, match=r"another optimizer than the configured Adam.*momentum"):
-        _trainer(tmp_path / "adam", max_epochs=3).fit(model, DigitsDataModule(batch_size=32),
+        guarded_trainer(tmp_path / "adam", max_epochs=3).fit(model, DigitsDataModule(batch_size=32),
                                                       ckpt_path=tmp_path / "last.ckpt")
 
 

@@ -231,7 +231,7 @@ def test_ckpt_path_last_names_a_later_interrupted_run(tmp_path):
         assert _find_last_checkpoint({"trainer": {"logger": logger}}) == finished
 
 
-def test_prediction_writer_keeps_list_outputs_of_one_dataloader_intact(tmp_path):
+def test_prediction_writer_keeps_list_outputs_of_one_dataloader_intact(tiny_trainer, tmp_path):
     import lightning as L
     from dz_lightning.callbacks import PredictionWriter
 
@@ -245,7 +245,6 @@ def test_prediction_writer_keeps_list_outputs_of_one_dataloader_intact(tmp_path)
 
     writer = PredictionWriter(output_path=tmp_path / "p.pt")
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
-    L.Trainer(logger=False, enable_progress_bar=False, callbacks=[writer]).predict(ListPredictor(), data,
-                                                                                   return_predictions=False)
+    tiny_trainer(callbacks=[writer]).predict(ListPredictor(), data, return_predictions=False)
     saved = torch.load(tmp_path / "p.pt", weights_only=True)["predictions"]
     assert len(saved) == 1 and len(saved[0]) == 2 and all(len(batch) == 2 for batch in saved[0])

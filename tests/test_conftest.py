@@ -1,0 +1,32 @@
+"""The shared fixtures in conftest.py do what their docstrings promise."""
+
+from __future__ import annotations
+
+from conftest import DDP_ENV_VARS, ROOT, clean_ddp_environ
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def test_tiny_trainer_defaults_and_overrides(tiny_trainer, tmp_path):
+    trainer = tiny_trainer()
+    assert trainer.max_steps == 3 and trainer.logger is None and trainer.checkpoint_callback is None
+    assert trainer.default_root_dir == str(tmp_path) and trainer.limit_val_batches == 0
+    trainer = tiny_trainer(max_epochs=2, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    assert trainer.max_steps == -1 and trainer.max_epochs == 2 and trainer.checkpoint_callback is not None
+
+
+def test_ddp_environment_is_clean(monkeypatch):
+    for name in DDP_ENV_VARS:
+        monkeypatch.setenv(name, "7")
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    env = clean_ddp_environ()
+    assert not set(DDP_ENV_VARS) & set(env)
+    assert env["PYTHONPATH"].split(":")[:2] == [str(ROOT), "elsewhere"] and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_run_ddp_runs_a_script_in_the_clean_environment(run_ddp, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys\nprint(os.environ.get('MASTER_PORT'), sys.argv[1], os.getcwd())\n")
+    proc = run_ddp(script, 5)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "5", str(tmp_path)]
