@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from dz_lightning.estimators import _check_step_resolves
 from dz_lightning.finite_step import StepUndo
 from dz_lightning.models import resnet20
+from dz_lightning.resolution import check_step_resolves
 
 
 def _ms(fn: Callable[[], object], repeats: int) -> float:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             "parameters": sum(p.numel() for p in params.values()),
             "snapshot_ms": _ms(timed(lambda: StepUndo([opt])), args.repeats),
             "finite_check_ms": _ms(timed(undo.nonfinite), args.repeats),
-            "mu_check_ms": _ms(timed(lambda: _check_step_resolves(params, 5e-3, None)), args.repeats),
+            "mu_check_ms": _ms(timed(lambda: check_step_resolves(params, 5e-3, None)), args.repeats),
             "one_query_ms": _ms(timed(lambda: model(x)), max(3, args.repeats // 10)),
             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         }

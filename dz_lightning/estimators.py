@@ -6,7 +6,6 @@ Both estimators talk to the objective only through an :class:`~dz_lightning.orac
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from dz_lightning.oracle import NonFiniteLossError, Oracle
+from dz_lightning.resolution import check_directions_resolve, check_step_resolves
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["Estimate", "cge", "device_generator", "rge", "validate_masks"]
@@ -81,81 +81,6 @@ def validate_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | N
                 f"`masks[{name!r}]` has shape {tuple(mask.shape)}, but the parameter has shape "
                 f"{tuple(params[name].shape)}."
             )
-
-
-_WARNED_MU: set[tuple[str, float]] = set()
-
-
-def _warn_once(key: tuple[str, float], message: str) -> None:
-    if key not in _WARNED_MU:
-        _WARNED_MU.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _check_step_resolves(params: Mapping[str, Tensor], mu: float, masks: Mapping[str, Tensor] | None) -> None:
-    """CGE: raise when ``theta_i + mu == theta_i`` for every estimated coordinate, warn once when for some.
-
-    Such a coordinate's perturbed point is the base point in the parameters' dtype, so its finite difference is
-    exactly 0 whatever the loss. Checked before any query is spent: one max-abs per parameter and one host sync;
-    the exact count (one more pass) only when ``mu`` is within the resolution of the largest entries.
-    """
-    # theta + mu != theta whenever mu > ulp(theta) / 2, and ulp(theta) <= eps * |theta|
-    limits = [v.detach().abs().amax().to(torch.float64) * (torch.finfo(v.dtype).eps / 2)
-              for v in params.values() if v.numel()]
-    if not limits or mu > float(torch.stack([x.to(limits[0].device) for x in limits]).max()):
-        return
-    stats = []
-    for name, value in params.items():
-        v = value.detach()
-        same = (v + mu) == v
-        total = v.new_tensor(float(v.numel()), dtype=torch.float64)
-        if masks is not None and name in masks:
-            mask = masks[name].to(v.device)
-            same, total = same & mask, mask.sum().to(torch.float64)
-        eps = torch.finfo(v.dtype).eps
-        needed = v.abs().max().to(torch.float64) * eps if v.numel() else total * 0
-        stats.append(torch.stack([same.sum().to(torch.float64), total, needed]).to(_first_device(params)))
-    n_same, n_total, needed = torch.stack(stats).T.tolist()
-    same, total, smallest = sum(n_same), sum(n_total), max(needed)
-    if same == 0:
-        return
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in params.values()})
-    advice = (f"The smallest mu that changes every coordinate is about {smallest * 1.01:.2g} (the dtype's eps times "
-              "the largest |parameter|); the default is 5e-3.")
-    if same == total:
-        raise ValueError(
-            f"Expected argument `mu` to change the parameters, but mu={mu!r} is below the resolution of "
-            f"{'/'.join(dtypes)} at every one of the {int(total)} estimated coordinates (theta + mu == theta): every "
-            f"query would return the base loss and the gradient estimate would be all zero. {advice}"
-        )
-    worst = [n for n, k in zip(params, n_same, strict=True) if k]
-    _warn_once(("cge", mu), f"mu={mu!r} leaves {int(same)} of {int(total)} estimated coordinates unchanged in "
-                            f"{'/'.join(dtypes)} (theta + mu == theta, in {worst[:5]}); their gradient estimates are "
-                            f"exactly 0. {advice}")
-
-
-def _check_directions_resolve(params: Mapping[str, Tensor], points: Mapping[str, Tensor], mu: float, d: int,
-                              distribution: str) -> None:
-    """RGE: raise when no direction moves the point in the parameters' dtype, warn once when some do not."""
-    k = next(iter(points.values())).shape[0]
-    moved = torch.zeros(k, dtype=torch.bool, device=_first_device(params))
-    for name, pts in points.items():
-        moved |= (pts != params[name].detach().unsqueeze(0)).reshape(k, -1).any(1).to(moved.device)
-    n_moved = int(moved.sum())
-    if n_moved == k:
-        return
-    eps = max(torch.finfo(v.dtype).eps for v in params.values())
-    biggest = max(float(v.detach().abs().max()) for v in params.values() if v.numel())
-    scale = math.sqrt(d) if distribution == "sphere" else 1.0  # a unit-sphere direction's entries are ~ 1/sqrt(d)
-    advice = f"Use mu of at least about {eps * biggest * scale:.2g} (the default is 5e-3)."
-    if n_moved == 0:
-        raise ValueError(
-            f"Expected argument `mu` to change the parameters, but theta + mu * u == theta for all {k} directions "
-            f"drawn (mu={mu!r} is below the parameters' floating-point resolution): every query would return the "
-            f"base loss and the gradient estimate would be all zero. {advice}"
-        )
-    _warn_once(("rge", mu), f"mu={mu!r} leaves the parameters unchanged for {k - n_moved} of {k} directions "
-                            f"(theta + mu * u == theta): their finite differences are exactly 0. {advice}")
 
 
 def _first_device(params: Mapping[str, Tensor]) -> torch.device:
@@ -267,7 +192,7 @@ def cge(
     _check_params(params)
     validate_masks(params, masks)
     _check_coordinates(params, coordinates)
-    _check_step_resolves(params, mu, masks)
+    check_step_resolves(params, mu, masks)
     start = oracle.queries
     f0 = _base_loss(oracle, params)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -418,7 +343,7 @@ def rge(
         dirs = _directions(params, masks, k, distribution, generators)
         points = {n: params[n].detach().unsqueeze(0) + mu * u for n, u in dirs.items()}
         if begin == 0:
-            _check_directions_resolve(params, points, mu, d, distribution)
+            check_directions_resolve(params, points, mu, d, distribution)
         plus = oracle.losses(params, points)
         if difference == "forward":
             coeff = _difference(plus, f0) / mu

@@ -9,7 +9,6 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -19,6 +18,7 @@ from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError, StepUndo
 from dz_lightning.oracle import ModuleOracle, Oracle, has_batchnorm
 from dz_lightning.step import StepPlan, StepTiming
+from dz_lightning.step_logging import StepLog
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["NonFiniteStepError", "ZOModule", "build_optimizers"]
@@ -44,10 +44,11 @@ class ZOModule(L.LightningModule):
     After each step ``last_estimate`` holds the full :class:`~dz_lightning.Estimate` and ``last_timing`` the
     :class:`~dz_lightning.step.StepTiming` of this rank (benchmarks read them).
 
-    Logged: ``train/loss``, ``train/queries`` (this step, all ranks), ``train/queries_total``,
-    ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated); ``train/loss_vs_queries``
-    with the cumulative query count as its step; the hyperparameters with the final metrics after ``fit`` and
-    ``test`` (TensorBoard's HPARAMS tab). The progress bar shows ``queries/s`` (smoothed) and ``queries`` (total).
+    Logged (by :class:`~dz_lightning.step_logging.StepLog`): ``train/loss``, ``train/queries`` (this step, all ranks),
+    ``train/queries_total``, ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated);
+    ``train/loss_vs_queries`` with the cumulative query count as its step; the hyperparameters with the final metrics
+    after ``fit`` and ``test`` (TensorBoard's HPARAMS tab). The progress bar shows ``queries/s`` (smoothed) and
+    ``queries`` (total).
 
     Args:
         model: the trained network.
@@ -114,23 +115,14 @@ class ZOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
         self.automatic_optimization = False
         self.model = model
-        self.estimator = estimator
-        self.mu = float(mu)
-        self.q = q
-        self.difference = difference
-        self.distribution = distribution
-        self.optimizer_fn = optimizer
-        self.scheduler_fn = lr_scheduler
-        self.scheduler_interval = scheduler_interval
-        self.gradient_clip_val = gradient_clip_val
-        self.max_batch = max_batch
-        self.memory_budget = memory_budget
-        self.delta_dtype = delta_dtype
-        self.nonfinite = nonfinite
-        self.nonfinite_step = nonfinite_step
+        # the estimator's settings (read by the step plan below) and the optimization's
+        self.estimator, self.mu, self.q, self.difference = estimator, float(mu), q, difference
+        self.distribution, self.nonfinite, self.seed = distribution, nonfinite, seed
+        self.optimizer_fn, self.scheduler_fn, self.scheduler_interval = optimizer, lr_scheduler, scheduler_interval
+        self.gradient_clip_val, self.nonfinite_step, self.max_queries = gradient_clip_val, nonfinite_step, max_queries
+        # batched queries: points per call, memory and the staged engine's arithmetic
+        self.max_batch, self.memory_budget, self.delta_dtype = max_batch, memory_budget, delta_dtype
         self.steps_undone = 0
-        self.max_queries = max_queries
-        self.seed = seed
         self.zo_masks: dict[str, Tensor] | None = None
         self.queries_total = 0
         self._generator = torch.Generator().manual_seed(seed)
@@ -138,8 +130,7 @@ class ZOModule(L.LightningModule):
                                 nonfinite=nonfinite, generator=self._generator)
         self.last_estimate: Estimate | None = None
         self.last_timing: StepTiming | None = None
-        self._zo_throughput = _Throughput()
-        self._zo_hparams_logged: set[tuple[str, Any]] = set()  # (log folder, fit/test): fit and test each once
+        self.zo_log = StepLog()
 
     @property
     def zo_costs(self) -> dict[str, float] | None:
@@ -250,7 +241,7 @@ class ZOModule(L.LightningModule):
             p.grad = est.grads[name].to(p.dtype)
         self._optimizer_step()
         self.queries_total += est.queries
-        self._log_step(est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
+        self.zo_log.step(self, est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
         if self.max_queries is not None and self.queries_total >= self.max_queries:
             self.trainer.should_stop = True
         return torch.tensor(est.loss)
@@ -283,10 +274,10 @@ class ZOModule(L.LightningModule):
         return super().load_state_dict(self._remap_legacy_keys(state_dict), strict=strict, assign=assign)
 
     def on_fit_end(self) -> None:
-        self._log_hparams_with_metrics()
+        self.zo_log.hparams_with_metrics(self)
 
     def on_test_end(self) -> None:
-        self._log_hparams_with_metrics()
+        self.zo_log.hparams_with_metrics(self)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _remap_legacy_keys(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -335,79 +326,12 @@ class ZOModule(L.LightningModule):
         rank_zero_warn(f"{message} Skipping it (nonfinite_step='skip'); {self.steps_undone} step(s) skipped so far.",
                        category=RuntimeWarning)
 
-    def _log_hparams_with_metrics(self) -> None:
-        """Hyperparameters with the run's final metrics, for TensorBoard's HPARAMS tab (once per log folder).
-
-        The configs set ``default_hp_metric: false``, so nothing reaches the tab at fit start; here the module's and
-        data module's hyperparameters (and those callbacks added, e.g. ZO-GraSP's sparsity), the optimizer and the
-        model class go out with the last logged epoch-level metrics (``val/acc``, ``train/loss_epoch``, ...,
-        ``test/*`` after ``test``) and the query total.
-        """
-        metrics = {k: float(v) for k, v in self.trainer.logged_metrics.items()
-                   if k != "epoch" and not k.endswith("_step") and (not torch.is_tensor(v) or v.numel() == 1)}
-        metrics["train/queries_total"] = float(self.queries_total)
-        opt = self.optimizers() if self.trainer.state.fn == "fit" else None
-        opt = opt[0] if isinstance(opt, list) else opt
-        extra = {"model_class": type(self.model).__name__}
-        if opt is not None:
-            group = opt.param_groups[0]
-            extra.update(optimizer=type(opt.optimizer if hasattr(opt, "optimizer") else opt).__name__,
-                         lr=float(group.get("initial_lr", group["lr"])))
-        for logger in self.loggers:
-            folder = str(getattr(logger, "log_dir", None) or id(logger))
-            if not isinstance(logger, TensorBoardLogger) or (folder, self.trainer.state.fn) in self._zo_hparams_logged:
-                continue
-            logger.log_hyperparams({**dict(logger.hparams), **extra}, metrics=metrics, step=self.global_step)
-            self._zo_hparams_logged.add((folder, self.trainer.state.fn))
-
     def _step_schedulers(self) -> None:
         scheds = self.lr_schedulers()
         if scheds is None:
             return
         for sch in scheds if isinstance(scheds, list) else [scheds]:
             sch.step()
-
-    def _log_step(self, loss: float, queries: int, elapsed: float, params: Mapping[str, Tensor]) -> None:
-        total = sum(p.numel() for p in params.values())
-        if self.estimator == "cge":
-            masks = self.zo_masks or {}
-            estimated = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
-            self.log("train/grad_density", estimated / max(total, 1), on_step=True, on_epoch=False)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train/queries", float(queries), on_step=True, on_epoch=False)
-        self.log("train/queries_total", float(self.queries_total), on_step=True, on_epoch=False)
-        self.log("train/queries_per_s", queries / elapsed, on_step=True, on_epoch=False)
-        # the progress bar: smoothed throughput and the running total (the loggers get the raw per-step values)
-        self.log("queries/s", self._zo_throughput.update(queries, elapsed), prog_bar=True, logger=False,
-                 on_step=True, on_epoch=False)
-        self.log("queries", float(self.queries_total), prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        opt = self.optimizers()
-        opt = opt[0] if isinstance(opt, list) else opt
-        self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False)
-        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            # loss against the unit a ZO user pays in: the cumulative query count is the x axis (the step); only
-            # TensorBoard keeps one step axis per tag (CSV or W&B loggers would get a second step column)
-            for logger in self.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.log_metrics({"train/loss_vs_queries": loss}, step=self.queries_total)
-
-
-class _Throughput:
-    """Queries per second for the progress bar: exponential moving averages of queries and of seconds per step.
-
-    Their ratio weighs each step by its duration, so one slow step (compilation, a checkpoint) or one very fast one
-    moves the display by a fraction of ``alpha`` instead of making it jump. Both averages start at zero with the same
-    bias, which cancels in the ratio: the first step shows its own rate.
-    """
-
-    def __init__(self, alpha: float = 0.1) -> None:
-        self.alpha, self.queries, self.seconds = alpha, 0.0, 0.0
-
-    def update(self, queries: float, seconds: float) -> float:
-        """Add one step; return the smoothed queries per second."""
-        self.queries += self.alpha * (queries - self.queries)
-        self.seconds += self.alpha * (seconds - self.seconds)
-        return self.queries / max(self.seconds, 1e-12)
 
 
 def _loaders(loaders: Any) -> Iterator[Any]:

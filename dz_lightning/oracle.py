@@ -75,9 +75,12 @@ def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[st
     return {n: params.get(n, p) for n, p in module.named_parameters()}
 
 
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def has_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` holds a BatchNorm layer (whose running statistics a training forward updates)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    return any(isinstance(m, _BATCHNORMS) for m in module.modules())
 
 
 def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor, *,
@@ -141,18 +144,9 @@ class ModuleOracle(Oracle):
             denoiser's black-box classifier).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        inputs: Tensor,
-        targets: Tensor,
-        max_batch: int | None = None,
-        memory_budget: int | None = None,
-        feature_reuse: bool = True,
-        delta_dtype: str = "float32",
-        head: Callable[[Tensor, Tensor], Tensor] | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+                 max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
+                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         super().__init__(max_batch=max_batch)
         if head is not None and not callable(head):
             raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
@@ -161,15 +155,9 @@ class ModuleOracle(Oracle):
         if isinstance(inputs, Tensor) and (inputs.dim() == 0 or inputs.shape[0] == 0):
             raise ValueError(f"Expected a non-empty batch of inputs, but got shape {tuple(inputs.shape)}: the mean "
                              "loss over no samples is NaN. Check the data loader (drop_last, an empty split).")
-        self.model = model
-        self.loss_fn = loss_fn
-        self.inputs = inputs
-        self.targets = targets
-        self.memory_budget = memory_budget
-        self.feature_reuse = feature_reuse
+        self.model, self.loss_fn, self.inputs, self.targets, self.head = model, loss_fn, inputs, targets, head
+        self.memory_budget, self.feature_reuse, self.delta_dtype = memory_budget, feature_reuse, delta_dtype
         self._names = frozenset(n for n, _ in model.named_parameters())
-        self.delta_dtype = delta_dtype
-        self.head = head
         self._staged = None
         self._staged_key: tuple | None = None
         self._staged_unavailable = False

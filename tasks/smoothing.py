@@ -18,7 +18,8 @@ from torch import Tensor
 
 from dz_lightning.validation import check_choice, check_positive_int
 
-__all__ = ["ABSTAIN", "NonFiniteOutputError", "certify", "lower_confidence_bound", "predict", "sample_counts"]
+__all__ = ["ABSTAIN", "NonFiniteOutputError", "certify", "check_smoothing", "lower_confidence_bound", "predict",
+           "sample_counts"]
 
 ABSTAIN = -1
 
@@ -27,7 +28,8 @@ class NonFiniteOutputError(ValueError):
     """The classifier returned NaN or infinite logits (or labels) for noisy copies of an image."""
 
 
-def _check(sigma: float, alpha: float, n0: int | None = None, n: int | None = None) -> None:
+def check_smoothing(sigma: float, alpha: float, n0: int | None = None, n: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``sigma``, ``alpha`` (and ``n0`` <= ``n``, when given) are valid settings."""
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"Expected argument `sigma` to be a finite float > 0, but got {sigma!r}.")
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
@@ -111,7 +113,7 @@ def predict(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float, n: in
 
     ``nonfinite``: on non-finite classifier outputs, ``"raise"`` :class:`NonFiniteOutputError` or ``"abstain"``.
     """
-    _check(sigma, alpha, n=n)
+    check_smoothing(sigma, alpha, n=n)
     check_choice("nonfinite", nonfinite, ("raise", "abstain"))
     try:
         counts = sample_counts(classify, x, sigma, n, num_classes, batch_size, generator)
@@ -135,7 +137,7 @@ def certify(classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float, n0: i
     ``nonfinite``: on non-finite classifier outputs, ``"raise"`` :class:`NonFiniteOutputError` or ``"abstain"``
     (return ``(ABSTAIN, 0.0)``): such an image is never certified.
     """
-    _check(sigma, alpha, n0=n0, n=n)
+    check_smoothing(sigma, alpha, n0=n0, n=n)
     check_choice("nonfinite", nonfinite, ("raise", "abstain"))
     try:
         selection = sample_counts(classify, x, sigma, n0, num_classes, batch_size, generator)

@@ -18,12 +18,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
+from dz_lightning.tasks.sol_figures import mae_over_time_figure, rollout_mae_curve, vorticity_figure
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
-from dz_lightning.figures import log_figure, new_figure, save_figure
+from dz_lightning.figures import log_figure, save_figure
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import Oracle, parameter_values, vmap_points
 from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
@@ -204,63 +205,6 @@ class _SOLEvaluation:
         log_figure(trainer.loggers, "test/mae_over_time", fig, trainer.global_step)
 
 
-def vorticity(u: Tensor) -> Tensor:
-    """``dv/dx - du/dy`` of a centred velocity ``(2, X, Y)`` by central differences: ``(X - 2, Y - 2)``."""
-    return (u[1, 2:, 1:-1] - u[1, :-2, 1:-1]) / 2 - (u[0, 1:-1, 2:] - u[0, 1:-1, :-2]) / 2
-
-
-def rollout_mae_curve(pred: Tensor, traj: Tensor) -> Tensor:
-    """``(T,)``: the MAE of rollouts ``pred`` ``(N, T, 2, X, Y)`` against ``traj[:, 1:]`` at every step."""
-    return (pred - traj[:, 1:]).abs().mean(dim=(0, 2, 3, 4)).detach().cpu()
-
-
-def vorticity_figure(states: list[Tensor], titles: list[str], re: float | None = None, time: float | None = None,
-                     limit: float | None = None) -> Any:
-    """Side-by-side vorticity panels of velocity states ``(2, X, Y)``, one colour scale and a colorbar.
-
-    Args:
-        states: velocities to draw, e.g. reference, uncorrected source, corrected.
-        titles: one title per panel.
-        re: the simulation's Reynolds number (in the title).
-        time: simulated time since the start of the rollout (in the title).
-        limit: the colour scale runs from ``-limit`` to ``limit``; ``None``: the 99th percentile of ``|vorticity|``
-            of the first state (the reference), so that its vortices are not clipped.
-    """
-    fields = [vorticity(u.detach().cpu().float()).T for u in states]
-    if limit is None:
-        limit = max(float(torch.quantile(fields[0].abs().flatten(), 0.99)), 1e-6)
-    fig = new_figure(1.9 * len(states) + 1.0, 4.2)
-    axes = fig.subplots(1, len(states))
-    axes = axes if len(states) > 1 else [axes]
-    for ax, field, title in zip(axes, fields, titles, strict=True):
-        shown = ax.imshow(field.numpy(), origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0].set_ylabel("inflow at the bottom, flow upwards", fontsize=8)
-    label = ", ".join(part for part in (f"Re = {re:g}" if re is not None else "",
-                                        f"t = {time:g} into the rollout" if time is not None else "") if part)
-    fig.suptitle(f"vorticity{': ' + label if label else ''}", fontsize=10)
-    fig.colorbar(shown, ax=list(axes), fraction=0.04, pad=0.03, label="vorticity")
-    return fig
-
-
-def mae_over_time_figure(curves: Mapping[str, Tensor], dt: float = 1.0, title: str = "") -> Any:
-    """MAE against the reference over rollout time, one line per method (``{label: (T,) tensor}``)."""
-    fig = new_figure(5.0, 3.4)
-    ax = fig.add_subplot()
-    for label, curve in curves.items():
-        ax.plot([dt * (i + 1) for i in range(len(curve))], curve.tolist(), label=label)
-    ax.set_xlabel("rollout time (solver steps x dt)")
-    ax.set_ylabel("MAE vs reference")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 class SOLOracle(Oracle):
     """MSE over ``m`` corrected solver steps as a function of the corrector's parameters; the solver is a black box.
 
@@ -339,13 +283,27 @@ class ZOSOL(_SOLEvaluation, ZOModule):
 
 
 class _BackpropSOL(_SOLEvaluation, L.LightningModule):
-    def __init__(self, corrector: nn.Module, resolution: tuple[int, int], optimizer: OptimizerCallable,
-                 lr_scheduler: LRSchedulerCallable | None, differentiable: bool) -> None:
+    """The backprop baselines: the corrector, an optimizer factory and a scheduler stepped every optimizer step.
+
+    Args:
+        corrector: the correction network ``(N, 3, X, Y) -> (N, 2, X, Y)``.
+        resolution: source grid ``(X, Y)``.
+        optimizer: optimizer factory for the corrector.
+        lr_scheduler: optional scheduler factory, stepped every optimizer step.
+    """
+
+    #: whether training backpropagates through the solver (a differentiable PhiFlow solver for training)
+    differentiable = False
+
+    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
+                 optimizer: OptimizerCallable = torch.optim.Adam,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["corrector", "optimizer", "lr_scheduler"])
         self.corrector, self.optimizer_fn, self.lr_scheduler_fn = corrector, optimizer, lr_scheduler
         self.solver = KarmanSolver(tuple(resolution))
-        self.train_solver = KarmanSolver(tuple(resolution), differentiable=True) if differentiable else self.solver
+        self.train_solver = (KarmanSolver(tuple(resolution), differentiable=True) if self.differentiable
+                             else self.solver)
 
     def configure_optimizers(self) -> Any:
         return build_optimizers(self.corrector.parameters(), self.optimizer_fn, self.lr_scheduler_fn, "step")
@@ -357,11 +315,6 @@ class NONCorrector(_BackpropSOL):
     Pairs: ``s~ = P(ref_t)`` (one source step from a reference state) and the target correction ``ref_{t+1} - s~``.
     The optional ``lr_scheduler`` is stepped every optimizer step.
     """
-
-    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
-                 optimizer: OptimizerCallable = torch.optim.Adam,
-                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
-        super().__init__(corrector, resolution, optimizer, lr_scheduler, differentiable=False)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         windows, re = batch
@@ -377,10 +330,7 @@ class FOSOL(_BackpropSOL):
     The optional ``lr_scheduler`` is stepped every optimizer step.
     """
 
-    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
-                 optimizer: OptimizerCallable = torch.optim.Adam,
-                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
-        super().__init__(corrector, resolution, optimizer, lr_scheduler, differentiable=True)
+    differentiable = True
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         windows, re = batch

@@ -144,9 +144,9 @@ def test_masks_with_unknown_names_fail_at_the_first_step(tiny_trainer):
 
 
 def test_progress_bar_throughput_is_smoothed():
-    from dz_lightning.module import _Throughput
+    from dz_lightning.step_logging import Throughput
 
-    meter = _Throughput(alpha=0.1)
+    meter = Throughput(alpha=0.1)
     assert meter.update(310, 1.0) == pytest.approx(310)  # the first step shows its own rate
     rates = [meter.update(310, 0.0155) for _ in range(5)]  # then steps run 64x faster (2.0e4 queries/s)
     assert all(a < b for a, b in zip(rates, rates[1:], strict=False))  # it climbs ...
