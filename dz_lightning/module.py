@@ -35,7 +35,8 @@ class ZOModule(L.LightningModule):
     1. ``oracle = self.make_oracle(batch)``; :meth:`training_forward` (BatchNorm statistics, training metrics);
     2. :meth:`estimate`: CGE (restricted to ``self.zo_masks`` when a callback such as ZO-GraSP set them) or RGE
        estimates this rank's share of the gradient of :meth:`zo_parameters` through :attr:`zo_plan`, a
-       :class:`~dz_lightning.step.StepPlan` (CGE coordinates split by measured cost, RGE points round-robin);
+       :class:`~dz_lightning.step.StepPlan` (CGE coordinates split by measured cost, RGE points round-robin; it
+       takes the estimator settings below when the module is built);
     3. ``zo_plan.reduce``: one all-reduce gives every rank the full estimate (with one process it returns its
        input), identical on all ranks;
     4. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
@@ -189,8 +190,8 @@ class ZOModule(L.LightningModule):
         to log training metrics from the outputs (taken at the weights before the step) or to forward differently.
         """
         model = oracle.model if isinstance(oracle, ModuleOracle) else None
-        if model is None or not model.training or not has_batchnorm(model) or all(m is not model
-                                                                                  for m in self.modules()):
+        owned = model is not None and any(m is model for m in self.modules())
+        if not owned or not model.training or not has_batchnorm(model):
             return None
         return oracle.training_forward()
 
