@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from dz_lightning.oracle import ModuleOracle, frozen_batchnorm_stats
-from dz_lightning.protocol import ZOTrainable
+from dz_lightning.trainable import ZOTrainable
 from dz_lightning.validation import check_positive_int
 
 __all__ = ["GradientFidelity"]
@@ -45,7 +45,7 @@ class GradientFidelity(L.Callback):
         if trainer.global_step % self.every_n_steps != 0 or self._batch is None:
             return
         if not isinstance(pl_module, ZOTrainable):
-            raise TypeError(f"GradientFidelity needs a module that follows dz_lightning.protocol.ZOTrainable "
+            raise TypeError(f"GradientFidelity needs a module that follows dz_lightning.trainable.ZOTrainable "
                             f"(`zo_parameters()`, `zo_masks`, `make_oracle(batch)`); {type(pl_module).__name__} "
                             "does not.")
         oracle = pl_module.make_oracle(self._batch)

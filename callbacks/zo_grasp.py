@@ -1,7 +1,7 @@
 """ZO-GraSP: layer-wise pruning ratios at fit start, random gradient masks redrawn every N epochs (or steps).
 
 Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule that follows the protocol
-:class:`~dz_lightning.protocol.ZOTrainable`:
+:class:`~dz_lightning.trainable.ZOTrainable`:
 
 * ``zo_parameters() -> dict[str, Tensor]``: the parameters its estimator perturbs;
 * a ``zo_masks`` attribute that its estimator reads (``None`` = dense);
@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from dz_lightning import sparsity as sp
 from dz_lightning.figures import log_figure, lpr_figure
-from dz_lightning.protocol import ZOTrainable
+from dz_lightning.trainable import ZOTrainable
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["ZOGraSP"]
@@ -156,7 +156,7 @@ class ZOGraSP(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, ZOTrainable):
             missing = [a for a in ("zo_parameters", "zo_masks", "make_oracle") if not hasattr(pl_module, a)]
-            raise TypeError(f"ZOGraSP needs a module that follows dz_lightning.protocol.ZOTrainable "
+            raise TypeError(f"ZOGraSP needs a module that follows dz_lightning.trainable.ZOTrainable "
                             f"(`zo_parameters()`, a `zo_masks` attribute, `make_oracle(batch)`), but "
                             f"{type(pl_module).__name__} lacks {missing}.")
         params = pl_module.zo_parameters()

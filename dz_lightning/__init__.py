@@ -25,6 +25,7 @@ _EXPORTS = {
     "ResumableDataLoader": "dz_lightning.sampling",
     "SeededRandomSampler": "dz_lightning.sampling",
     "ZOModule": "dz_lightning.module",
+    "ZOTrainable": "dz_lightning.trainable",
     "cge": "dz_lightning.estimators",
     "rge": "dz_lightning.estimators",
 }
@@ -40,6 +41,7 @@ __all__ = [
     "ResumableDataLoader",
     "SeededRandomSampler",
     "ZOModule",
+    "ZOTrainable",
     "cge",
     "rge",
 ]
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from dz_lightning.module import ZOModule
     from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle
     from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
+    from dz_lightning.trainable import ZOTrainable
 
 
 def __getattr__(name: str) -> Any:

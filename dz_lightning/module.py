@@ -41,7 +41,7 @@ class ZOModule(L.LightningModule):
        input), identical on all ranks;
     4. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
-    The module follows :class:`~dz_lightning.protocol.ZOTrainable`, the protocol the bundled callbacks check.
+    The module follows :class:`~dz_lightning.trainable.ZOTrainable`, the protocol the bundled callbacks check.
     After each step ``last_estimate`` holds the full :class:`~dz_lightning.Estimate` and ``last_timing`` the
     :class:`~dz_lightning.step.StepTiming` of this rank (benchmarks read them).
 

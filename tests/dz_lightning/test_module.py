@@ -186,7 +186,7 @@ def test_modules_follow_the_protocol_the_callbacks_check():
     from dz_lightning.callbacks.zo_grasp import ZOGraSP
     from dz_lightning.tasks.classification import FOClassifier
 
-    from dz_lightning.protocol import ZOTrainable
+    from dz_lightning.trainable import ZOTrainable
 
     assert isinstance(ZOClassifier(MLP(hidden=(4,))), ZOTrainable)
     assert isinstance(FOClassifier(MLP(hidden=(4,))), ZOTrainable)

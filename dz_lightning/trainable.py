@@ -1,4 +1,4 @@
-"""What the bundled callbacks need from a LightningModule: the zeroth-order training protocol.
+"""What the bundled callbacks need from a LightningModule: the zeroth-order training protocol `ZOTrainable`.
 
 :class:`~dz_lightning.ZOModule` follows it; so can any user module that trains by ZO its own way.
 """
