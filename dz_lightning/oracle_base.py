@@ -79,9 +79,11 @@ class Oracle:
 
     Subclasses implement :meth:`_loss` (one point) and may override :meth:`_losses` (K points as one
     batched computation) and :meth:`coordinate_losses` (K one-coordinate perturbations, the CGE workhorse).
+    The public :meth:`loss` and :meth:`losses` check and convert the answers and count them; an oracle that wraps
+    another one derives from :class:`DelegatingOracle` instead of overriding them.
 
     Attributes:
-        queries: number of loss evaluations answered so far (one per point).
+        queries: evaluations of the objective spent so far (one per point; see :meth:`_evaluations`).
         max_batch: largest number of points evaluated in one call; ``None`` means unlimited.
     """
 
