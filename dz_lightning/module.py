@@ -26,6 +26,18 @@ __all__ = ["NonFiniteStepError", "ZOModule", "build_optimizers"]
 _PRECISIONS = ("32-true", "64-true", "32", "64")
 
 
+def _plan_setting(name: str) -> property:
+    """A ZOModule attribute that is the step plan's setting of the same name (one place for each setting)."""
+
+    def get(self: ZOModule) -> Any:
+        return getattr(self.zo_plan, name)
+
+    def set_(self: ZOModule, value: Any) -> None:
+        setattr(self.zo_plan, name, value)
+
+    return property(get, set_, doc=f"The step plan's ``{name}``: changing it changes the next steps.")
+
+
 class ZOModule(L.LightningModule):
     """Base class for zeroth-order training with Lightning's manual optimization.
 
@@ -82,6 +94,12 @@ class ZOModule(L.LightningModule):
 
     #: constructor arguments of subclasses that are modules or black boxes (kept out of ``hparams``)
     _hparams_ignore: tuple[str, ...] = ()
+    estimator = _plan_setting("estimator")
+    mu = _plan_setting("mu")
+    q = _plan_setting("q")
+    difference = _plan_setting("difference")
+    distribution = _plan_setting("distribution")
+    nonfinite = _plan_setting("nonfinite")
     #: attributes under which older versions of a subclass also registered its network (the whole network, or the
     #: module that holds ``self.model``); their checkpoint keys are renamed to ``model.`` on load
     _legacy_model_aliases: tuple[str, ...] = ()
@@ -116,9 +134,11 @@ class ZOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
         self.automatic_optimization = False
         self.model = model
-        # the estimator's settings (read by the step plan below) and the optimization's
-        self.estimator, self.mu, self.q, self.difference = estimator, float(mu), q, difference
-        self.distribution, self.nonfinite, self.seed = distribution, nonfinite, seed
+        self._generator = torch.Generator().manual_seed(seed)
+        # the estimator's settings live in the step plan (``self.mu`` etc. read and write them there)
+        self.zo_plan = StepPlan(estimator, mu=float(mu), q=q, difference=difference, distribution=distribution,
+                                nonfinite=nonfinite, generator=self._generator)
+        self.seed = seed
         self.optimizer_fn, self.scheduler_fn, self.scheduler_interval = optimizer, lr_scheduler, scheduler_interval
         self.gradient_clip_val, self.nonfinite_step, self.max_queries = gradient_clip_val, nonfinite_step, max_queries
         # batched queries: points per call, memory and the staged engine's arithmetic
@@ -126,9 +146,6 @@ class ZOModule(L.LightningModule):
         self.steps_undone = 0
         self.zo_masks: dict[str, Tensor] | None = None
         self.queries_total = 0
-        self._generator = torch.Generator().manual_seed(seed)
-        self.zo_plan = StepPlan(estimator, mu=self.mu, q=q, difference=difference, distribution=distribution,
-                                nonfinite=nonfinite, generator=self._generator)
         self.last_estimate: Estimate | None = None
         self.last_timing: StepTiming | None = None
         self.zo_log = StepLog()

@@ -218,3 +218,13 @@ def test_training_forward_updates_batchnorm_only_for_this_modules_networks():
     assert module.training_forward((x, y), dz.ModuleOracle(other, lambda o, t: o.sum(), x, y)) is None
     assert int(other[2].num_batches_tracked) == 0
     assert module.training_forward((x, y), dz.FunctionOracle(lambda p: 0.0)) is None
+
+
+def test_estimator_settings_have_one_home_in_the_step_plan():
+    module = dz.ZOModule(nn.Linear(2, 1), estimator="cge", mu=1e-2)
+    module.mu = 0.25  # a user (or a schedule callback) changing the step changes the next estimates
+    assert module.zo_plan.mu == 0.25
+    w = torch.tensor([1.0, 2.0])
+    est = module.zo_plan.estimate(dz.FunctionOracle(lambda p: (p["w"] ** 2).sum()), {"w": w})
+    # forward differences of w**2 at step 0.25: 2w + 0.25
+    torch.testing.assert_close(est.grads["w"], torch.tensor([2.25, 4.25]))
