@@ -38,8 +38,8 @@ def test_black_box_step_has_no_autograd_and_the_differentiable_one_does():
 
 
 @pytest.mark.parametrize("differentiable", [False, True], ids=["black_box", "differentiable"])
-def test_solver_silences_only_phiflow_notices_and_keeps_user_warnings_visible(differentiable):
-    import phi.torch.flow  # noqa: F401 - import-time notices are not the solver's
+def test_solver_silences_only_phiflow_notices_and_keeps_user_warnings_visible(differentiable, monkeypatch):
+    from phi.torch.flow import fluid
 
     re = torch.tensor([150.0])
     with warnings.catch_warnings(record=True) as caught:
@@ -51,20 +51,20 @@ def test_solver_silences_only_phiflow_notices_and_keeps_user_warnings_visible(di
             if differentiable:
                 out.square().sum().backward()  # the adjoint solve's notices are silenced too
         assert [str(w.message) for w in caught] == []
-        name = "_step" if differentiable else "_jit"
-        inner = getattr(solver, name)
+        inner = fluid.make_incompressible
 
-        def step_that_warns(u, nu):
+        def make_incompressible_that_warns(*args, **kwargs):
             warnings.warn("a warning from inside the step", RuntimeWarning, stacklevel=1)
-            return inner(u, nu)
+            return inner(*args, **kwargs)
 
-        setattr(solver, name, step_that_warns)
-        solver(initial_state(3, RES), re.expand(3))  # a first call for this shape (traced in the black box)
+        monkeypatch.setattr(fluid, "make_incompressible", make_incompressible_that_warns)
+        solver(initial_state(3, RES), re.expand(3))  # a first call for this shape: the black box traces its step
         warnings.warn("the user's own warning", UserWarning, stacklevel=1)
         warnings.warn("`torch.jit.trace` is deprecated (the user's own tracing)", FutureWarning, stacklevel=1)
-    assert [str(w.message) for w in caught] == [
-        "a warning from inside the step", "the user's own warning",
-        "`torch.jit.trace` is deprecated (the user's own tracing)"]
+    messages = [str(w.message) for w in caught]
+    inside = messages.count("a warning from inside the step")  # phiml's jit may run the step more than once to trace
+    assert inside >= 1 and messages[inside:] == [
+        "the user's own warning", "`torch.jit.trace` is deprecated (the user's own tracing)"]
 
 
 def test_bad_inputs_are_rejected():
