@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -197,22 +194,18 @@ def test_all_reduce_without_process_group_is_identity():
     assert torch.equal(out["w"], grads["w"]) and queries == 7 and not failed
 
 
-def _run(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, str(WORKER), "--out", str(tmp_path), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=timeout)
+def _run(run_ddp, tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return run_ddp(WORKER, "--out", str(tmp_path), *args, cwd=tmp_path, timeout=timeout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("estimator", "sparsity"), [("cge", 0.9), ("rge", 0.0)])
-def test_two_ranks_match_one_process(tmp_path, estimator, sparsity):
+def test_two_ranks_match_one_process(run_ddp, tmp_path, estimator, sparsity):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     for out, devices in ((one, "1"), (two, "2")):
         # one query per call: every finite difference is computed exactly as in the single process
-        proc = _run(out, "--devices", devices, "--estimator", estimator, "--sparsity", str(sparsity),
+        proc = _run(run_ddp, out, "--devices", devices, "--estimator", estimator, "--sparsity", str(sparsity),
                     "--max-batch", "1")
         assert proc.returncode == 0, proc.stderr[-3000:]
     single = torch.load(one / "rank0.pt", weights_only=True)
@@ -236,24 +229,17 @@ def test_two_ranks_match_one_process(tmp_path, estimator, sparsity):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["cge", "rge"])
-def test_a_failing_rank_stops_every_rank_without_hanging(tmp_path, estimator):
-    proc = _run(tmp_path, "--devices", "2", "--nan-rank", "1", "--estimator", estimator, timeout=180)
+def test_a_failing_rank_stops_every_rank_without_hanging(run_ddp, tmp_path, estimator):
+    proc = _run(run_ddp, tmp_path, "--devices", "2", "--nan-rank", "1", "--estimator", estimator, timeout=180)
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "Another rank failed" in proc.stderr
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
 
 
-def test_two_gloo_ranks_combine_to_the_single_process_gradient():
+def test_two_gloo_ranks_combine_to_the_single_process_gradient(run_ddp, free_port):
     """Fast 2-rank check without Lightning: cost-split CGE shares + one all-reduce == one-process CGE."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK")}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(COLLECTIVE_WORKER), "2", str(port)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_ddp(COLLECTIVE_WORKER, "2", str(free_port), cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     _, diff, queries, single_queries, failed, failed_later = line.split()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -86,16 +85,10 @@ def test_print_config_lists_every_model_option(tmp_path, capsys):
         assert option in out
 
 
-def _trainer(**kw) -> L.Trainer:
-    base = {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_progress_bar": False,
-            "enable_checkpointing": False, "enable_model_summary": False, "limit_val_batches": 0}
-    return L.Trainer(**{**base, **kw})
-
-
-def test_sixteen_bit_precision_is_refused_before_training():
+def test_sixteen_bit_precision_is_refused_before_training(tiny_trainer):
     module = ZOClassifier(MLP(hidden=(4,)))
     with pytest.raises(ValueError, match="precision='bf16-mixed'.*'32-true', '64-true'"):
-        _trainer(precision="bf16-mixed").fit(module, DigitsDataModule(batch_size=16))
+        tiny_trainer(precision="bf16-mixed").fit(module, DigitsDataModule(batch_size=16))
 
 
 class _NaNAfterOneStep(ZOClassifier):
@@ -108,20 +101,20 @@ class _NaNAfterOneStep(ZOClassifier):
         return oracle
 
 
-def test_non_finite_loss_never_reaches_the_weights():
+def test_non_finite_loss_never_reaches_the_weights(tiny_trainer):
     module = _NaNAfterOneStep(MLP(hidden=(4,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     with pytest.raises(dz.NonFiniteLossError, match="non-finite loss"):
-        _trainer().fit(module, DigitsDataModule(batch_size=16))
+        tiny_trainer().fit(module, DigitsDataModule(batch_size=16))
     assert module.global_step == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_batchnorm_running_stats_follow_training_and_budget_stops_the_run():
+def test_batchnorm_running_stats_follow_training_and_budget_stops_the_run(tiny_trainer):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
     n_params = sum(p.numel() for p in model.parameters())
     module = ZOClassifier(model, max_queries=2 * (n_params + 1), gradient_clip_val=1.0,
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    _trainer(max_steps=10).fit(module, DigitsDataModule(batch_size=16))
+    tiny_trainer(max_steps=10).fit(module, DigitsDataModule(batch_size=16))
     assert module.global_step == 2, "the query budget must stop training after two steps"
     assert int(model[2].num_batches_tracked) == 2, "one plain forward per step updates the BN statistics"
 
@@ -141,11 +134,11 @@ def test_zo_module_bad_arguments(kwargs, match):
         ZOClassifier(MLP(hidden=(4,)), **kwargs)
 
 
-def test_masks_with_unknown_names_fail_at_the_first_step():
+def test_masks_with_unknown_names_fail_at_the_first_step(tiny_trainer):
     module = ZOClassifier(MLP(hidden=(4,)))
     module.zo_masks = {"conv.weight": torch.ones(3, dtype=torch.bool)}
     with pytest.raises(ValueError, match="`masks` names 'conv.weight'.*valid names"):
-        _trainer().fit(module, DigitsDataModule(batch_size=16))
+        tiny_trainer().fit(module, DigitsDataModule(batch_size=16))
 
 
 def test_progress_bar_throughput_is_smoothed():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from dz_lightning.callbacks.zo_grasp import ZOGraSP
@@ -17,12 +16,6 @@ from dz_lightning.tasks.classification import (
 from torchvision import datasets
 
 from dz_lightning.models import MLP
-
-
-def _trainer(steps: int = 3, **kw) -> L.Trainer:
-    kw.setdefault("logger", False)
-    return L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, enable_progress_bar=False,
-                     enable_checkpointing=False, enable_model_summary=False, **kw)
 
 
 def _sgd(lr: float = 0.1):
@@ -53,13 +46,13 @@ def test_digits_bad_arguments(kw, match):
 
 
 # ------------------------------------------------------------------------------------------------- ZO / FO
-def test_zo_classifier_logs_what_the_user_sees(tmp_path):
+def test_zo_classifier_logs_what_the_user_sees(tiny_trainer, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.manual_seed(0)
     module = ZOClassifier(MLP(hidden=(8,)), optimizer=_sgd())
-    trainer = _trainer(4, logger=TensorBoardLogger(str(tmp_path), name="tb"), log_every_n_steps=1)
+    trainer = tiny_trainer(max_steps=4, logger=TensorBoardLogger(str(tmp_path), name="tb"), log_every_n_steps=1)
     trainer.fit(module, DigitsDataModule(batch_size=32))
     bar = trainer.progress_bar_metrics
     assert {"train/loss_step", "train/acc_step", "queries/s", "queries"} <= set(bar)  # smoothed rate, running total
@@ -75,14 +68,14 @@ def test_zo_classifier_logs_what_the_user_sees(tmp_path):
     assert bar["queries/s"] > 0
 
 
-def test_train_accuracy_can_be_switched_off():
+def test_train_accuracy_can_be_switched_off(tiny_trainer):
     module = ZOClassifier(MLP(hidden=(8,)), train_accuracy=False, optimizer=_sgd())
-    trainer = _trainer(1)
+    trainer = tiny_trainer(max_steps=1)
     trainer.fit(module, DigitsDataModule(batch_size=32))
     assert "train/acc_step" not in trainer.logged_metrics and "train/loss_step" in trainer.logged_metrics
 
 
-def test_train_accuracy_of_a_batchnorm_model_reuses_the_statistics_forward():
+def test_train_accuracy_of_a_batchnorm_model_reuses_the_statistics_forward(tiny_trainer):
     from dz_lightning.models import simple_cnn
 
     torch.manual_seed(0)
@@ -92,34 +85,35 @@ def test_train_accuracy_of_a_batchnorm_model_reuses_the_statistics_forward():
     model.register_forward_hook(lambda m, args, out: calls.append(out.detach().clone()))
     scored = []
     module._log_train_acc = lambda logits, y: scored.append(logits)
-    trainer = _trainer(2)
+    trainer = tiny_trainer(max_steps=2)
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert len(calls) == 2 and len(scored) == 2  # one plain forward per step serves BN statistics and accuracy
     assert all(torch.equal(a, b) for a, b in zip(calls, scored, strict=True))
 
 
 @pytest.mark.slow
-def test_zo_and_fo_learn_digits_and_test():
+def test_zo_and_fo_learn_digits_and_test(tiny_trainer):
     results = {}
     for name, cls in (("zo", ZOClassifier), ("fo", FOClassifier)):
         torch.manual_seed(0)
         module = cls(MLP(hidden=(16,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9))
         dm = DigitsDataModule(batch_size=64)
-        trainer = _trainer(40)
+        trainer = tiny_trainer(max_steps=40)
         trainer.fit(module, dm)
         results[name] = trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
     assert results["fo"] > 0.7 and results["zo"] > 0.7
     assert abs(results["fo"] - results["zo"]) < 0.1  # dense CGE follows the true gradient
 
 
-def test_fo_sparse_baselines_respect_the_masks():
+def test_fo_sparse_baselines_respect_the_masks(tiny_trainer):
     for sparse in ("weights", "gradients"):
         torch.manual_seed(0)
         module = FOClassifier(MLP(hidden=(16,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9,
                                                                                       weight_decay=1e-3),
                               sparse=sparse)
         before = {n: p.detach().clone() for n, p in module.zo_parameters().items()}
-        _trainer(3, callbacks=[ZOGraSP(sparsity=0.9, method="uniform")]).fit(module, DigitsDataModule(batch_size=32))
+        tiny_trainer(max_steps=3, callbacks=[ZOGraSP(sparsity=0.9, method="uniform")]).fit(
+            module, DigitsDataModule(batch_size=32))
         masks = module.zo_masks
         assert masks is not None
         params = module.zo_parameters()
@@ -134,20 +128,21 @@ def test_fo_sparse_baselines_respect_the_masks():
             assert not torch.equal(params[n][masks[n]], before[n][masks[n]])
 
 
-def test_fo_sparse_gradient_step_touches_only_masked_coordinates():
+def test_fo_sparse_gradient_step_touches_only_masked_coordinates(tiny_trainer):
     torch.manual_seed(0)
     module = FOClassifier(MLP(hidden=(16,)), optimizer=_sgd(0.5), sparse="gradients")
     before = {n: p.detach().clone() for n, p in module.zo_parameters().items()}
-    _trainer(1, callbacks=[ZOGraSP(sparsity=0.9, method="uniform")]).fit(module, DigitsDataModule(batch_size=32))
+    tiny_trainer(max_steps=1, callbacks=[ZOGraSP(sparsity=0.9, method="uniform")]).fit(
+        module, DigitsDataModule(batch_size=32))
     for n, mask in module.zo_masks.items():
         changed = module.zo_parameters()[n].detach() != before[n]
         assert not (changed & ~mask).any(), n
 
 
-def test_fo_sparse_needs_masks():
+def test_fo_sparse_needs_masks(tiny_trainer):
     module = FOClassifier(MLP(hidden=(8,)), optimizer=_sgd(), sparse="weights")
     with pytest.raises(ValueError, match="needs masks"):
-        _trainer(1).fit(module, DigitsDataModule(batch_size=32))
+        tiny_trainer(max_steps=1).fit(module, DigitsDataModule(batch_size=32))
 
 
 def test_fo_bad_arguments():

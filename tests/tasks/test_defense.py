@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 
-import lightning as L
 import pytest
 import torch
 from dz_lightning.tasks.classification import DigitsDataModule, FOClassifier
@@ -16,12 +15,6 @@ from torch import nn
 from dz_lightning.models import MLP, DnCNN
 
 CERT = {"n0": 10, "n": 50, "alpha": 0.01, "max_certified": 4, "certify_batch": 50}
-
-
-def _trainer(tmp_path, **kw) -> L.Trainer:
-    base = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
-            "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path)}
-    return L.Trainer(**{**base, **kw})
 
 
 class _Tripwire(nn.Module):
@@ -38,44 +31,44 @@ class _Tripwire(nn.Module):
         return out
 
 
-def test_zo_denoiser_trains_without_any_gradient_from_the_classifier(tmp_path):
+def test_zo_denoiser_trains_without_any_gradient_from_the_classifier(tiny_trainer, tmp_path):
     torch.manual_seed(0)
     blackbox = BlackBoxClassifier(fn=_Tripwire())
     denoiser = DnCNN(1, 4, 3)
     before = {n: p.clone() for n, p in denoiser.named_parameters()}
     module = ZODenoisedSmoothing(denoiser, blackbox, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
                                  output_dir=str(tmp_path), **CERT)
-    _trainer(tmp_path, max_steps=2).fit(module, DigitsDataModule(batch_size=16))
+    tiny_trainer(max_steps=2).fit(module, DigitsDataModule(batch_size=16))
     assert not any(torch.equal(before[n], p) for n, p in denoiser.named_parameters() if n.endswith("weight"))
     n_params = sum(p.numel() for p in denoiser.parameters())
     # targets: f(x) on 16 clean images, then one image batch per query (CGE + base), per step
     assert blackbox.queries == 2 * 16 * (1 + n_params + 1)
     assert all(p.grad is None for p in blackbox._module.parameters())
-    _trainer(tmp_path).test(module, DigitsDataModule(batch_size=16))
+    tiny_trainer().test(module, DigitsDataModule(batch_size=16))
     rows = list(csv.DictReader(open(tmp_path / "certification" / "certify.csv")))
     assert len(rows) == 4 and set(rows[0]) == {"label", "prediction", "radius", "correct", "time"}
     assert (tmp_path / "certification" / "certified_accuracy.png").exists()
     assert set(module.certified) == {0.0, 0.25, 0.5, 0.75}
 
 
-def test_fo_twin_and_no_denoiser_certify(tmp_path):
+def test_fo_twin_and_no_denoiser_certify(tiny_trainer, tmp_path):
     torch.manual_seed(0)
     f = MLP(64, (16,), 10)
     fo = FODenoisedSmoothing(DnCNN(1, 4, 3), f, output_dir=str(tmp_path / "fo"), **CERT)
-    _trainer(tmp_path, max_steps=2).fit(fo, DigitsDataModule(batch_size=16))
-    _trainer(tmp_path).test(fo, DigitsDataModule(batch_size=16))
+    tiny_trainer(max_steps=2).fit(fo, DigitsDataModule(batch_size=16))
+    tiny_trainer().test(fo, DigitsDataModule(batch_size=16))
     none = NoDenoiser(BlackBoxClassifier(fn=f), output_dir=str(tmp_path / "none"), **CERT)
     logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
-    _trainer(tmp_path, logger=logger).test(none, DigitsDataModule(batch_size=16))
+    tiny_trainer(logger=logger).test(none, DigitsDataModule(batch_size=16))
     assert 0.0 in fo.certified and 0.0 in none.certified
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert len(events.Images("test/certified_accuracy")) == 1  # the whole curve as one figure
 
 
-def test_black_box_from_a_lightning_checkpoint(tmp_path):
+def test_black_box_from_a_lightning_checkpoint(tiny_trainer, tmp_path):
     module = FOClassifier(MLP(64, (8,), 10))
-    trainer = _trainer(tmp_path, max_steps=1)
+    trainer = tiny_trainer(max_steps=1)
     trainer.fit(module, DigitsDataModule(batch_size=16))
     trainer.save_checkpoint(tmp_path / "f.ckpt")
     blackbox = BlackBoxClassifier(model=MLP(64, (8,), 10), checkpoint=str(tmp_path / "f.ckpt"))
@@ -108,7 +101,7 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_crafted_checkpoint_runs_nothing_and_is_refused_clearly(tmp_path):
+def test_crafted_checkpoint_runs_nothing_and_is_refused_clearly(tiny_trainer, tmp_path):
     marker = tmp_path / "pwned"
     crafted = tmp_path / "crafted.ckpt"
     torch.save({"state_dict": MLP(64, (8,), 10).state_dict(), "hyper_parameters": _Payload(marker)}, crafted)
@@ -118,7 +111,7 @@ def test_crafted_checkpoint_runs_nothing_and_is_refused_clearly(tmp_path):
         FODenoisedSmoothing(DnCNN(1, 4, 3), MLP(64, (8,), 10), classifier_checkpoint=str(crafted))
     # Lightning's own resume (`dz fit --ckpt_path`) loads with torch's safe default too
     with pytest.raises(Exception, match="Weights only load failed"):
-        _trainer(tmp_path, max_steps=1).fit(FOClassifier(MLP(64, (8,), 10)), DigitsDataModule(batch_size=16),
+        tiny_trainer(max_steps=1).fit(FOClassifier(MLP(64, (8,), 10)), DigitsDataModule(batch_size=16),
                                             ckpt_path=str(crafted))
     assert not marker.exists(), "the crafted checkpoint ran its command"
     torch.save({"weights": MLP(64, (8,), 10).state_dict()}, tmp_path / "plain.pt")
@@ -130,14 +123,14 @@ def _nan_classifier(images):
     return torch.full((images.shape[0], 10), float("nan"))
 
 
-def test_nan_classifier_is_an_error_or_a_counted_abstention_never_a_certificate(tmp_path):
+def test_nan_classifier_is_an_error_or_a_counted_abstention_never_a_certificate(tiny_trainer, tmp_path):
     raising = NoDenoiser(BlackBoxClassifier(fn=_nan_classifier), output_dir=str(tmp_path), **CERT)
     with pytest.raises(ValueError, match="non-finite logits"):
-        _trainer(tmp_path).test(raising, DigitsDataModule(batch_size=16))
+        tiny_trainer().test(raising, DigitsDataModule(batch_size=16))
     abstaining = NoDenoiser(BlackBoxClassifier(fn=_nan_classifier), output_dir=str(tmp_path),
                             certify_nonfinite="abstain", **CERT)
     with pytest.warns(UserWarning, match=r"Abstained on 4 of 4 test image\(s\).*non-finite"):
-        metrics = _trainer(tmp_path).test(abstaining, DigitsDataModule(batch_size=16))[0]
+        metrics = tiny_trainer().test(abstaining, DigitsDataModule(batch_size=16))[0]
     assert abstaining.nonfinite_abstains == 4 and metrics["test/nonfinite_abstains"] == 4
     assert metrics["test/abstain_rate"] == 1.0 and all(acc == 0.0 for acc in abstaining.certified.values())
 
@@ -155,16 +148,16 @@ def test_certification_settings_fail_before_any_work(kwargs, match):
         NoDenoiser(BlackBoxClassifier(fn=lambda x: x), **{**CERT, **kwargs})
 
 
-def test_empty_test_set_and_bad_labels_are_errors_not_zero_accuracy(tmp_path):
+def test_empty_test_set_and_bad_labels_are_errors_not_zero_accuracy(tiny_trainer, tmp_path):
     module = NoDenoiser(BlackBoxClassifier(fn=MLP(64, (8,), 10)), output_dir=str(tmp_path), **CERT)
     empty = torch.utils.data.DataLoader(  # one batch of no images
         [0], batch_sampler=[[]], collate_fn=lambda _: (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(ValueError, match="No test image was certified"):
-        _trainer(tmp_path).test(module, empty)
+        tiny_trainer().test(module, empty)
     negative = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1, 8, 8),
                                                                            torch.tensor([3, -1])), batch_size=2)
     with pytest.raises(ValueError, match=r"labels in 0\.\.9 \(num_classes=10\).*\[-1\]"):
-        _trainer(tmp_path).test(module, negative)
+        tiny_trainer().test(module, negative)
 
 
 class _NumpyBlackBox:

@@ -22,11 +22,6 @@ def data(tmp_path):
     return KarmanDataModule(cache_dir=str(tmp_path / "cache"), **DATA)
 
 
-def _trainer(tmp_path, **kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                     enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path), **kw)
-
-
 def test_batched_perturbations_equal_one_at_a_time(data):
     data.setup()
     torch.manual_seed(0)
@@ -124,17 +119,17 @@ def test_longer_test_sequences_are_cached_on_their_own(tmp_path):
         KarmanDataModule(test_steps=0)
 
 
-def test_all_four_methods_train_and_evaluate(data, tmp_path):
-    results = {"src": _trainer(tmp_path).test(SourceOnly(RES), data, verbose=False)[0]["test/mae"]}
+def test_all_four_methods_train_and_evaluate(tiny_trainer, data, tmp_path):
+    results = {"src": tiny_trainer().test(SourceOnly(RES), data, verbose=False)[0]["test/mae"]}
     adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
     zo = ZOSOL(SOLCorrector(width=3), resolution=RES, optimizer=adam)
-    _trainer(tmp_path, max_steps=2, callbacks=[ZOGraSP(sparsity=0.5, method="uniform")]).fit(zo, data)
+    tiny_trainer(max_steps=2, callbacks=[ZOGraSP(sparsity=0.5, method="uniform")]).fit(zo, data)
     assert zo.queries_total > 0 and all(torch.isfinite(p).all() for p in zo.parameters())
     for name, module in (("zo", zo), ("non", NONCorrector(SOLCorrector(width=3), RES, adam)),
                          ("fo", FOSOL(SOLCorrector(width=3), RES, adam))):
         if name != "zo":
-            _trainer(tmp_path, max_steps=2).fit(module, data)
-        results[name] = _trainer(tmp_path).test(module, data, verbose=False)[0]["test/mae"]
+            tiny_trainer(max_steps=2).fit(module, data)
+        results[name] = tiny_trainer().test(module, data, verbose=False)[0]["test/mae"]
     assert all(v > 0 for v in results.values())
     assert (tmp_path / "vorticity_ZOSOL.png").exists() and (tmp_path / "mae_over_time_ZOSOL.png").exists()
 
@@ -164,7 +159,7 @@ class _DivergesUnderPerturbation(KarmanSolver):
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_a_diverging_query_never_reaches_the_weights(data, tmp_path, nonfinite):
+def test_a_diverging_query_never_reaches_the_weights(tiny_trainer, data, tmp_path, nonfinite):
     import dz_lightning as dz
 
     zo = ZOSOL(SOLCorrector(width=1, depth=2), resolution=RES, nonfinite=nonfinite,
@@ -173,10 +168,10 @@ def test_a_diverging_query_never_reaches_the_weights(data, tmp_path, nonfinite):
     before = {n: p.clone() for n, p in zo.named_parameters()}
     if nonfinite == "skip":
         with pytest.warns(RuntimeWarning, match="Skipped .* non-finite"):
-            _trainer(tmp_path, max_steps=1).fit(zo, data)
+            tiny_trainer(max_steps=1).fit(zo, data)
     else:
         with pytest.raises(dz.NonFiniteLossError, match="non-finite loss"):
-            _trainer(tmp_path, max_steps=1).fit(zo, data)
+            tiny_trainer(max_steps=1).fit(zo, data)
     assert all(torch.equal(before[n], p) for n, p in zo.named_parameters())
 
 
