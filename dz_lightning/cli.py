@@ -74,6 +74,21 @@ def _cli_class() -> type:
             )
 
         def _parse_ckpt_path(self) -> None:
+            """Replace LightningCLI's merge of a checkpoint's saved hyperparameters into the parsed config.
+
+            The one private LightningCLI method we override (Lightning 2.x calls it in ``__init__`` right after
+            ``parse_arguments``): no public hook sits between parsing and instantiation that could stop the
+            checkpoint's hyperparameters from silently overriding the config and the command line
+            (``parse_arguments`` runs before the merge, ``before_instantiate_classes`` after it).
+            ``tests/dz_lightning/test_cli.py`` fails loudly if Lightning renames it or stops calling it there.
+            """
+            self.resolve_ckpt_path()
+
+        def resolve_ckpt_path(self) -> None:
+            """Resolve ``--ckpt_path last``; warn about every model setting the config changes from the checkpoint's.
+
+            The config and the command line win; the checkpoint's hyperparameters are only compared, never applied.
+            """
             subcommand = self.config.get("subcommand")
             if not subcommand:
                 return
@@ -109,9 +124,13 @@ def _cli_class() -> type:
             except (ValueError, TypeError) as err:
                 raise ConfigurationError(_root_cause(str(err))) from err
 
+        def instantiated(self, key: str, default: Any = None) -> Any:
+            """``key`` of the instantiated config, inside the running subcommand's section when there is one."""
+            return self.config_init.get(str(self.subcommand), self.config_init).get(key, default)
+
         def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-            extra = [self._get(self.config_init, "zo_grasp")]
-            plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+            extra = [self.instantiated("zo_grasp")]
+            plugins = self.instantiated("trainer", default={}).get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):
                 plugins.append(SafeCheckpointIO())

@@ -20,13 +20,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
-import pytest
-from dz_lightning.tasks.classification import DigitsDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
-
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root (put on ``PYTHONPATH`` of every DDP subprocess)."""
+
+# pytest puts `tests/` on sys.path (this file's folder, "prepend" import mode), where `tests/dz_lightning/` (no
+# __init__.py) would be imported as a namespace package `dz_lightning` and shadow the editable install whenever the
+# repository root is not on sys.path too: `python -m pytest` puts it there, the `pytest` console script does not.
+if not any(Path(p or ".").resolve() == ROOT for p in sys.path):
+    sys.path.append(str(ROOT))
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+from dz_lightning.tasks.classification import DigitsDataModule  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 DDP_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                 "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")

@@ -26,48 +26,91 @@ def _fake_vision(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int, int]) -
         monkeypatch.setattr(datasets, name, fake)
 
 
-def _tiny_overrides(path: Path) -> list[str]:
-    """Shrink the heavy configs so that one step stays fast; the wiring under test is unchanged."""
-    text = path.read_text()
-    args = []
-    if "CIFAR10DataModule" in text:
-        args += ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
-    if "ResNetS" in text and "Classifier" in text.split("model:\n  class_path:")[1].split("\n")[0]:
-        args += ["--model.init_args.model.init_args.num_blocks", "1"]
-    if "DnCNN" in text and "CIFAR10" in text:
-        args += ["--model.init_args.denoiser.init_args.width", "4"]
-    if "dz_lightning.tasks.sol." in text:
-        args += ["--data.init_args.resolution", "[8, 16]", "--data.init_args.factor", "2",
-                 "--data.init_args.steps", "6", "--data.init_args.warmup", "3", "--data.init_args.window", "2",
-                 "--data.init_args.batch_size", "2", "--data.init_args.train_re", "[100.0]",
-                 "--data.init_args.test_re", "[150.0]", "--model.init_args.resolution", "[8, 16]"]
-        if "corrector:" in text:
-            args += ["--model.init_args.corrector.init_args.width", "1"]
-    if "SimpleCNN" in text:
-        args += ["--model.init_args.model.init_args.depth", "1"]
-        if "estimator: rge" in text:
-            args += ["--model.init_args.q", "730"]
+TINY = ROOT / "tests" / "configs"
+CIFAR_RESNET = ("cifar10_small_batches", "resnet20_one_block")
+SOL_CORRECTOR = ("sol_tiny_grid", "sol_corrector_narrow")
+# the committed overlays (tests/configs/NAME.yaml) that shrink each config so that one step stays fast; the wiring
+# under test is unchanged. A new config must be listed here (test_every_config_is_covered).
+SHRINK: dict[str, tuple[str, ...]] = {
+    "classification/digits.yaml": (),
+    "classification/digits_fo.yaml": (),
+    "classification/digits_rge.yaml": (),
+    "classification/digits_zo_grasp90.yaml": (),
+    "classification/resnet20_cifar10_fo.yaml": CIFAR_RESNET,
+    "classification/resnet20_cifar10_fo_sparse_gradients90.yaml": CIFAR_RESNET,
+    "classification/resnet20_cifar10_fo_sparse_weights90.yaml": CIFAR_RESNET,
+    "classification/resnet20_cifar10_zo_grasp80.yaml": CIFAR_RESNET,
+    "classification/resnet20_cifar10_zo_grasp90.yaml": CIFAR_RESNET,
+    "classification/resnet20_cifar10_zo_grasp95.yaml": CIFAR_RESNET,
+    "classification/resnet20_cifar10_zo_grasp99.yaml": CIFAR_RESNET,
+    "classification/simple_cnn_cifar10_cge.yaml": ("cifar10_small_batches", "simple_cnn_one_layer"),
+    "classification/simple_cnn_cifar10_fo.yaml": ("cifar10_small_batches", "simple_cnn_one_layer"),
+    "classification/simple_cnn_cifar10_rge.yaml": ("cifar10_small_batches", "simple_cnn_one_layer", "rge_q730"),
+    "defense/blackbox_digits.yaml": (),
+    "defense/cifar10_zo_ds_resnet20.yaml": ("cifar10_small_batches", "dncnn_narrow"),
+    "defense/fo_ds_digits.yaml": (),
+    "defense/zo_ds_digits.yaml": (),
+    "sol/fo_sol.yaml": SOL_CORRECTOR,
+    "sol/non.yaml": SOL_CORRECTOR,
+    "sol/src.yaml": ("sol_tiny_grid",),
+    "sol/zo_sol.yaml": SOL_CORRECTOR,
+    "sol/zo_sol_paper_gpu.yaml": SOL_CORRECTOR,
+}
+
+
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT / "configs").as_posix()
+
+
+def _tiny_configs(path: Path) -> list[str]:
+    """``--config`` arguments: the config, its shrinking overlays, then one fast_dev_run batch on the CPU."""
+    args = ["--config", str(path)]
+    for overlay in (*SHRINK[_name(path)], "fast_dev_run"):
+        args += ["--config", str(TINY / f"{overlay}.yaml")]
     return args
 
 
-def _stand_in_checkpoints(path: Path) -> None:
-    """Write the classifier checkpoints a defense config expects (step 1 of its recipe), with random weights."""
-    from dz_lightning.models import MLP, ResNetS
+def _load(path: Path) -> dict:
+    import yaml
 
-    text = path.read_text()
-    for line in text.splitlines():
-        if "checkpoint: checkpoints/" in line:
-            target = Path(line.split("checkpoint:")[1].strip())
-            model = ResNetS(3, 10) if "ResNetS" in text else MLP(64, (64,), 10)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, target)
+    return yaml.safe_load(path.read_text())
+
+
+def _instantiate(spec: dict) -> torch.nn.Module:
+    import importlib
+
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args") or {})
+
+
+def _stand_in_checkpoints(node: object) -> None:
+    """Write the classifier checkpoints a defense config expects (step 1 of its recipe), with random weights.
+
+    Every ``checkpoint: checkpoints/...`` (or ``X_checkpoint``) gets the network its sibling ``model`` (or
+    ``X_model``) describes.
+    """
+    if isinstance(node, list):
+        for item in node:
+            _stand_in_checkpoints(item)
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key.endswith("checkpoint") and isinstance(value, str) and value.startswith("checkpoints/"):
+            model = _instantiate(node[key.removesuffix("checkpoint") + "model"])
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, value)
+        else:
+            _stand_in_checkpoints(value)
 
 
 def test_every_config_is_covered():
     assert len(BASES) >= 10 and all(p.exists() for p in OVERLAYS.values())
+    assert set(SHRINK) == {_name(p) for p in BASES}, "list a new config's shrinking overlays in SHRINK"
+    used = {o for overlays in SHRINK.values() for o in overlays} | {"fast_dev_run"}
+    assert used == {p.stem for p in TINY.glob("*.yaml")}, "every committed overlay is used, and exists"
 
 
-@pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(ROOT / "configs")) for p in BASES])
+@pytest.mark.parametrize("path", BASES, ids=[_name(p) for p in BASES])
 def test_config_prints(path, capsys):
     with pytest.raises(SystemExit) as exc:
         build_cli(["fit", "--config", str(path), "--print_config"])
@@ -75,15 +118,15 @@ def test_config_prints(path, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(ROOT / "configs")) for p in BASES])
+@pytest.mark.parametrize("path", BASES, ids=[_name(p) for p in BASES])
 def test_config_fast_dev_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fake_vision(monkeypatch, (3, 32, 32))
-    _stand_in_checkpoints(path)
+    config = _load(path)
+    _stand_in_checkpoints(config["model"])
     torch.manual_seed(0)
-    command = "test" if "SourceOnly" in path.read_text() else "fit"  # nothing to train in SRC
-    cli = build_cli([command, "--config", str(path), "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
-                     "--trainer.enable_progress_bar", "false", *_tiny_overrides(path)])
+    command = "test" if config["model"]["class_path"].endswith(".SourceOnly") else "fit"  # nothing to train in SRC
+    cli = build_cli([command, *_tiny_configs(path)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == (1 if command == "fit" else 0)
 
@@ -109,7 +152,7 @@ def _checkpoint_callbacks(path: Path) -> list[dict]:
 PRODUCERS = {"blackbox_digits.yaml", "resnet20_cifar10_fo.yaml"}
 
 
-@pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(ROOT / "configs")) for p in BASES])
+@pytest.mark.parametrize("path", BASES, ids=[_name(p) for p in BASES])
 def test_config_keeps_the_end_of_training_in_its_own_run(path):
     callbacks = _checkpoint_callbacks(path)
     if "SourceOnly" in path.read_text():  # nothing to train

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 from conftest import DDP_ENV_VARS, ROOT, clean_ddp_environ
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -30,3 +34,13 @@ def test_run_ddp_runs_a_script_in_the_clean_environment(run_ddp, tmp_path, monke
     proc = run_ddp(script, 5)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["None", "5", str(tmp_path)]
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and Lightning: seconds, for a failure no one could miss
+def test_the_pytest_console_script_imports_the_package_not_the_tests_folder(tmp_path):
+    """`pytest` (unlike `python -m pytest`) does not put the repository root on sys.path; `tests/dz_lightning/`
+    must still not shadow the package."""
+    code = ("import sys, pytest; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            f"sys.exit(pytest.main(['-q', '--co', '-p', 'no:cacheprovider', {str(ROOT / 'tests' / 'callbacks')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

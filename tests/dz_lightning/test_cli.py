@@ -248,3 +248,23 @@ def test_prediction_writer_keeps_list_outputs_of_one_dataloader_intact(tiny_trai
     tiny_trainer(callbacks=[writer]).predict(ListPredictor(), data, return_predictions=False)
     saved = torch.load(tmp_path / "p.pt", weights_only=True)["predictions"]
     assert len(saved) == 1 and len(saved[0]) == 2 and all(len(batch) == 2 for batch in saved[0])
+
+
+def test_lightning_still_calls_the_private_hook_dzcli_overrides():
+    """DZCLI overrides one private LightningCLI method, ``_parse_ckpt_path`` (see its docstring).
+
+    If Lightning renames it or stops calling it between parsing and instantiation, the override would silently stop
+    working and a checkpoint's hyperparameters would again override the config: fail here, loudly.
+    """
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from dz_lightning.cli import DZCLI
+
+    assert callable(getattr(LightningCLI, "_parse_ckpt_path", None)), "LightningCLI._parse_ckpt_path is gone"
+    assert DZCLI._parse_ckpt_path is not LightningCLI._parse_ckpt_path
+    init = inspect.getsource(LightningCLI.__init__)
+    calls = [init.find(f"self.{name}(") for name in ("parse_arguments", "_parse_ckpt_path", "instantiate_classes")]
+    assert -1 not in calls and calls == sorted(calls), "LightningCLI.__init__ no longer calls _parse_ckpt_path " \
+        "between parse_arguments and instantiate_classes"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from dz_lightning.tasks.karman import KarmanSolver, generate_reference, initial_state
@@ -33,6 +35,36 @@ def test_black_box_step_has_no_autograd_and_the_differentiable_one_does():
     assert not KarmanSolver(RES)(u, re).requires_grad
     out = KarmanSolver(RES, differentiable=True)(u, re)
     assert out.requires_grad and out.abs().sum() > 0  # the inflow starts the flow from rest
+
+
+@pytest.mark.parametrize("differentiable", [False, True], ids=["black_box", "differentiable"])
+def test_solver_silences_only_phiflow_notices_and_keeps_user_warnings_visible(differentiable, monkeypatch):
+    from phi.torch.flow import fluid
+
+    re = torch.tensor([150.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning is recorded unless the solver's own filters silence it
+        solver = KarmanSolver(RES, differentiable=differentiable)
+        for _ in range(2):  # the first call traces the black box's step, the second reuses it
+            u = initial_state(1, RES).requires_grad_(differentiable)
+            out = solver(u, re)
+            if differentiable:
+                out.square().sum().backward()  # the adjoint solve's notices are silenced too
+        assert [str(w.message) for w in caught] == []
+        inner = fluid.make_incompressible
+
+        def make_incompressible_that_warns(*args, **kwargs):
+            warnings.warn("a warning from inside the step", RuntimeWarning, stacklevel=1)
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(fluid, "make_incompressible", make_incompressible_that_warns)
+        solver(initial_state(2, RES), re.expand(2))  # a first call for this shape: the black box traces its step
+        warnings.warn("the user's own warning", UserWarning, stacklevel=1)
+        warnings.warn("`torch.jit.trace` is deprecated (the user's own tracing)", FutureWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    inside = messages.count("a warning from inside the step")  # phiml's jit may run the step more than once to trace
+    assert inside >= 1 and messages[inside:] == [
+        "the user's own warning", "`torch.jit.trace` is deprecated (the user's own tracing)"]
 
 
 def test_bad_inputs_are_rejected():
