@@ -34,7 +34,8 @@ class _Tripwire(nn.Module):
 
 def test_zo_denoiser_trains_without_any_gradient_from_the_classifier(tmp_path, tiny_trainer):
     torch.manual_seed(0)
-    blackbox = BlackBoxClassifier(fn=_Tripwire())
+    tripwire = _Tripwire()
+    blackbox = BlackBoxClassifier(fn=tripwire)
     denoiser = DnCNN(1, 4, 3)
     before = {n: p.clone() for n, p in denoiser.named_parameters()}
     module = ZODenoisedSmoothing(denoiser, blackbox, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
@@ -44,7 +45,7 @@ def test_zo_denoiser_trains_without_any_gradient_from_the_classifier(tmp_path, t
     n_params = sum(p.numel() for p in denoiser.parameters())
     # targets: f(x) on 16 clean images, then one image batch per query (CGE + base), per step
     assert blackbox.queries == 2 * 16 * (1 + n_params + 1)
-    assert all(p.grad is None for p in blackbox._module.parameters())
+    assert all(p.grad is None for p in tripwire.parameters())
     tiny_trainer().test(module, DigitsDataModule(batch_size=16))
     rows = list(csv.DictReader(open(tmp_path / "certification" / "certify.csv")))
     assert len(rows) == 4 and set(rows[0]) == {"label", "prediction", "radius", "correct", "time"}
