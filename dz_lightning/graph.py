@@ -108,7 +108,7 @@ class UntraceableError(ValueError):
 def _where(exc: BaseException) -> str:
     """``file:line (function): source`` of the innermost frame outside torch, where tracing stopped."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename.replace("\\", "/") and not f.filename.endswith("graph.py")]
+              if "/torch/" not in f.filename.replace("\\", "/") and f.filename != __file__]
     if not frames:
         return ""
     f = frames[-1]

@@ -49,11 +49,19 @@ def is_mixing(op: nn.Module, x: Tensor) -> bool:
     return _plain_conv2d(op) and op.groups == 1 and x.dim() == 4
 
 
+def _tiling_transpose(op: nn.Module) -> bool:
+    """A ConvTranspose2d whose windows tile the output: stride = kernel, no padding, groups 1 (U-Net up-sampling)."""
+    return (isinstance(op, nn.ConvTranspose2d) and op.groups == 1 and pair(op.stride) == pair(op.kernel_size)
+            and pair(op.padding) == (0, 0) and pair(op.output_padding) == (0, 0) and pair(op.dilation) == (1, 1)
+            and op.padding_mode == "zeros")
+
+
 def column_change(op: nn.Module, x: Tensor) -> bool:
-    """A weight/bias coordinate changes one output channel by one input column: Conv2d (any groups) or Linear."""
+    """A weight/bias coordinate changes one output channel by one input column: Conv2d (any groups), Linear, a
+    tiling ConvTranspose2d."""
     if isinstance(op, nn.Linear):
         return x.dim() == 2
-    return _plain_conv2d(op) and x.dim() == 4
+    return (_plain_conv2d(op) or _tiling_transpose(op)) and x.dim() == 4
 
 
 def is_tiling_max_pool(op: nn.Module) -> bool:
@@ -121,6 +129,16 @@ def column(op: nn.Module, x: Tensor, local: str, index: Tensor, out_shape: torch
     if isinstance(op, nn.Linear):
         fan_in = op.in_features
         return index // fan_in, x[:, index % fan_in].transpose(0, 1)
+    if isinstance(op, nn.ConvTranspose2d):  # weight (c, o, a, b): input channel c placed at offsets (a, b) of o
+        kh, kw = op.kernel_size
+        c, o = index // (op.out_channels * kh * kw), index // (kh * kw) % op.out_channels
+        a, bw = index % (kh * kw) // kw, index % kw
+        h, w = x.shape[2:]
+        col = x.new_zeros((k, out_shape[2], out_shape[3], b))
+        rows = (a.unsqueeze(1) + kh * torch.arange(h, device=index.device))[:, :, None]  # (k, h, 1)
+        cols = (bw.unsqueeze(1) + kw * torch.arange(w, device=index.device))[:, None, :]  # (k, 1, w)
+        col[torch.arange(k, device=index.device)[:, None, None], rows, cols] = x[:, c].permute(1, 2, 3, 0)
+        return o, col.permute(0, 3, 1, 2)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = op.kernel_size, op.stride, op.padding, op.dilation
     # the column of weight (o, c, a, b) is a strided window of padded input channel c of o's group
     padded = cache(("padded", key), lambda: F.pad(x, (pw, pw, ph, ph)))

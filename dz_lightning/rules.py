@@ -48,6 +48,11 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmu
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _RELU = {F.relu, torch.relu, "relu", "relu_"}
+# elementwise functions of one tensor (their other arguments constants): a change stays where it is
+_ELEMENTWISE_FUNCTIONS = _RELU | {
+    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.leaky_relu,
+    F.elu, F.softplus, F.mish, "sigmoid", "tanh", "sigmoid_", "tanh_", "exp", "abs", torch.exp, torch.abs,
+}
 # functions of one tensor that are linear in it (the other arguments are sizes or constants)
 _LINEAR_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem,
@@ -104,7 +109,14 @@ def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) 
         if node.linear is None and ops.is_per_example(op):
             return flat_rule, "full"
         return generic_rule, "full"
-    if node.kind not in ("function", "method") or node.inplace and key not in _ADD | _SUB | _MUL | _DIV:
+    if node.kind not in ("function", "method"):
+        return generic_rule, "full"
+    if key in _ELEMENTWISE_FUNCTIONS and len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index \
+            in changed and out.shape == values[refs[0]].shape:  # never fed a cached tensor: in-place is fine
+        if changed[refs[0]] == "chan":
+            return elementwise_channel_rule, "chan"
+        return (relu_rule if key in _RELU and not node.kwargs else elementwise_rule), "full"
+    if node.inplace and key not in _ADD | _SUB | _MUL | _DIV:
         return generic_rule, "full"
     shapes_match = all(values[j].shape == out.shape for j in changed)
     if key in _ADD | _SUB and len(node.args) == 2 and not node.kwargs and len(refs) >= 1:
@@ -129,8 +141,6 @@ def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) 
             return cat_rule, "full"
         return generic_rule, "full"
     if len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index in changed:
-        if key in _RELU and not node.kwargs:
-            return relu_rule, "full"
         if key in _LINEAR_FUNCTIONS or ops.is_linear_pad(node):
             return vmap_linear_rule, "full"
     return generic_rule, "full"
@@ -192,6 +202,30 @@ def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     x = node.args[0].index
     h, channel = states[x]
     return ops.channel_difference(ctx, node.target, ctx.node_params(i), x, i, h, channel), channel
+
+
+def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """An elementwise function on a one-channel change: ``f(x_c + d) - f(x)_c`` in that channel (ReLU from the
+    change itself)."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    h, channel = states[j]
+    if _key(node) in _RELU and not node.kwargs:
+        neg_part, neg_out = ctx.relu_base(j)
+        return relu_difference(ctx.channels_of(("neg", j), neg_part, channel),
+                               ctx.channels_of(("negout", j), neg_out, channel), h), channel
+    z = ctx.channels(j, channel) + h
+    args, kwargs = call_with(node, lambda r: z)
+    return ctx.call(i, args, kwargs) - ctx.channels(i, channel), channel
+
+
+def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """An elementwise function on whole differences: ``f(x + d) - f(x)``, all queries at once."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    h = ctx.values[j] + full(ctx, j, states[j])
+    args, kwargs = call_with(node, lambda r: h)
+    return ctx.call(i, args, kwargs) - ctx.values[i], None
 
 
 def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
