@@ -165,6 +165,31 @@ class GraphEngine:
                 out.append(self._chunk_losses(plan, index[start : start + chunk], delta))
         return torch.cat(out) if out else self._base.new_zeros(0)
 
+    def self_check(self) -> None:
+        """Run, on a zero step, every plan that holds a node recomputed by a rule that calls the user's code
+        (``vmap`` over an unknown op, an elementwise or linear function) not met in a plan checked before: each must
+        run and give the base loss.
+
+        Raises:
+            UnsupportedGraphError: naming the parameter, and the error or the loss difference, when one does not.
+        """
+        seen: set[tuple[int, str]] = set()
+        for name, plan in self._plans.items():
+            calls = {(i, rule.__name__) for i, rule, _ in plan.steps if rule.__name__ in rules.USER_CODE_RULES}
+            if calls <= seen:
+                continue
+            seen |= calls
+            try:
+                loss = self.coordinate_losses(name, torch.zeros(1, dtype=torch.long), 0.0)[0]
+            except Exception as exc:  # noqa: BLE001 - any failure of a rule means: this graph is not for the engine
+                steps = ", ".join(f"{n} ({r})" for n, r in self.rules(name))
+                raise UnsupportedGraphError(f"a query of {name!r} failed through nodes [{steps}]: "
+                                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                                            ) from exc
+            if not torch.allclose(loss, self._base, rtol=1e-5, atol=1e-7):
+                raise UnsupportedGraphError(f"a zero step of {name!r} changed the loss from {float(self._base):.8g} "
+                                            f"to {float(loss):.8g} through nodes {self.rules(name)}")
+
     def rules(self, name: str) -> list[tuple[str, str]]:
         """``(node name, rule name)`` of every node that a perturbation of ``name`` recomputes, in order."""
         return [(self.ops[i].name, rule.__name__) for i, rule, _ in self._plans[name].steps]

@@ -90,7 +90,8 @@ class Graph:
 
     nodes: list[Node]
     output: int
-    checks: list = dataclasses.field(default_factory=list)
+    checks: list = dataclasses.field(default_factory=list)  # protocol blocks to check against their forwards
+    checked: bool = False  # the engine's self-check passed on this graph
 
     def users(self) -> list[list[int]]:
         """For each node, the nodes that read it."""

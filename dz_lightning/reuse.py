@@ -28,7 +28,8 @@ from dz_lightning.engine import GraphEngine, UnsupportedGraphError
 from dz_lightning.graph import Graph, UntraceableError, trace
 from dz_lightning.protocol import flatten_ops, from_stages, get_stages, residual_parts
 
-__all__ = ["GraphEngine", "StagedForward", "build_staged", "flatten_ops", "get_stages", "residual_parts",
+__all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_staged", "flatten_ops",
+           "get_stages", "residual_parts",
            "traced_graph"]
 
 
@@ -57,18 +58,17 @@ class StagedForward(GraphEngine):
                          memory_budget=memory_budget, delta_dtype=delta_dtype)
 
 
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[bool, ...], Graph | UntraceableError]] = (
-    weakref.WeakKeyDictionary())
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Graph | UntraceableError]] = weakref.WeakKeyDictionary()
 
 
 def traced_graph(model: nn.Module) -> Graph:
-    """``model``'s traced graph, traced once per model and train/eval setting (a forward may read
-    ``self.training``).
+    """``model``'s traced graph, traced once per model, module structure and train/eval setting (a forward may
+    read ``self.training``).
 
     Raises:
         UntraceableError: naming the construct that stopped the tracer.
     """
-    key = tuple(m.training for m in model.modules())
+    key = tuple((name, id(m), m.training) for name, m in model.named_modules())  # a swapped module: traced anew
     cached = _GRAPHS.get(model)
     if cached is None or cached[0] != key:
         try:
@@ -100,10 +100,13 @@ def build_staged(
     """
     kwargs = {"max_batch": max_batch, "memory_budget": memory_budget, "delta_dtype": delta_dtype}
     try:
-        return GraphEngine(traced_graph(model), model, loss_fn, inputs, targets, params, **kwargs)
-    except UnsupportedGraphError as exc:
-        reason = str(exc)
-    except UntraceableError as exc:
+        graph = traced_graph(model)
+        engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **kwargs)
+        if not graph.checked:  # once per traced graph: every parameter's plan runs, and a zero step changes nothing
+            engine.self_check()
+            graph.checked = True
+        return engine
+    except UntraceableError as exc:  # UnsupportedGraphError included
         reason = str(exc)
     if get_stages(model) is not None:
         _warn_once(model, f"{reason}. Feature reuse uses its hand-written `stages()` protocol instead.")

@@ -37,7 +37,11 @@ from dz_lightning import ops
 from dz_lightning.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.graph import Node, Ref
 
-__all__ = ["Change", "select", "select_start"]
+__all__ = ["USER_CODE_RULES", "Change", "select", "select_start"]
+
+# rules that call a node's own code (any op, under vmap or on a flat batch) rather than the engine's kernels
+USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_rule", "elementwise_channel_rule",
+                             "flat_rule", "linear_rule"})
 
 Change = tuple[Tensor, Tensor | None]
 Rule = Callable[..., Change]

@@ -62,6 +62,23 @@ class _Functional(nn.Module):
         return self.fc(self.drop(h.reshape(h.shape[0], -1)))
 
 
+def _through_the_host(x: Tensor) -> Tensor:
+    """A traced leaf that vmap cannot batch (``tolist``)."""
+    return torch.tensor(x.tolist(), dtype=x.dtype)
+
+
+torch.fx.wrap("_through_the_host")
+
+
+class _HostRoundTrip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 2, 3), nn.Linear(2 * 6 * 6, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(_through_the_host(self.conv(x)).flatten(1))
+
+
 def _eval_dropout(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -201,6 +218,13 @@ def test_untraceable_model_with_stages_uses_them_and_says_why():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_staged(model, F.cross_entropy, x, y)  # warned once per model type
+
+
+def test_a_graph_the_engine_cannot_run_falls_back_naming_the_node():
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    with pytest.warns(UserWarning, match=r"(?s)a query of 'conv.weight' failed through nodes.*_through_the_host "
+                                         r"\(generic_rule\).*no stages either"):
+        assert build_staged(_HostRoundTrip(), F.cross_entropy, x, y) is None
 
 
 def test_trace_names_what_stopped_it():

@@ -69,7 +69,7 @@ class _CustomResidual(nn.Module):
 
 
 class _FirstLayerOnlyBlock(BasicBlock):
-    """A ResNet block that exposes only ``first_layer`` / ``forward_after_first`` (the simpler protocol)."""
+    """A ResNet block without the residual protocol: one opaque stage, run per query under vmap."""
 
     residual_branch = None
 
@@ -205,12 +205,17 @@ def test_benchmark_smoke():
     from benchmarks.cge_throughput import main
 
     result = main(["--models", "simple_cnn", "--batch", "2", "--coords", "6", "--per-param", "2",
-                   "--rel-err-coords", "8", "--conv-reps", "1"])
+                   "--rel-err-coords", "8", "--conv-reps", "1", "--graph-models", "simple_cnn",
+                   "--graph-per-param", "2",
+                   "--full-per-param", "1"])
     assert result["simple_cnn"]["max_abs_diff"] < 1e-4
     assert result["simple_cnn"]["step_queries_90pct"] > 0
     assert result["simple_cnn"]["ops_growth"] <= 1.5 and result["simple_cnn"]["syncs_per_chunk"] == 0
     assert result["simple_cnn"]["rel_err"]["eval"]["float32"] <= 1e-3
     assert set(result["simple_cnn"]["step_seconds_90pct_by_delta_dtype"]) == {"float32", "bfloat16"}
+    graph = result["graph_models"]["simple_cnn"]
+    assert set(graph["step_queries_per_s"]) == {"graph", "full_forward", "stages"}
+    assert graph["max_abs_diff"] < 1e-4
 
 
 def test_benchmark_cuda_flag_fails_clearly_without_cuda(monkeypatch, capsys):
