@@ -39,9 +39,8 @@ class UnsupportedGraphError(UntraceableError):
 
 @dataclasses.dataclass(frozen=True)
 class _Query:
-    """One chunk: entries ``index`` of the parameter move by ``delta``; ``starts``: node -> local name."""
+    """One chunk: entries ``index`` of the parameter move by ``delta``; ``starts``: node -> its local name there."""
 
-    local: str
     index: Tensor
     delta: float
     starts: Mapping[int, str]
@@ -331,7 +330,7 @@ class GraphEngine:
                                       cpu_cache_bytes=4 * _CPU_CACHE_BYTES)
 
     def _chunk_losses(self, plan: _Plan, index: Tensor, delta: float) -> Tensor:
-        q = _Query(next(iter(plan.starts.values()), ""), index, delta, plan.starts)
+        q = _Query(index, delta, plan.starts)
         states: dict[int, rules.Change] = {}
         for i, rule, frees in plan.steps:
             states[i] = rule(self, i, states, q)

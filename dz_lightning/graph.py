@@ -17,7 +17,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -221,7 +220,3 @@ def _attr(model: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
