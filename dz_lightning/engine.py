@@ -262,7 +262,9 @@ class GraphEngine:
             args, kwargs = rules.call_with(self.ops[i], lambda r: own.get(r.index, self.values[r.index]))
             return self.call(i, args, kwargs, {local: vs[-1]} if local is not None else None)
 
-        return vmap(one, randomness="same")(*batched)
+        value = self.values[i]  # a tuple may hold None (e.g. attention weights not asked for): not batched
+        out_dims = tuple(0 if isinstance(v, Tensor) else None for v in value) if _is_tensors(value) else 0
+        return vmap(one, out_dims=out_dims, randomness="same")(*batched)
 
     # ------------------------------------------------------------------------------------------ internals
     def _forward(self) -> list[Any]:
@@ -298,12 +300,16 @@ class GraphEngine:
             if local is None and not changed:
                 continue
             value = self.values[i]
-            if not isinstance(value, Tensor):
-                if _is_size(value):  # shapes do not depend on parameter values
-                    continue
+            if _is_size(value):  # shapes do not depend on parameter values
+                continue
+            if _is_tensors(value):
+                if local is not None:
+                    starts[i] = local
+                rule, kind = rules.generic_rule, "parts"  # a tuple of tensors (chunk, split, attention)
+            elif not isinstance(value, Tensor):
                 raise UnsupportedGraphError(f"node {node.name!r} returns a {type(value).__name__} that depends on "
                                             f"parameter {name!r}; the engine carries changes of tensors only.")
-            if local is not None:
+            elif local is not None:
                 starts[i] = local
                 rule, kind = rules.select_start(node, local, changed, self.values)
             else:
@@ -316,7 +322,8 @@ class GraphEngine:
                 if j in kinds:
                     last[j] = pos
         frees = [[j for j, p in last.items() if p == pos and j != self.graph.output] for pos in range(len(steps))]
-        sizes = [self._bytes(self.values[i]) // (self.values[i].shape[1] if kinds[i] == "chan" else 1)
+        sizes = [sum(self._bytes(v) for v in self.values[i] if v is not None) if kinds[i] == "parts" else
+                 self._bytes(self.values[i]) // (self.values[i].shape[1] if kinds[i] == "chan" else 1)
                  for i, _ in steps]
         return _Plan([(i, rule, frees[pos]) for pos, (i, rule) in enumerate(steps)], starts, max(sizes, default=1))
 
@@ -356,6 +363,12 @@ class GraphEngine:
         targets = self.targets.expand(k, *self.targets.shape).reshape(k * b, *self.targets.shape[1:])
         values = per_example(outputs.reshape(k * b, *outputs.shape[2:]), targets)
         return values.reshape(k, -1).mean(1)
+
+
+def _is_tensors(value: Any) -> bool:
+    """A tuple of tensors (``None`` allowed, as ``nn.MultiheadAttention``'s weights when not asked for)."""
+    return (isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value)
+            and all(isinstance(v, Tensor) or v is None for v in value))
 
 
 def _is_size(value: Any) -> bool:

@@ -107,7 +107,7 @@ def build_staged(
             graph.checked = True
         return engine
     except UntraceableError as exc:  # UnsupportedGraphError included
-        reason = str(exc)
+        reason = str(exc).rstrip(".")
     if get_stages(model) is not None:
         _warn_once(model, f"{reason}. Feature reuse uses its hand-written `stages()` protocol instead.")
         return StagedForward(model, loss_fn, inputs, targets, params, **kwargs)

@@ -93,6 +93,10 @@ def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) 
     """Rule and state kind of a node whose inputs ``changed`` (input index -> kind) carry changes."""
     refs = _tensor_refs(node, values)
     key = _key(node)
+    if "parts" in changed.values():  # an element of a changed tuple, or a node reading a whole tuple
+        if key is operator.getitem and isinstance(node.args[1], int) and len(changed) == 1:
+            return item_rule, "full"
+        return generic_rule, "full"
     if node.identity:
         return pass_rule, changed[refs[0]]
     if node.kind == "module":
@@ -355,14 +359,29 @@ def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Any node: ``f(changed inputs, cached others) - f(cached)`` per query under ``vmap`` (with the perturbed
     parameter stacked per query when the perturbation starts here)."""
     node = ctx.graph.nodes[i]
-    values = {j: ctx.values[j] + full(ctx, j, states[j]) for j in dict.fromkeys(node.refs()) if j in states}
+    values = {j: _changed_value(ctx, j, states[j]) for j in dict.fromkeys(node.refs()) if j in states}
     if node.inplace:  # an in-place op writes into a per-query copy of every tensor input, never the cache
         k = q.index.numel()
         for j in dict.fromkeys(node.refs()):
             if j not in values and isinstance(ctx.values[j], Tensor):
                 values[j] = ctx.values[j].unsqueeze(0).repeat(k, *([1] * ctx.values[j].dim()))
-    local = q.start_local(i)
-    return ctx.run_batched(i, values, local=local, q=q, diff=False) - ctx.values[i], None
+    out = ctx.run_batched(i, values, local=q.start_local(i), q=q, diff=False)
+    if isinstance(ctx.values[i], (tuple, list)):  # a tuple of tensors: the differences of its elements
+        return tuple(None if v is None else o - v for o, v in zip(out, ctx.values[i], strict=True)), None
+    return out - ctx.values[i], None
+
+
+def item_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """Element ``n`` of a changed tuple: its difference."""
+    node = ctx.graph.nodes[i]
+    return states[node.args[0].index][0][node.args[1]], None
+
+
+def _changed_value(ctx: Any, j: int, state: Change) -> Any:
+    """Each query's value of node ``j`` ``(k, ...)``: the cache plus the change (element by element for a tuple)."""
+    if isinstance(ctx.values[j], (tuple, list)):
+        return tuple(None if v is None else v + d for v, d in zip(ctx.values[j], state[0], strict=True))
+    return ctx.values[j] + full(ctx, j, state)
 
 
 def call_with(node: Node, leaves_of: Callable[[Any], Any]) -> tuple[tuple, dict]:

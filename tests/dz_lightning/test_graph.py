@@ -32,6 +32,26 @@ class _TokenMixer(nn.Module):
         return self.head(tokens.mean(1))
 
 
+class _Attention(nn.Module):
+    """Self-attention twice: written out (``chunk``, matmuls, softmax) and as ``nn.MultiheadAttention`` (a module
+    returning a tuple)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        t = t + torch.softmax(q @ k.transpose(1, 2) / 8**0.5, dim=-1) @ v
+        t = t + self.mha(t, t, t, need_weights=False)[0]
+        return self.head(self.norm(t).mean(1))
+
+
 class _Functional(nn.Module):
     """Functional calls, a parameter read directly, in-place ops, depthwise/1d convolutions, GroupNorm,
     BatchNorm1d, Hardswish/Hardsigmoid, concatenation, reshapes and products with constants."""
@@ -94,6 +114,7 @@ MODELS = {
     "tv_mobilenet_v3_small": (tv_mobilenet_v3_small, (3, 32, 32), F.cross_entropy),
     "unet_small": (lambda: unet_small(width=4), (3, 8, 8), F.mse_loss),
     "layernorm_gelu": (_TokenMixer, (3, 16, 16), F.cross_entropy),
+    "attention": (_Attention, (3, 16, 16), F.cross_entropy),
     "functional": (_Functional, (3, 8, 8), F.cross_entropy),
 }
 _HEAVY = {"tv_resnet18", "tv_mobilenet_v3_small"}
@@ -142,6 +163,7 @@ def _check_equal(model_name: str, max_batch: int | None, train: bool, tensors: i
     assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for CPU flash attention
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("max_batch", [1, 3, None])
 @pytest.mark.parametrize("model_name", [m for m in MODELS if m not in _HEAVY])
