@@ -58,7 +58,8 @@ class StagedForward(GraphEngine):
                          memory_budget=memory_budget, delta_dtype=delta_dtype)
 
 
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Graph | UntraceableError]] = weakref.WeakKeyDictionary()
+# model -> {structure key: its graph, or why it could not be traced}
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Graph | str]] = weakref.WeakKeyDictionary()
 
 
 def traced_graph(model: nn.Module) -> Graph:
@@ -69,16 +70,17 @@ def traced_graph(model: nn.Module) -> Graph:
         UntraceableError: naming the construct that stopped the tracer.
     """
     key = tuple((name, id(m), m.training) for name, m in model.named_modules())  # a swapped module: traced anew
-    cached = _GRAPHS.get(model)
-    if cached is None or cached[0] != key:
+    graphs = _GRAPHS.setdefault(model, {})
+    if key not in graphs:
+        if len(graphs) >= 4:  # modules swapped again and again: keep the latest few
+            graphs.pop(next(iter(graphs)))
         try:
-            graph: Graph | UntraceableError = trace(model)
-        except UntraceableError as exc:
-            graph = exc
-        _GRAPHS[model] = cached = (key, graph)
-    if isinstance(cached[1], UntraceableError):
-        raise cached[1]
-    return cached[1]
+            graphs[key] = trace(model)
+        except UntraceableError as exc:  # the message only: a traceback's frames would hold the model
+            graphs[key] = str(exc)
+    if isinstance(graphs[key], str):
+        raise UntraceableError(graphs[key])
+    return graphs[key]
 
 
 def build_staged(

@@ -273,3 +273,20 @@ def test_oracle_cge_on_a_plain_model_uses_the_graph():
     assert fast.queries == slow.queries
     for n in params:
         torch.testing.assert_close(fast.grads[n], slow.grads[n], rtol=1e-3, atol=1e-3)
+
+
+def test_cached_graphs_do_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    for make in (_Branchy, lambda: simple_cnn(1)):
+        model = make()
+        ref = weakref.ref(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = build_staged(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+            model.eval()
+            build_staged(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))  # traced again
+        del model, engine
+        gc.collect()
+        assert ref() is None
