@@ -13,13 +13,15 @@ batched only while one chunk's activation stays small: larger flat batches run s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dz_lightning import query, rules
 from dz_lightning.differences import per_example_loss
@@ -267,7 +269,8 @@ class GraphEngine:
 
         value = self.values[i]  # a tuple may hold None (e.g. attention weights not asked for): not batched
         out_dims = tuple(0 if isinstance(v, Tensor) else None for v in value) if _is_tensors(value) else 0
-        return vmap(one, out_dims=out_dims, randomness="same")(*batched)
+        with _batchable_attention():
+            return vmap(one, out_dims=out_dims, randomness="same")(*batched)
 
     # ------------------------------------------------------------------------------------------ internals
     def _forward(self) -> list[Any]:
@@ -308,7 +311,7 @@ class GraphEngine:
             if _is_tensors(value):
                 if local is not None:
                     starts[i] = local
-                rule, kind = rules.generic_rule, "parts"  # a tuple of tensors (chunk, split, attention)
+                rule, kind = rules.select_tuple(node, local), "parts"  # a tuple of tensors (chunk, split, attention)
             elif not isinstance(value, Tensor):
                 raise UnsupportedGraphError(f"node {node.name!r} returns a {type(value).__name__} that depends on "
                                             f"parameter {name!r}; the engine carries changes of tensors only.")
@@ -369,6 +372,19 @@ class GraphEngine:
         targets = self.targets.expand(k, *self.targets.shape).reshape(k * b, *self.targets.shape[1:])
         values = per_example(outputs.reshape(k * b, *outputs.shape[2:]), targets)
         return values.reshape(k, -1).mean(1)
+
+
+@contextlib.contextmanager
+def _batchable_attention() -> Iterator[None]:
+    """Attention kernels that ``vmap`` can batch: the math kernel of scaled dot-product attention and no
+    ``nn.MultiheadAttention`` fast path (fused kernels without batching rules run once per query)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _is_tensors(value: Any) -> bool:

@@ -37,11 +37,11 @@ from dz_lightning import ops
 from dz_lightning.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.graph import Node, Ref
 
-__all__ = ["USER_CODE_RULES", "Change", "select", "select_start"]
+__all__ = ["USER_CODE_RULES", "Change", "select", "select_start", "select_tuple"]
 
 # rules that call a node's own code (any op, under vmap or on a flat batch) rather than the engine's kernels
 USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_rule", "elementwise_channel_rule",
-                             "flat_rule", "linear_rule"})
+                             "flat_rule", "linear_rule", "flat_module_rule"})
 
 Change = tuple[Tensor, Tensor | None]
 Rule = Callable[..., Change]
@@ -87,6 +87,16 @@ def select_start(node: Node, local: str, changed: dict[int, str], values: list[A
         if isinstance(op, ops.NORMS) and x.dim() >= 2:
             return norm_affine_start, "chan"
     return generic_rule, "full"
+
+
+def select_tuple(node: Node, local: str | None) -> Rule:
+    """Rule of a node returning a tuple of tensors: batch-first attention (no masks) on a flat ``k * B`` batch
+    (vmap has no batching rule for CPU flash attention), anything else per query under ``vmap``."""
+    op = node.target
+    if (local is None and node.kind == "module" and isinstance(op, nn.MultiheadAttention) and op.batch_first
+            and len(node.args) == 3 and set(node.kwargs) <= {"need_weights"}):
+        return flat_module_rule
+    return generic_rule
 
 
 def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) -> tuple[Rule, str]:
@@ -369,6 +379,24 @@ def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     if isinstance(ctx.values[i], (tuple, list)):  # a tuple of tensors: the differences of its elements
         return tuple(None if v is None else o - v for o, v in zip(out, ctx.values[i], strict=True)), None
     return out - ctx.values[i], None
+
+
+def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A module without batch statistics whose tensor arguments all lead with the batch: one call on flat ``k * B``
+    batches (cached arguments repeated per query)."""
+    node = ctx.graph.nodes[i]
+    k = q.index.numel()
+
+    def flat(j: int) -> Any:
+        value = ctx.values[j]
+        if not isinstance(value, Tensor):
+            return value
+        v = _changed_value(ctx, j, states[j]) if j in states else value.unsqueeze(0).expand(k, *value.shape)
+        return v.reshape(-1, *v.shape[2:])
+
+    args, kwargs = call_with(node, lambda r: flat(r.index))
+    out, y = ctx.call(i, args, kwargs), ctx.values[i]
+    return tuple(None if v is None else o.reshape(k, *v.shape) - v for o, v in zip(out, y, strict=True)), None
 
 
 def item_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:

@@ -163,7 +163,6 @@ def _check_equal(model_name: str, max_batch: int | None, train: bool, tensors: i
     assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for CPU flash attention
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("max_batch", [1, 3, None])
 @pytest.mark.parametrize("model_name", [m for m in MODELS if m not in _HEAVY])
@@ -290,3 +289,26 @@ def test_cached_graphs_do_not_keep_a_model_alive():
         del model, engine
         gc.collect()
         assert ref() is None
+
+
+@pytest.mark.parametrize("model_name", ["functional", "attention", "unet_small"])
+def test_traced_chunks_do_not_grow_with_queries_and_never_sync(model_name):
+    from benchmarks.cge_throughput import DispatchCounter
+
+    make, shape, loss_fn = MODELS[model_name]
+    torch.manual_seed(0)
+    model = _eval_dropout(make().train())
+    x, y = _data(shape, loss_fn, batch=2)
+    params = dict(model.named_parameters())
+    counts = {}
+    for k in (1, 64):
+        engine = build_staged(model, loss_fn, x, y, max_batch=k)
+        counts[k] = syncs = 0
+        for name, p in params.items():
+            index = torch.arange(k) % p.numel()
+            engine.coordinate_losses(name, index, 1e-2)  # the first call fills the per-node caches
+            with DispatchCounter() as counter:
+                engine.coordinate_losses(name, index, 1e-2)
+            counts[k], syncs = counts[k] + counter.ops, syncs + counter.syncs
+        assert syncs == 0
+    assert counts[64] <= 1.5 * counts[1], counts
