@@ -328,9 +328,10 @@ class GraphEngine:
                 if j in kinds:
                     last[j] = pos
         frees = [[j for j, p in last.items() if p == pos and j != self.graph.output] for pos in range(len(steps))]
+        # a chunk's footprint: the largest value it changes, counted whole even where only one channel changes
+        # (what the reductions and the loss of a chunk touch); larger CPU chunks ran slower
         sizes = [sum(self._bytes(v) for v in self.values[i] if v is not None) if kinds[i] == "parts" else
-                 self._bytes(self.values[i]) // (self.values[i].shape[1] if kinds[i] == "chan" else 1)
-                 for i, _ in steps]
+                 self._bytes(self.values[i]) for i, _ in steps]
         return _Plan([(i, rule, frees[pos]) for pos, (i, rule) in enumerate(steps)], starts, max(sizes, default=1))
 
     @staticmethod
