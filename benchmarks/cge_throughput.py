@@ -24,7 +24,15 @@ loop) of forward differences over random coordinates, train and eval mode, per `
 The last line printed is one JSON object; ``--out`` (default on CUDA: ``cge_throughput_cuda.json`` in
 ``benchmarks/results``) also writes it.
 
+``graph_models`` covers models with and without a hand-written protocol (resnet20, simple_cnn, tv_resnet18,
+tv_mobilenet_v3_small, unet_small): per model, ``step_queries_per_s`` of one CGE step at 90% sparsity (the same
+projection, the engine's construction included) on the traced-graph engine (``graph``), on the batched full
+forward without feature reuse (``full_forward``: ``ModuleOracle(feature_reuse=False)``, one query at a time where
+its ``vmap`` fails) and on the ``stages()`` protocol (``stages``, where the model has one), and ``max_abs_diff``
+of their losses. Dropout modules run in eval mode (a train-mode dropout makes every query random).
+
 Usage: ``python -m benchmarks.cge_throughput --models resnet20 simple_cnn --batch 64 --coords 128``;
+``--model tv_resnet18`` runs only that model's ``graph_models`` entry;
 on a GPU: ``python -m benchmarks.cge_throughput --device cuda`` (batch 256).
 """
 
@@ -43,13 +51,22 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dz_lightning.models import resnet20, simple_cnn
+import dz_lightning as dz
+from dz_lightning.models import resnet20, simple_cnn, tv_mobilenet_v3_small, tv_resnet18, unet_small
 from dz_lightning.query import fp32_precision, frozen_batchnorm_stats
-from dz_lightning.reuse import StagedForward, flatten_ops, get_stages
+from dz_lightning.reuse import GraphEngine, StagedForward, build_staged, flatten_ops, get_stages
 
 _T = TypeVar("_T")
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20, "simple_cnn": lambda: simple_cnn(depth=3)}
+# name -> (model, loss); unet_small is a denoiser (MSE to an image), the others classify 32x32 images
+GRAPH_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[Tensor, Tensor], Tensor]]] = {
+    "resnet20": (resnet20, F.cross_entropy),
+    "simple_cnn": (lambda: simple_cnn(depth=3), F.cross_entropy),
+    "tv_resnet18": (tv_resnet18, F.cross_entropy),
+    "tv_mobilenet_v3_small": (tv_mobilenet_v3_small, F.cross_entropy),
+    "unet_small": (unet_small, F.mse_loss),
+}
 
 
 _SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose"}
@@ -323,9 +340,79 @@ def run_model(name: str, batch: int, n_coords: int, device: torch.device, delta:
     return result
 
 
+def _full_forward_losses(oracle: dz.ModuleOracle, params: dict[str, Tensor], name: str, idx: Tensor,
+                         delta: float) -> tuple[Tensor, bool]:
+    """Losses by full forwards: the oracle's batched (``vmap``) path, else one query at a time (``False``)."""
+    try:
+        return oracle.coordinate_losses(params, name, idx, delta), True
+    except RuntimeError:  # e.g. torchvision's in-place `out += identity` under vmap
+        return torch.stack([oracle.loss({**params, name: _perturbed(params[name], int(i), delta)})
+                            for i in idx.tolist()]), False
+
+
+def run_graph_model(name: str, batch: int, device: torch.device, delta: float, max_batch: int | None,
+                    per_param: int, full_per_param: int, seed: int) -> dict:
+    """``graph_models.<name>``: step queries/s (90% sparsity) of the graph engine, the batched full forward and
+    the ``stages()`` path (where one exists), and the largest difference between their losses."""
+    make, loss_fn = GRAPH_MODELS[name]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = make().to(device).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    y = (torch.randn(batch, 3, 32, 32, generator=gen) if loss_fn is F.mse_loss
+         else torch.randint(0, 10, (batch,), generator=gen)).to(device)
+    params = dict(model.named_parameters())
+    kwargs = {"max_batch": max_batch}
+    makers: dict[str, Callable[[], object]] = {"graph": lambda: build_staged(model, loss_fn, x, y, params, **kwargs)}
+    if get_stages(model) is not None:
+        makers["stages"] = lambda: StagedForward(model, loss_fn, x, y, params, **kwargs)
+    makers["graph"]()  # warm-up (and the trace, cached per model)
+    engines, seconds = {}, {}
+    for key, make_engine in makers.items():
+        engines[key], seconds[key] = _timed(make_engine, device)
+    if not isinstance(engines["graph"], GraphEngine) or isinstance(engines["graph"], StagedForward):
+        raise RuntimeError(f"{name}: build_staged did not give a traced-graph engine")
+    oracle = dz.ModuleOracle(model, loss_fn, x, y, feature_reuse=False, max_batch=max_batch)
+    _, seconds["full_forward"] = _timed(lambda: oracle.loss(params), device)
+    max_diff, queries, batched = 0.0, 0, True
+    for pname, n in _sparse_counts(model, 0.1).items():
+        numel = params[pname].numel()
+        idx = torch.randperm(numel, generator=gen)[: min(n, per_param)].to(device)
+        out = {}
+        for key, engine in engines.items():
+            out[key], sec = _timed(
+                lambda engine=engine, idx=idx, pname=pname: engine.coordinate_losses(pname, idx, delta), device)
+            seconds[key] += sec * n / idx.numel()
+        few = idx[:full_per_param]
+        (full, ok), sec = _timed(
+            lambda few=few, pname=pname: _full_forward_losses(oracle, params, pname, few, delta), device)
+        seconds["full_forward"] += sec * n / few.numel()
+        batched = batched and ok
+        for key in engines:
+            max_diff = max(max_diff, float((out[key][: few.numel()].double() - full.double()).abs().max()))
+        queries += n
+    return {"params": sum(p.numel() for p in params.values()), "step_queries": queries + 1,
+            "step_queries_per_s": {key: (queries + 1) / sec for key, sec in seconds.items()},
+            "step_seconds": seconds, "graph_speedup_vs_full_forward": seconds["full_forward"] / seconds["graph"],
+            "graph_vs_stages": seconds["stages"] / seconds["graph"] if "stages" in seconds else None,
+            "full_forward_batched": batched, "max_abs_diff": max_diff,
+            "timed_queries_per_tensor": {"engines": per_param, "full_forward": full_per_param}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--model", default=None, choices=list(GRAPH_MODELS),
+                        help="run only this model's graph_models entry")
+    parser.add_argument("--graph-models", nargs="*", default=list(GRAPH_MODELS), choices=list(GRAPH_MODELS),
+                        help="models of the graph_models section (none: skip it)")
+    parser.add_argument("--graph-per-param", type=int, default=8,
+                        help="queries timed per tensor on the engines for graph_models")
+    parser.add_argument("--full-per-param", type=int, default=2,
+                        help="queries timed per tensor on the full forward for graph_models")
     parser.add_argument("--batch", type=int, default=None, help="examples per batch (default: 64 on CPU, 256 on CUDA)")
     parser.add_argument("--coords", type=int, default=128, help="coordinates timed with all three methods")
     parser.add_argument("--per-param", type=int, default=256, help="queries timed per tensor for the projection")
@@ -359,9 +446,15 @@ def main(argv: list[str] | None = None) -> dict:
             "matmul_gflops": matmul_gflops(device),
             "conv_fp32_vs_bf16": conv_bf16_speedup(device, args.conv_reps),
         }
-        for name in args.models:
+        for name in [] if args.model else args.models:
             result[name] = run_model(name, batch, args.coords, device, args.mu, args.max_batch, args.per_param,
                                      args.seed, tuple(args.delta_dtypes), args.rel_err_coords, args.count_ops)
+        start = time.perf_counter()
+        result["graph_models"] = {
+            name: run_graph_model(name, batch, device, args.mu, args.max_batch, args.graph_per_param,
+                                  args.full_per_param, args.seed)
+            for name in ([args.model] if args.model else args.graph_models)}
+        result["graph_models_seconds"] = time.perf_counter() - start
     print(json.dumps(result))
     if out is not None:
         with open(out, "w") as f:

@@ -7,7 +7,7 @@
 * one memory-budget rule (:func:`memory_budget`), decided once per process and device.
 
 Lower precision is allowed only on a perturbation's *difference* from a cached fp32 base (see
-:class:`dz_lightning.reuse.StagedForward` ``delta_dtype``), where its error is relative to the difference.
+:class:`dz_lightning.engine.GraphEngine` ``delta_dtype``), where its error is relative to the difference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "float64_loss", "fp32_precision", "frozen_batchnorm_stats", "low_precision_deltas", "memory_budget", "query_mode",
+    "float64_loss", "fp32_precision", "frozen_batchnorm_stats", "low_precision_deltas", "memory_budget",
+    "points_per_chunk", "query_mode",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -212,3 +213,20 @@ def float64_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, t
             with contextlib.suppress(TypeError):
                 _NO_FLOAT64.add(loss_fn)
     return loss_fn(outputs, targets)
+
+
+def points_per_chunk(device: torch.device, budget: int | None, bytes_per_point: int, max_batch: int | None = None,
+                     cpu_cache_bytes: int | None = None) -> int:
+    """Points (queries) per batched call: the one chunking rule of every engine.
+
+    ``max_batch`` if set; else as many points of ``bytes_per_point`` as :func:`memory_budget` allows. On CPU, with
+    ``cpu_cache_bytes``, also no more than fit in it: a flat batch whose activations outgrow the cache runs slower
+    per example than separate small batches. Always at least 1.
+    """
+    if max_batch is not None:
+        return max(1, int(max_batch))
+    bytes_per_point = max(1, int(bytes_per_point))
+    k = memory_budget(device, budget) // bytes_per_point
+    if device.type != "cuda" and cpu_cache_bytes is not None:
+        k = min(k, cpu_cache_bytes // bytes_per_point)
+    return max(1, int(k))

@@ -1,7 +1,7 @@
 """CIFAR ResNet-s (He et al. 2016, section 4.2) with option-A (parameter-free) shortcuts.
 
-``resnet20`` has about 0.27M parameters. The network is an ordered list of stages (stem, every residual
-block, head) so that a perturbation restarts the forward at its block (feature reuse).
+``resnet20`` has about 0.27M parameters. Feature reuse works on its traced graph; it also lists its stages (stem,
+every residual block, head) for the hand-written protocol, which gives the same computation.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ __all__ = ["BasicBlock", "ResNetS", "resnet20", "resnet32", "resnet44", "resnet5
 class BasicBlock(nn.Module):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; option A shortcut: subsample + zero-pad channels.
 
-    Exposes the residual protocol (``residual_branch()``, ``shortcut(x)``, ``after_add``) so that the engine
-    keeps a one-channel change local through the block: a ``conv1``/``conv2`` coordinate changes one channel of
-    its output, BatchNorm and ReLU keep it there, the add and the final ReLU too (after ``conv2``), and the next
-    convolution sees a one-input-channel change. ``first_layer`` / ``forward_after_first`` are kept for engines
-    that only use the simpler protocol.
+    Feature reuse needs nothing from it: the traced graph keeps a ``conv1``/``conv2`` coordinate's change in one
+    channel through BatchNorm, ReLU, the add and the final ReLU, and the next convolution sees a one-input-channel
+    change. It also exposes the residual protocol (``residual_branch()``, ``shortcut(x)``, ``after_add``), the
+    fallback for models that cannot be traced, which gives the same computation (the tests compare the two).
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -47,18 +46,10 @@ class BasicBlock(nn.Module):
         """Applied to ``branch(x) + shortcut(x)``."""
         return self.relu
 
-    @property
-    def first_layer(self) -> nn.Module:
-        return self.conv1
-
-    def forward_after_first(self, x: Tensor, pre: Tensor) -> Tensor:
-        """The block's output given its input ``x`` and ``pre = conv1(x)``."""
-        out = self.relu(self.bn1(pre))
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_after_first(x, self.conv1(x))
 
 
 class ResNetS(nn.Module):

@@ -69,3 +69,23 @@ def test_sol_resnet_is_solver_in_the_loops_corrector():
     assert h.abs().sum() > 0
     with pytest.raises(ValueError, match="kernel_size=4"):
         SOLResNet(kernel_size=4)
+
+
+def test_unet_small_keeps_the_image_size_and_checks_its_sizes():
+    from dz_lightning.models import unet_small
+
+    model = unet_small(in_channels=1, out_channels=2, width=4)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 2, 16, 16)
+    assert get_stages(model) is None  # feature reuse comes from its traced graph
+    with pytest.raises(ValueError, match="width=0"):
+        unet_small(width=0)
+
+
+def test_torchvision_adaptations_take_32x32_images():
+    from dz_lightning.models import tv_mobilenet_v3_small, tv_resnet18
+
+    resnet = tv_resnet18()
+    assert resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1)
+    assert isinstance(resnet.maxpool, nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    assert resnet.eval()(x).shape == (2, 10) and tv_mobilenet_v3_small().eval()(x).shape == (2, 10)

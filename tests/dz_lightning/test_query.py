@@ -132,3 +132,12 @@ def test_staged_chunk_sizes_are_fixed_at_construction():
     again = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
     assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes)
     assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == (3,) * len(staged.ops)
+
+
+def test_points_per_chunk_is_one_rule_for_every_engine():
+    cpu = torch.device("cpu")
+    assert query.points_per_chunk(cpu, None, 1 << 20) == 1024  # 1 GiB CPU budget
+    assert query.points_per_chunk(cpu, 1 << 20, 1 << 10) == 1024
+    assert query.points_per_chunk(cpu, 1 << 20, 1 << 10, cpu_cache_bytes=1 << 13) == 8  # small flat batches on CPU
+    assert query.points_per_chunk(cpu, 1 << 20, 1 << 30) == 1  # never below one point
+    assert query.points_per_chunk(cpu, 1 << 20, 1 << 10, max_batch=3) == 3

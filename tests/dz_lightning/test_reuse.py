@@ -14,7 +14,7 @@ import dz_lightning as dz
 from dz_lightning.models import MLP, resnet20, simple_cnn
 from dz_lightning.models.resnet import BasicBlock
 from dz_lightning.query import query_mode
-from dz_lightning.reuse import StagedForward
+from dz_lightning.reuse import StagedForward, build_staged
 
 
 class _CustomStaged(nn.Module):
@@ -69,7 +69,7 @@ class _CustomResidual(nn.Module):
 
 
 class _FirstLayerOnlyBlock(BasicBlock):
-    """A ResNet block that exposes only ``first_layer`` / ``forward_after_first`` (the simpler protocol)."""
+    """A ResNet block without the residual protocol: one opaque stage, run per query under vmap."""
 
     residual_branch = None
 
@@ -128,9 +128,18 @@ def test_resnet_blocks_take_the_residual_path():
     model = resnet20().train()
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
     staged = StagedForward(model, F.cross_entropy, x, y)
-    staged.coordinate_losses("stem.0.weight", torch.tensor([0, 5]), 1e-2)  # the change reaches blocks.0 locally
-    staged.coordinate_losses("blocks.4.conv2.weight", torch.tensor([3]), 1e-2)
-    assert staged._residuals[3] is not None and staged._residuals[4 + 3] is not None
+    # the stem's one-channel change stays local through BatchNorm and ReLU and reaches blocks.0 as a
+    # one-input-channel convolution
+    assert [rule for _, rule in staged.rules("stem.0.weight")[:4]] == [
+        "column_start", "channel_rule", "channel_rule", "channel_mix_rule"]
+    # a conv2 coordinate stays one channel through bn2, the add (cached shortcut) and the block's ReLU
+    assert [rule for _, rule in staged.rules("blocks.4.conv2.weight")[:5]] == [
+        "column_start", "channel_rule", "add_rule", "channel_rule", "channel_mix_rule"]
+    # the traced graph: the same computation (where no downsampling shortcut is crossed: the protocol runs it as
+    # one linear node, the traced graph as its slicing and its zero padding)
+    traced = build_staged(model, F.cross_entropy, x, y)
+    for name in ("blocks.6.conv1.weight", "blocks.6.bn1.bias", "blocks.7.conv2.weight", "head.2.weight"):
+        assert [r for _, r in traced.rules(name)] == [r for _, r in staged.rules(name)]
 
 
 def test_inconsistent_residual_protocol_is_an_error():
@@ -164,12 +173,14 @@ def test_unstaged_model_falls_back_with_one_warning():
             self.lin = nn.Linear(4, 3)
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.lin(x)
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.lin(x)
+            return -self.lin(x)
 
     model = Plain()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     params = dict(model.named_parameters())
-    with pytest.warns(UserWarning, match="Plain exposes no stages"):
+    with pytest.warns(UserWarning, match=r"(?s)could not trace Plain.*`if x.sum\(\) > 0:.*Plain exposes no stages"):
         est = dz.cge(dz.ModuleOracle(model, F.cross_entropy, x, y), params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -194,12 +205,17 @@ def test_benchmark_smoke():
     from benchmarks.cge_throughput import main
 
     result = main(["--models", "simple_cnn", "--batch", "2", "--coords", "6", "--per-param", "2",
-                   "--rel-err-coords", "8", "--conv-reps", "1"])
+                   "--rel-err-coords", "8", "--conv-reps", "1", "--graph-models", "simple_cnn",
+                   "--graph-per-param", "2",
+                   "--full-per-param", "1"])
     assert result["simple_cnn"]["max_abs_diff"] < 1e-4
     assert result["simple_cnn"]["step_queries_90pct"] > 0
     assert result["simple_cnn"]["ops_growth"] <= 1.5 and result["simple_cnn"]["syncs_per_chunk"] == 0
     assert result["simple_cnn"]["rel_err"]["eval"]["float32"] <= 1e-3
     assert set(result["simple_cnn"]["step_seconds_90pct_by_delta_dtype"]) == {"float32", "bfloat16"}
+    graph = result["graph_models"]["simple_cnn"]
+    assert set(graph["step_queries_per_s"]) == {"graph", "full_forward", "stages"}
+    assert graph["max_abs_diff"] < 1e-4
 
 
 def test_benchmark_cuda_flag_fails_clearly_without_cuda(monkeypatch, capsys):

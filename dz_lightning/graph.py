@@ -1,0 +1,222 @@
+"""The graph IR of the staged engine, and its builder from ``torch.fx`` symbolic tracing.
+
+A model's forward is a list of :class:`Node` s in topological order. Every node reads its inputs through
+:class:`Ref` s to earlier nodes; the engine (:mod:`dz_lightning.engine`) caches every node's value in one base
+forward and, for a perturbed parameter, recomputes only the nodes downstream of the nodes that read it.
+
+Two builders produce this IR: :func:`trace` (any model that ``torch.fx`` can trace; ``torch.nn`` modules stay
+single nodes) and :func:`dz_lightning.protocol.from_stages` (the hand-written ``stages()`` / residual protocol).
+The same propagation runs on either, so a model built both ways takes the same computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["Graph", "Node", "Ref", "UntraceableError", "trace"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """A reference to the value of node ``index``."""
+
+    index: int
+
+
+@dataclasses.dataclass
+class Node:
+    """One operation of the forward.
+
+    Attributes:
+        name: a readable name (the fx node's name, or the stage's path).
+        kind: ``"input"`` (the batch), ``"param"`` (a parameter read directly: ``target`` is its full name),
+            ``"constant"`` (``target`` is the value), ``"module"`` (``target`` is the module, called through
+            ``functional_call``), ``"function"`` (``target`` is a callable) or ``"method"`` (``target`` is the name
+            of a method of the first argument).
+        target: see ``kind``.
+        args: positional arguments, with :class:`Ref` s to other nodes, nested in lists/tuples as the call needs.
+        kwargs: keyword arguments, as ``args``.
+        params: for a module node, ``local name -> full parameter name`` of every parameter the module reads.
+        sees: the local names whose perturbation starts at this node (default: all of ``params``).
+        linear: ``True`` when the node is known to be linear in its (single) tensor input, so that it acts on a
+            difference alone; ``None``: decided by the rules from the op's type.
+        identity: the node returns its first input unchanged.
+    """
+
+    name: str
+    kind: str
+    target: Any = None
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    params: dict[str, str] = dataclasses.field(default_factory=dict)
+    sees: frozenset[str] | None = None
+    linear: bool | None = None
+    identity: bool = False
+
+    def refs(self) -> list[int]:
+        """Indices of the nodes this node reads, in argument order (repeats kept)."""
+        leaves, _ = tree_flatten((list(self.args), self.kwargs))
+        return [a.index for a in leaves if isinstance(a, Ref)]
+
+    def perturbable(self) -> dict[str, str]:
+        """``local -> full`` names whose perturbation starts at this node."""
+        if self.sees is None:
+            return self.params
+        return {local: full for local, full in self.params.items() if local in self.sees}
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the op may write into its first input (``nn.ReLU(inplace=True)``, ``x.relu_()``, ...)."""
+        if self.kind == "module":
+            return bool(getattr(self.target, "inplace", False))
+        if self.kind == "method":
+            return self.target.endswith("_") and not self.target.endswith("__")
+        if self.kind == "function":
+            return bool(self.kwargs.get("inplace", False)) or self.target in (operator.iadd, operator.imul)
+        return False
+
+
+@dataclasses.dataclass
+class Graph:
+    """Nodes in topological order; ``output`` is the node whose value is the model's output."""
+
+    nodes: list[Node]
+    output: int
+    checks: list = dataclasses.field(default_factory=list)  # protocol blocks to check against their forwards
+    checked: bool = False  # the engine's self-check passed on this graph
+
+    def users(self) -> list[list[int]]:
+        """For each node, the nodes that read it."""
+        users: list[list[int]] = [[] for _ in self.nodes]
+        for i, node in enumerate(self.nodes):
+            for j in dict.fromkeys(node.refs()):
+                users[j].append(i)
+        return users
+
+
+class UntraceableError(ValueError):
+    """``torch.fx`` could not trace the model; the message names the construct that stopped it."""
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line (function): source`` of the innermost frame outside torch, where tracing stopped."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename.replace("\\", "/") and f.filename != __file__]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} ({f.name}): `{(f.line or '').strip()}`"
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> full name`` (the first name of a shared parameter)."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    return names
+
+
+def module_node(name: str, module: nn.Module, args: tuple, kwargs: dict, names: dict[int, str]) -> Node:
+    """A module node reading ``module``'s parameters under their full names in ``names``."""
+    params = {local: names[id(p)] for local, p in module.named_parameters()}
+    return Node(name, "module", module, args, kwargs, params)
+
+
+def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None) -> Graph:
+    """The IR of ``model`` from ``torch.fx.symbolic_trace`` (modules of ``torch.nn`` stay single nodes).
+
+    Args:
+        model: the network; its forward must take one tensor (further arguments need defaults).
+        leaf: optional extra test ``(module, qualified_name) -> bool`` for modules kept as single nodes.
+
+    Raises:
+        UntraceableError: tracing failed (data-dependent control flow, an unsupported call) or the graph has a
+            form the engine does not take (several tensor inputs, an output that is not one tensor); the message
+            names the construct and where it is.
+    """
+    import torch.fx as fx
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return super().is_leaf_module(m, qualname) or (leaf is not None and leaf(m, qualname))
+
+    try:
+        fx_graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any failure of the tracer means: no traced graph
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UntraceableError(f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: "
+                               f"{message}{_where(exc)}") from exc
+    names = parameter_names(model)
+    nodes: list[Node] = []
+    index: dict[fx.Node, int] = {}
+    output = None
+
+    def conv(a: Any) -> Any:
+        return tree_map(lambda v: Ref(index[v]) if isinstance(v, fx.Node) else v, a)
+
+    inputs = 0
+    for n in fx_graph.nodes:
+        if n.op == "placeholder":
+            if n.args:  # an argument with a default value: a constant
+                node = Node(n.name, "constant", n.args[0])
+            else:
+                inputs += 1
+                if inputs > 1:
+                    raise UntraceableError(f"{type(model).__name__}.forward takes more than one input ({n.name!r}); "
+                                           "the engine feeds it one batch.")
+                node = Node(n.name, "input")
+        elif n.op == "get_attr":
+            value = _attr(model, n.target)
+            if isinstance(value, nn.Parameter):
+                node = Node(n.name, "param", names[id(value)])
+            else:
+                node = Node(n.name, "constant", value)
+        elif n.op == "call_module":
+            node = module_node(n.name, model.get_submodule(n.target), conv(n.args), conv(dict(n.kwargs)), names)
+        elif n.op in ("call_function", "call_method"):
+            kind = "function" if n.op == "call_function" else "method"
+            # `view` needs contiguous strides; the engine keeps activations channels-last on CPU
+            target = "reshape" if n.target == "view" else n.target
+            node = Node(n.name, kind, target, conv(n.args), conv(dict(n.kwargs)))
+        elif n.op == "output":
+            value = n.args[0]
+            if not isinstance(value, fx.Node):
+                raise UntraceableError(f"{type(model).__name__}.forward returns {type(value).__name__}, not one "
+                                       "tensor; the engine computes a loss of one output tensor.")
+            output = index[value]
+            continue
+        else:  # pragma: no cover - fx has no other node kinds
+            raise UntraceableError(f"unknown fx node kind {n.op!r}")
+        index[n] = len(nodes)
+        nodes.append(node)
+    if inputs != 1 or output is None:
+        raise UntraceableError(f"{type(model).__name__}.forward must take one tensor and return one tensor.")
+    return Graph(_alias_inplace(nodes), output)
+
+
+def _alias_inplace(nodes: list[Node]) -> list[Node]:
+    """After an in-place op on node ``j`` (``x.relu_()``, ``nn.ReLU(inplace=True)(x)``), later readers of ``j``
+    see the written value: they read the in-place node instead, so that the engine can keep ``j``'s value as it
+    was (it copies the input of an in-place op in the base forward)."""
+    alias: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        if alias:
+            node.args, node.kwargs = tree_map(lambda v: Ref(alias.get(v.index, v.index)) if isinstance(v, Ref) else v,
+                                              (node.args, node.kwargs))
+        if node.inplace and node.args and isinstance(node.args[0], Ref):
+            alias[node.args[0].index] = i
+    return nodes
+
+
+def _attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,419 @@
+"""Propagation rules of the staged engine: how a node's change follows from its inputs' changes.
+
+A query's state at a node is a :data:`Change` ``(h, channel)``: with ``channel`` ``None``, ``h`` ``(k, *value.shape)``
+holds each query's difference from the cached value; otherwise only channel ``channel[i]`` (dim 1 of the value)
+of query i differs, and ``h`` ``(k, B, *spatial)`` holds that channel's difference. :func:`select_start` and
+:func:`select` pick, once per parameter when the engine is built, the rule of every node downstream of it; a rule
+is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
+:class:`dz_lightning.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk.
+
+The rules, keyed on the node:
+
+* a Conv/Linear weight or bias coordinate changes one output channel by ``delta`` times one column of the unfolded
+  input (:func:`column_start`); a BatchNorm weight/bias coordinate by ``delta * xhat`` of one channel;
+* channel-wise ops (activations, BatchNorm, pooling, depthwise convolutions, eval dropout) keep a one-channel
+  change in its channel (:func:`channel_rule`); the next mixing op (Conv2d, Linear) sees a one-input-channel
+  change, one batched matmul over the kernel taps (:func:`channel_mix_rule`); an add with a cached operand keeps
+  it one-channel, a channel concatenation moves it to its new channel;
+* on whole differences, linear ops act on ``d`` alone (in ``delta_dtype``), train-mode BatchNorm and ReLU use the
+  forms of :mod:`dz_lightning.differences`, per-example ops (activations, pooling, LayerNorm, GroupNorm) run on
+  one flat ``k * B`` batch;
+* anything else is recomputed per query under ``vmap`` from the changed inputs and the cached others
+  (:func:`generic_rule`): correct for any op, not specialised.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from dz_lightning import ops
+from dz_lightning.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
+from dz_lightning.graph import Node, Ref
+
+__all__ = ["USER_CODE_RULES", "Change", "select", "select_start", "select_tuple"]
+
+# rules that call a node's own code (any op, under vmap or on a flat batch) rather than the engine's kernels
+USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_rule", "elementwise_channel_rule",
+                             "flat_rule", "linear_rule", "flat_module_rule"})
+
+Change = tuple[Tensor, Tensor | None]
+Rule = Callable[..., Change]
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_RELU = {F.relu, torch.relu, "relu", "relu_"}
+# elementwise functions of one tensor (their other arguments constants): a change stays where it is
+_ELEMENTWISE_FUNCTIONS = _RELU | {
+    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.leaky_relu,
+    F.elu, F.softplus, F.mish, "sigmoid", "tanh", "sigmoid_", "tanh_", "exp", "abs", torch.exp, torch.abs,
+}
+# functions of one tensor that are linear in it (the other arguments are sizes or constants)
+_LINEAR_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch.mean, torch.sum, operator.neg,
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "mean", "sum",
+    "expand", "repeat", "t", "neg", "__neg__",
+}
+
+
+def _key(node: Node) -> Any:
+    return node.target if node.kind in ("function", "method") else None
+
+
+def _tensor_refs(node: Node, values: list[Any]) -> list[int]:
+    return [j for j in node.refs() if isinstance(values[j], Tensor)]
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def select_start(node: Node, local: str, changed: dict[int, str], values: list[Any]) -> tuple[Rule, str]:
+    """Rule and state kind (``"chan"``/``"full"``) of the node where a perturbation of ``local`` starts."""
+    if node.kind == "param":
+        return param_rule, "full"
+    op = node.target
+    x = values[node.args[0].index] if node.args and isinstance(node.args[0], Ref) else None
+    if not changed and isinstance(x, Tensor) and local in ("weight", "bias") and node.kind == "module":
+        if ops.column_change(op, x):
+            return column_start, "chan"
+        if isinstance(op, ops.NORMS) and x.dim() >= 2:
+            return norm_affine_start, "chan"
+    return generic_rule, "full"
+
+
+def select_tuple(node: Node, local: str | None) -> Rule:
+    """Rule of a node returning a tuple of tensors: batch-first attention (no masks) on a flat ``k * B`` batch
+    (vmap has no batching rule for CPU flash attention), anything else per query under ``vmap``."""
+    op = node.target
+    if (local is None and node.kind == "module" and isinstance(op, nn.MultiheadAttention) and op.batch_first
+            and len(node.args) == 3 and set(node.kwargs) <= {"need_weights"}):
+        return flat_module_rule
+    return generic_rule
+
+
+def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) -> tuple[Rule, str]:
+    """Rule and state kind of a node whose inputs ``changed`` (input index -> kind) carry changes."""
+    refs = _tensor_refs(node, values)
+    key = _key(node)
+    if "parts" in changed.values():  # an element of a changed tuple, or a node reading a whole tuple
+        if key is operator.getitem and isinstance(node.args[1], int) and len(changed) == 1:
+            return item_rule, "full"
+        return generic_rule, "full"
+    if node.identity:
+        return pass_rule, changed[refs[0]]
+    if node.kind == "module":
+        if len(changed) != 1 or len(refs) != 1:
+            return generic_rule, "full"
+        op, kind, x = node.target, next(iter(changed.values())), values[refs[0]]
+        if kind == "chan":
+            if ops.is_channelwise(op, x):
+                return channel_rule, "chan"
+            if ops.is_mixing(op, x):
+                return channel_mix_rule, "full"
+        if node.linear or (node.linear is None and ops.is_linear(op)):
+            return linear_rule, "full"
+        if isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4):
+            return norm_rule, "full"
+        if isinstance(op, nn.ReLU):
+            return relu_rule, "full"
+        if node.linear is None and ops.is_per_example(op):
+            return flat_rule, "full"
+        return generic_rule, "full"
+    if node.kind not in ("function", "method"):
+        return generic_rule, "full"
+    if key in _ELEMENTWISE_FUNCTIONS and len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index \
+            in changed and out.shape == values[refs[0]].shape:  # never fed a cached tensor: in-place is fine
+        if changed[refs[0]] == "chan":
+            return elementwise_channel_rule, "chan"
+        return (relu_rule if key in _RELU and not node.kwargs else elementwise_rule), "full"
+    if node.inplace and key not in _ADD | _SUB | _MUL | _DIV:
+        return generic_rule, "full"
+    shapes_match = all(values[j].shape == out.shape for j in changed)
+    if key in _ADD | _SUB and len(node.args) == 2 and not node.kwargs and len(refs) >= 1:
+        if len(changed) == 1 and shapes_match:
+            return add_rule, next(iter(changed.values()))
+        return add_rule, "full"
+    if key in _MUL | _DIV and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        if len(changed) == 1 and shapes_match and not any(isinstance(v, Ref) and isinstance(values[v.index], Tensor)
+                                                          and v.index not in changed for v in (a, b)):
+            if key in _MUL or isinstance(a, Ref) and a.index in changed:
+                return scale_rule, next(iter(changed.values()))
+        if key in _MUL:
+            return product_rule, "full"
+        return generic_rule, "full"
+    if key in _CAT:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if isinstance(dim, int) and isinstance(node.args[0], (list, tuple)):
+            dim = dim % out.dim()
+            if dim == 1 and list(changed.values()) == ["chan"]:
+                return cat_channel_rule, "chan"
+            return cat_rule, "full"
+        return generic_rule, "full"
+    if len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index in changed:
+        if key in _LINEAR_FUNCTIONS or ops.is_linear_pad(node):
+            return vmap_linear_rule, "full"
+    return generic_rule, "full"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def full(ctx: Any, j: int, state: Change) -> Tensor:
+    """A state at node ``j`` as a whole difference ``(k, *values[j].shape)``."""
+    h, channel = state
+    return h if channel is None else scatter_channel(ctx.values[j], h, channel)
+
+
+def _lift(d: Tensor, shape: torch.Size) -> Tensor:
+    """A difference ``(k, *a)`` viewed to broadcast against values of ``shape`` (leading dims added to ``a``)."""
+    extra = len(shape) - (d.dim() - 1)
+    return d.reshape(d.shape[0], *([1] * extra), *d.shape[1:]) if extra > 0 else d
+
+
+def _operand(ctx: Any, v: Any, states: dict[int, Change]) -> tuple[Any, Tensor | None]:
+    """``(base value, difference or None)`` of an argument."""
+    if not isinstance(v, Ref):
+        return v, None
+    return ctx.values[v.index], (full(ctx, v.index, states[v.index]) if v.index in states else None)
+
+
+# ----------------------------------------------------------------------------------------------- start rules
+def param_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A parameter read directly: its own change, one-hot per query."""
+    value = ctx.values[i]
+    d = value.new_zeros((q.index.numel(), value.numel()))
+    d[torch.arange(q.index.numel(), device=d.device), q.index] = q.delta
+    return d.reshape(-1, *value.shape), None
+
+
+def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A Conv/Linear weight or bias coordinate: ``delta`` times one input column, in one output channel."""
+    node = ctx.graph.nodes[i]
+    channel, col = ops.column(node.target, ctx.values[node.args[0].index], q.start_local(i), q.index,
+                              ctx.values[i].shape, ctx.cache, i)
+    return q.delta * col, channel
+
+
+def norm_affine_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """``d(w * xhat + b) = delta * xhat`` (weight) or ``delta`` (bias), in one channel."""
+    node = ctx.graph.nodes[i]
+    x = node.args[0].index
+    xhat = ops.normalize_channels(node.target, ctx.channels(x, q.index), q.index)
+    return (q.delta * xhat if q.start_local(i) == "weight" else torch.full_like(xhat, q.delta)), q.index
+
+
+# ----------------------------------------------------------------------------------------------- one-channel rules
+def pass_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    return states[ctx.graph.nodes[i].args[0].index]
+
+
+def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A channel-wise module on a one-channel change: the change stays in its channel."""
+    node = ctx.graph.nodes[i]
+    x = node.args[0].index
+    h, channel = states[x]
+    return ops.channel_difference(ctx, node.target, ctx.node_params(i), x, i, h, channel), channel
+
+
+def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """An elementwise function on a one-channel change: ``f(x_c + d) - f(x)_c`` in that channel (ReLU from the
+    change itself)."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    h, channel = states[j]
+    if _key(node) in _RELU and not node.kwargs:
+        neg_part, neg_out = ctx.relu_base(j)
+        return relu_difference(ctx.channels_of(("neg", j), neg_part, channel),
+                               ctx.channels_of(("negout", j), neg_out, channel), h), channel
+    z = ctx.channels(j, channel) + h
+    args, kwargs = call_with(node, lambda r: z)
+    return ctx.call(i, args, kwargs) - ctx.channels(i, channel), channel
+
+
+def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """An elementwise function on whole differences: ``f(x + d) - f(x)``, all queries at once."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    h = ctx.values[j] + full(ctx, j, states[j])
+    args, kwargs = call_with(node, lambda r: h)
+    return ctx.call(i, args, kwargs) - ctx.values[i], None
+
+
+def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A mixing module on a one-input-channel change: a one-input-channel convolution (bias cancels)."""
+    node = ctx.graph.nodes[i]
+    h, channel = states[node.args[0].index]
+    return ops.one_channel_mix(node.target, ctx.node_params(i), h, channel, ctx.values[i].shape), None
+
+
+def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """``a + b`` / ``a - b``: one changed operand of the output's shape keeps its state (one channel included)."""
+    node = ctx.graph.nodes[i]
+    sign = -1.0 if _key(node) in _SUB else 1.0
+    changed = [(pos, v.index) for pos, v in enumerate(node.args) if isinstance(v, Ref) and v.index in states]
+    out = ctx.values[i]
+    if len(changed) == 1 and ctx.values[changed[0][1]].shape == out.shape:
+        pos, j = changed[0]
+        h, channel = states[j]
+        return (h if pos == 0 or sign > 0 else -h), channel
+    total = None
+    for pos, j in changed:
+        d = _lift(full(ctx, j, states[j]), out.shape)
+        d = d if pos == 0 or sign > 0 else -d
+        total = d if total is None else total + d
+    return total.expand(total.shape[0], *out.shape) if total.shape[1:] != out.shape else total, None
+
+
+def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A product with (or a quotient by) a constant: the change is scaled, in its channel."""
+    node = ctx.graph.nodes[i]
+    a, b = node.args
+    changed, other = (a, b) if isinstance(a, Ref) and a.index in states else (b, a)
+    h, channel = states[changed.index]
+    c = ctx.values[other.index] if isinstance(other, Ref) else other
+    return (h / c if _key(node) in _DIV else h * c), channel
+
+
+def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """``(a + da)(b + db) - ab = da b + (a + da) db``, with cached tensors or constants for unchanged operands."""
+    node = ctx.graph.nodes[i]
+    (a, da), (b, db) = (_operand(ctx, v, states) for v in node.args)
+    shape = ctx.values[i].shape
+    da = _lift(da, shape) if da is not None else None
+    db = _lift(db, shape) if db is not None else None
+    if da is None:
+        return a * db, None
+    if db is None:
+        return da * b, None
+    return da * b + (a + da) * db, None
+
+
+def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A channel concatenation with one input changed in one channel: that channel, shifted."""
+    node = ctx.graph.nodes[i]
+    offset = 0
+    for v in node.args[0]:
+        if isinstance(v, Ref) and v.index in states:
+            h, channel = states[v.index]
+            return h, channel + offset
+        offset += (ctx.values[v.index] if isinstance(v, Ref) else v).shape[1]
+    raise AssertionError("no changed input")  # pragma: no cover - selected only with one changed input
+
+
+def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A concatenation: the changed inputs' differences beside zeros for the cached ones."""
+    node = ctx.graph.nodes[i]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % ctx.values[i].dim()
+    k = q.index.numel()
+    parts = []
+    for v in node.args[0]:
+        value = ctx.values[v.index] if isinstance(v, Ref) else v
+        parts.append(full(ctx, v.index, states[v.index]) if isinstance(v, Ref) and v.index in states
+                     else value.new_zeros((k, *value.shape)))
+    return torch.cat(parts, dim + 1), None
+
+
+# ----------------------------------------------------------------------------------------------- whole-difference rules
+def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A module linear in its input: it acts on the difference alone (the bias cancels), in ``delta_dtype``."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    d = full(ctx, j, states[j])
+    op = node.target
+    if node.linear is not None or not ops.is_linear(op):  # a protocol shortcut found linear: the op itself
+        return ctx.run_batched(i, {j: d}), None
+    return ops.linear_difference(ctx, op, ctx.node_params(i), d), None
+
+
+def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """Train-mode BatchNorm, each query with its own statistics, from the cached base
+    (:func:`~dz_lightning.differences.batch_norm_difference`)."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    base = ctx.cache(("norm", i), lambda: NormBase(ctx.values[j], ctx.node_params(i).get("weight"), node.target.eps))
+    return batch_norm_difference(base, full(ctx, j, states[j])), None
+
+
+def relu_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    j = ctx.graph.nodes[i].args[0].index
+    return relu_difference(*ctx.relu_base(j), full(ctx, j, states[j])), None
+
+
+def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A per-example module (no batch statistics) on one flat ``k * B`` batch: ``f(x + d) - f(x)``."""
+    node = ctx.graph.nodes[i]
+    j = node.args[0].index
+    x, y = ctx.values[j], ctx.values[i]
+    h = x + full(ctx, j, states[j])
+    op, params = node.target, ctx.node_params(i)
+    if ops.is_tiling_max_pool(op) and x.dim() == 4:
+        return ops.tiling_max(op, h) - y, None
+    return ctx.flat(lambda flat: torch.func.functional_call(op, params, (flat,)), h) - y, None
+
+
+def vmap_linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A function linear in its one tensor argument (view, flatten, slicing, zero padding, average pooling): it
+    runs on the difference, per query under ``vmap``."""
+    j = ctx.graph.nodes[i].args[0].index
+    return ctx.run_batched(i, {j: full(ctx, j, states[j])}), None
+
+
+def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """Any node: ``f(changed inputs, cached others) - f(cached)`` per query under ``vmap`` (with the perturbed
+    parameter stacked per query when the perturbation starts here)."""
+    node = ctx.graph.nodes[i]
+    values = {j: _changed_value(ctx, j, states[j]) for j in dict.fromkeys(node.refs()) if j in states}
+    if node.inplace:  # an in-place op writes into a per-query copy of every tensor input, never the cache
+        k = q.index.numel()
+        for j in dict.fromkeys(node.refs()):
+            if j not in values and isinstance(ctx.values[j], Tensor):
+                values[j] = ctx.values[j].unsqueeze(0).repeat(k, *([1] * ctx.values[j].dim()))
+    out = ctx.run_batched(i, values, local=q.start_local(i), q=q, diff=False)
+    if isinstance(ctx.values[i], (tuple, list)):  # a tuple of tensors: the differences of its elements
+        return tuple(None if v is None else o - v for o, v in zip(out, ctx.values[i], strict=True)), None
+    return out - ctx.values[i], None
+
+
+def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """A module without batch statistics whose tensor arguments all lead with the batch: one call on flat ``k * B``
+    batches (cached arguments repeated per query)."""
+    node = ctx.graph.nodes[i]
+    k = q.index.numel()
+
+    def flat(j: int) -> Any:
+        value = ctx.values[j]
+        if not isinstance(value, Tensor):
+            return value
+        v = _changed_value(ctx, j, states[j]) if j in states else value.unsqueeze(0).expand(k, *value.shape)
+        return v.reshape(-1, *v.shape[2:])
+
+    args, kwargs = call_with(node, lambda r: flat(r.index))
+    out, y = ctx.call(i, args, kwargs), ctx.values[i]
+    return tuple(None if v is None else o.reshape(k, *v.shape) - v for o, v in zip(out, y, strict=True)), None
+
+
+def item_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """Element ``n`` of a changed tuple: its difference."""
+    node = ctx.graph.nodes[i]
+    return states[node.args[0].index][0][node.args[1]], None
+
+
+def _changed_value(ctx: Any, j: int, state: Change) -> Any:
+    """Each query's value of node ``j`` ``(k, ...)``: the cache plus the change (element by element for a tuple)."""
+    if isinstance(ctx.values[j], (tuple, list)):
+        return tuple(None if v is None else v + d for v, d in zip(ctx.values[j], state[0], strict=True))
+    return ctx.values[j] + full(ctx, j, state)
+
+
+def call_with(node: Node, leaves_of: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """``node``'s args and kwargs with every :class:`Ref` replaced by ``leaves_of(ref)``."""
+    leaves, spec = tree_flatten((list(node.args), node.kwargs))
+    args, kwargs = tree_unflatten([leaves_of(v) if isinstance(v, Ref) else v for v in leaves], spec)
+    return tuple(args), kwargs
