@@ -176,13 +176,10 @@ class ModuleOracle(Oracle):
                              f"a parameter of {type(self.model).__name__}; valid names: {sorted(self._names)[:20]}.")
 
     def _chunk_size(self, k: int) -> int:
-        """``max_batch`` if set, else as many points as ``memory_budget`` allows."""
-        if self.max_batch is not None:
-            return self.max_batch
-        budget = query.memory_budget(self.inputs.device, self.memory_budget)
-        # A rough cost per point: ten activations the size of the input batch.
-        per_point = max(1, 10 * self.inputs.numel() * self.inputs.element_size())
-        return max(1, min(k, budget // per_point))
+        """``max_batch`` if set, else as many points as ``memory_budget`` allows (:func:`query.points_per_chunk`)."""
+        # a rough cost per point: ten activations the size of the input batch
+        per_point = 10 * self.inputs.numel() * self.inputs.element_size()
+        return max(1, min(k, query.points_per_chunk(self.inputs.device, self.memory_budget, per_point, self.max_batch)))
 
     # ----------------------------------------------------------------------------------------- overrides
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:

@@ -7,7 +7,7 @@
 * one memory-budget rule (:func:`memory_budget`), decided once per process and device.
 
 Lower precision is allowed only on a perturbation's *difference* from a cached fp32 base (see
-:class:`dz_lightning.engine.GraphEngine` ``delta_dtype``), where its error is relative to the difference.
+:class:`dz_lightning.reuse.engine.GraphEngine` ``delta_dtype``), where its error is relative to the difference.
 """
 
 from __future__ import annotations

@@ -32,3 +32,19 @@ def test_installed_top_level_names_are_only_dz_lightning() -> None:
 
     top = distribution("dz_lightning").read_text("top_level.txt")
     assert top is not None and top.split() == ["dz_lightning"], top
+
+
+def test_every_package_folder_is_listed_for_installation() -> None:
+    """A subpackage missing from ``[tool.setuptools] packages`` works in the checkout but not in a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {"dz_lightning": root / "dz_lightning", **{k: root / v for k, v in config["package-dir"].items()}}
+    found = set()
+    for name, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *rel)))
+    assert found <= listed, f"not listed in pyproject.toml: {sorted(found - listed)}"

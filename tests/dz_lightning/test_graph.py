@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dz_lightning as dz
-from dz_lightning.engine import GraphEngine
-from dz_lightning.graph import UntraceableError, trace
 from dz_lightning.models import resnet20, simple_cnn, tv_mobilenet_v3_small, tv_resnet18, unet_small
 from dz_lightning.reuse import StagedForward, build_staged
+from dz_lightning.reuse.engine import GraphEngine
+from dz_lightning.reuse.graph import UntraceableError, trace
 
 
 class _TokenMixer(nn.Module):

@@ -1,8 +1,8 @@
 """The propagation engine: a cached base forward over the graph IR and batched one-coordinate perturbations.
 
-One base forward caches every node's value (:mod:`dz_lightning.graph`). For each parameter a *plan* is compiled
+One base forward caches every node's value (:mod:`dz_lightning.reuse.graph`). For each parameter a *plan* is compiled
 once, when the engine is built: the nodes downstream of the nodes that read the parameter, in topological order,
-each with the rule (:mod:`dz_lightning.rules`) that gives its change from its inputs' changes. A chunk of ``k``
+each with the rule (:mod:`dz_lightning.reuse.rules`) that gives its change from its inputs' changes. A chunk of ``k``
 queries then runs every step of the plan once for the whole chunk: the number of ops does not grow with ``k``, no
 per-query Python calls, no host syncs, no patching of the user's modules. The loss of a chunk is one call on the
 cached outputs plus each query's difference, taken in float64 (:func:`dz_lightning.query.float64_loss`).
@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dz_lightning import query, rules
-from dz_lightning.differences import per_example_loss
-from dz_lightning.graph import Graph, UntraceableError
-from dz_lightning.protocol import verify
+from dz_lightning import query
 from dz_lightning.query import query_mode
+from dz_lightning.reuse import rules
+from dz_lightning.reuse.differences import per_example_loss
+from dz_lightning.reuse.graph import Graph, UntraceableError
+from dz_lightning.reuse.protocol import verify
 
 __all__ = ["GraphEngine", "UnsupportedGraphError"]
 
@@ -79,7 +80,8 @@ class GraphEngine:
     """Cached base forward of a model's graph and batched one-coordinate perturbations of it.
 
     Args:
-        graph: the model's IR (:func:`dz_lightning.graph.trace` or :func:`dz_lightning.protocol.from_stages`).
+        graph: the model's IR (:func:`dz_lightning.reuse.graph.trace` or
+            :func:`dz_lightning.reuse.protocol.from_stages`).
         model: the model (its parameters and buffers; BatchNorm statistics are never updated).
         loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
         inputs: batch inputs ``(B, ...)``.

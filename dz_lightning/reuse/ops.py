@@ -1,6 +1,6 @@
 """Op-level math of the staged engine: which module is which, and the one-channel and difference kernels.
 
-Functions of modules and tensors only (no graph); :mod:`dz_lightning.rules` applies them to the nodes of a graph.
+Functions of modules and tensors only (no graph); :mod:`dz_lightning.reuse.rules` applies them to the nodes of a graph.
 Shapes: ``k`` queries of a chunk, a batch of ``B`` examples; a one-channel change is ``(k, B, *spatial)``.
 """
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dz_lightning.differences import relu_difference
 from dz_lightning.query import low_precision_deltas
+from dz_lightning.reuse.differences import relu_difference
 
 __all__ = ["NORMS", "column", "column_change", "is_channelwise", "is_linear", "is_mixing", "is_per_example"]
 

@@ -5,7 +5,7 @@ holds each query's difference from the cached value; otherwise only channel ``ch
 of query i differs, and ``h`` ``(k, B, *spatial)`` holds that channel's difference. :func:`select_start` and
 :func:`select` pick, once per parameter when the engine is built, the rule of every node downstream of it; a rule
 is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
-:class:`dz_lightning.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk.
+:class:`dz_lightning.reuse.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk.
 
 The rules, keyed on the node:
 
@@ -16,7 +16,7 @@ The rules, keyed on the node:
   change, one batched matmul over the kernel taps (:func:`channel_mix_rule`); an add with a cached operand keeps
   it one-channel, a channel concatenation moves it to its new channel;
 * on whole differences, linear ops act on ``d`` alone (in ``delta_dtype``), train-mode BatchNorm and ReLU use the
-  forms of :mod:`dz_lightning.differences`, per-example ops (activations, pooling, LayerNorm, GroupNorm) run on
+  forms of :mod:`dz_lightning.reuse.differences`, per-example ops (activations, pooling, LayerNorm, GroupNorm) run on
   one flat ``k * B`` batch;
 * anything else is recomputed per query under ``vmap`` from the changed inputs and the cached others
   (:func:`generic_rule`): correct for any op, not specialised.
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dz_lightning import ops
-from dz_lightning.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
-from dz_lightning.graph import Node, Ref
+from dz_lightning.reuse import ops
+from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
+from dz_lightning.reuse.graph import Node, Ref
 
 __all__ = ["USER_CODE_RULES", "Change", "select", "select_start", "select_tuple"]
 
@@ -334,7 +334,7 @@ def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode BatchNorm, each query with its own statistics, from the cached base
-    (:func:`~dz_lightning.differences.batch_norm_difference`)."""
+    (:func:`~dz_lightning.reuse.differences.batch_norm_difference`)."""
     node = ctx.graph.nodes[i]
     j = node.args[0].index
     base = ctx.cache(("norm", i), lambda: NormBase(ctx.values[j], ctx.node_params(i).get("weight"), node.target.eps))

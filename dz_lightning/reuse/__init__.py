@@ -2,17 +2,18 @@
 
 :func:`build_staged` gives any model an engine that caches every activation of one base forward and recomputes,
 for each perturbed coordinate, only what the perturbation changes, as a difference from the cache
-(:class:`~dz_lightning.engine.GraphEngine`). The model's graph comes from ``torch.fx`` tracing
-(:func:`dz_lightning.graph.trace`); a model that cannot be traced but defines ``stages()`` (or is an
-``nn.Sequential``) gets the graph of its hand-written protocol (:func:`dz_lightning.protocol.from_stages`); any
+(:class:`~dz_lightning.reuse.engine.GraphEngine`). The model's graph comes from ``torch.fx`` tracing
+(:func:`dz_lightning.reuse.graph.trace`); a model that cannot be traced but defines ``stages()`` (or is an
+``nn.Sequential``) gets the graph of its hand-written protocol (:func:`dz_lightning.reuse.protocol.from_stages`); any
 other model gets ``None`` and one warning that names the construct that stopped the tracer. Both graphs run
-through the same propagation rules (:mod:`dz_lightning.rules`).
+through the same propagation rules (:mod:`dz_lightning.reuse.rules`).
 
-The rooms: :mod:`~dz_lightning.graph` (the IR and the fx builder), :mod:`~dz_lightning.protocol` (the model-side
-``stages()`` / residual protocol, checked when the engine is built), :mod:`~dz_lightning.rules` and
-:mod:`~dz_lightning.ops` (the propagation rules and their op-level math, with :mod:`~dz_lightning.differences`),
-:mod:`~dz_lightning.engine` (base forward, compiled per-parameter plans, chunks, losses) and
-:mod:`~dz_lightning.query` (the query context and the memory-budget rule).
+The rooms of the package: :mod:`~dz_lightning.reuse.graph` (the IR and the fx builder),
+:mod:`~dz_lightning.reuse.protocol` (the model-side ``stages()`` / residual protocol, checked when the engine is
+built), :mod:`~dz_lightning.reuse.rules` and :mod:`~dz_lightning.reuse.ops` (the propagation rules and their
+op-level math, with :mod:`~dz_lightning.reuse.differences`), :mod:`~dz_lightning.reuse.engine` (base forward,
+compiled per-parameter plans, chunks, losses) and, outside the package, :mod:`~dz_lightning.query` (the query
+context and the memory-budget rule).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from dz_lightning.engine import GraphEngine, UnsupportedGraphError
-from dz_lightning.graph import Graph, UntraceableError, trace
-from dz_lightning.protocol import flatten_ops, from_stages, get_stages, residual_parts
+from dz_lightning.reuse.engine import GraphEngine, UnsupportedGraphError
+from dz_lightning.reuse.graph import Graph, UntraceableError, trace
+from dz_lightning.reuse.protocol import flatten_ops, from_stages, get_stages, residual_parts
 
 __all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_staged", "flatten_ops",
            "get_stages", "residual_parts",
@@ -35,8 +36,8 @@ __all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "Untraceable
 
 class StagedForward(GraphEngine):
     """The engine on the graph of a staged model's hand-written protocol (``nn.Sequential``, ``stages()``,
-    residual blocks; see :mod:`dz_lightning.protocol`). Arguments as :class:`~dz_lightning.engine.GraphEngine`,
-    less ``graph``.
+    residual blocks; see :mod:`dz_lightning.reuse.protocol`). Arguments as
+    :class:`~dz_lightning.reuse.engine.GraphEngine`, less ``graph``.
 
     Raises:
         ValueError: the model is not staged, a parameter belongs to no stage, a residual protocol disagrees with
@@ -98,7 +99,7 @@ def build_staged(
     ``None`` (with one warning per model type, naming what stopped the tracer).
 
     This is the one entry point the oracles use; the arguments are those of
-    :class:`~dz_lightning.engine.GraphEngine`, less ``graph``.
+    :class:`~dz_lightning.reuse.engine.GraphEngine`, less ``graph``.
     """
     kwargs = {"max_batch": max_batch, "memory_budget": memory_budget, "delta_dtype": delta_dtype}
     try:

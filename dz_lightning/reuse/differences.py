@@ -1,9 +1,9 @@
 """Differences through nonlinear ops, computed from the change itself.
 
-The staged engine (:mod:`dz_lightning.engine`, rules in :mod:`dz_lightning.rules`) carries each query's change
-``d = perturbed - base`` through the network. These helpers give an op's output change for an input change ``d`` in
-forms whose rounding error is relative to ``d`` rather than to the activations (``f(x + d) - f(x)`` in fp32 loses
-``eps * |x|``), batched over the ``k`` queries of a chunk in one call each.
+The staged engine (:mod:`dz_lightning.reuse.engine`, rules in :mod:`dz_lightning.reuse.rules`) carries each
+query's change ``d = perturbed - base`` through the network. These helpers give an op's output change for an input
+change ``d`` in forms whose rounding error is relative to ``d`` rather than to the activations (``f(x + d) - f(x)``
+in fp32 loses ``eps * |x|``), batched over the ``k`` queries of a chunk in one call each.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A staged model is an ordered list of modules whose composition is its forward: a
 or what its ``stages()`` method returns. Nested ``nn.Sequential`` s are flattened into ops. One block protocol
 lets a stage show its inside: ``residual_branch()`` (the ops of the branch, in order), ``shortcut(x)`` (the skip
 path) and ``after_add`` (optional, applied to their sum), so that ``block(x) == after_add(branch(x) +
-shortcut(x))``. :func:`from_stages` turns this into the same IR that :func:`dz_lightning.graph.trace` builds;
+shortcut(x))``. :func:`from_stages` turns this into the same IR that :func:`dz_lightning.reuse.graph.trace` builds;
 :func:`verify` checks the protocol against the blocks' own forwards when the engine is built, not mid-training.
 
 The protocol is the fallback for models that ``torch.fx`` cannot trace; any other model needs none of it.
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dz_lightning.graph import Graph, Node, Ref, module_node, parameter_names
+from dz_lightning.reuse.graph import Graph, Node, Ref, module_node, parameter_names
 
 __all__ = ["flatten_ops", "from_stages", "get_stages", "residual_parts", "verify"]
 

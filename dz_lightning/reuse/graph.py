@@ -1,11 +1,11 @@
 """The graph IR of the staged engine, and its builder from ``torch.fx`` symbolic tracing.
 
 A model's forward is a list of :class:`Node` s in topological order. Every node reads its inputs through
-:class:`Ref` s to earlier nodes; the engine (:mod:`dz_lightning.engine`) caches every node's value in one base
+:class:`Ref` s to earlier nodes; the engine (:mod:`dz_lightning.reuse.engine`) caches every node's value in one base
 forward and, for a perturbed parameter, recomputes only the nodes downstream of the nodes that read it.
 
 Two builders produce this IR: :func:`trace` (any model that ``torch.fx`` can trace; ``torch.nn`` modules stay
-single nodes) and :func:`dz_lightning.protocol.from_stages` (the hand-written ``stages()`` / residual protocol).
+single nodes) and :func:`dz_lightning.reuse.protocol.from_stages` (the hand-written ``stages()`` / residual protocol).
 The same propagation runs on either, so a model built both ways takes the same computation.
 """
 
