@@ -10,6 +10,7 @@ the objective may be a true black box (a NumPy program, a simulator, a remote se
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -111,8 +112,23 @@ def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping
         out = functional_call(module, point, (x,))
         return out if then is None else then(out)
 
+    values = [varied[n] for n in names]
+    if not per_point_inputs and module in _BATCHED_INPUTS:
+        inputs, per_point_inputs = inputs.expand(values[0].shape[0], *inputs.shape), True
     in_dims = (0 if per_point_inputs else None, *([0] * len(names)))
-    return vmap(one, in_dims=in_dims, randomness="same")(inputs, *(varied[n] for n in names))
+    try:
+        return vmap(one, in_dims=in_dims, randomness="same")(inputs, *values)
+    except RuntimeError as err:
+        # An in-place op (``out += identity`` in torchvision's ResNets) writes a per-point value into a tensor that
+        # does not vary over the points when only later parameters vary. Every activation varies once the inputs
+        # do: give each point its own (expanded, not copied) inputs, for this module from now on.
+        if per_point_inputs or "broadcast shape" not in str(err) and "inplace" not in str(err):
+            raise
+        _BATCHED_INPUTS.add(module)
+        return vmap_points(module, params, varied, inputs, then=then)
+
+
+_BATCHED_INPUTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class ModuleOracle(Oracle):

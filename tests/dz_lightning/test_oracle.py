@@ -209,3 +209,31 @@ def test_vmap_points_with_per_point_inputs_equals_a_loop():
     torch.testing.assert_close(shared, loop.new_tensor([
         float(torch.func.functional_call(model, {**params, "0.bias": stacked[k]}, (inputs[0],)).sum())
         for k in range(3)]))
+
+
+class _InPlaceResidual(nn.Module):
+    """``out += identity`` as in torchvision's ResNets: the written tensor may not vary while the other does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        identity = self.a(x)
+        out = self.b(x)
+        out += identity
+        return self.c(out)
+
+
+@pytest.mark.parametrize("name", ["a.weight", "b.weight", "c.bias"])
+def test_batched_points_through_an_in_place_residual_add_equal_one_at_a_time(name):
+    torch.manual_seed(0)
+    model, x, y = _InPlaceResidual(), torch.randn(5, 4), torch.randint(0, 3, (5,))
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False)
+    p = dict(model.named_parameters())[name].detach()
+    points = p + 0.1 * torch.randn(3, *p.shape)
+    batched = oracle.losses({name: p}, {name: points})
+    for _ in range(2):  # the second call starts with per-point inputs for this model
+        torch.testing.assert_close(oracle.losses({name: p}, {name: points}), batched)
+    loop = torch.stack([oracle.loss({name: q}) for q in points])
+    torch.testing.assert_close(batched.to(loop.dtype), loop, rtol=1e-6, atol=1e-7)
