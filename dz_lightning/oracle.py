@@ -12,18 +12,14 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from dz_lightning import query
+from dz_lightning import query, reuse
 from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
-
-if TYPE_CHECKING:
-    from dz_lightning import reuse
 
 __all__ = [
     "DelegatingOracle", "FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats",
@@ -248,8 +244,6 @@ class ModuleOracle(Oracle):
         return values
 
     def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.StagedForward | None:
-        from dz_lightning import reuse
-
         if self._staged_unavailable:
             return None
         # the key holds the tensors themselves (identity and in-place version), so a freed tensor's memory can

@@ -40,6 +40,17 @@ def _check_own_module(ns: dict) -> None:
 
 
 def _check_staged(ns: dict) -> None:
+    import warnings
+
+    import torch.nn.functional as F
+
+    from dz_lightning.reuse import GraphEngine, build_staged
+
+    assert ns["est"].queries == 33
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unmodified torchvision model is traced: no fallback warning
+        engine = build_staged(ns["net"], F.cross_entropy, ns["x"], ns["y"], ns["params"])
+    assert type(engine) is GraphEngine  # the traced graph, not the stages() fallback or full forwards
     net, x = ns["MyNet"](), torch.rand(2, 3, 8, 8)
     out = x
     for stage in net.stages():
@@ -50,7 +61,7 @@ def _check_staged(ns: dict) -> None:
 CHECKS = {
     "The Python API in ten lines": _check_api,
     "Sparse CGE in your own LightningModule": _check_own_module,
-    "Making a model staged (feature reuse)": _check_staged,
+    "Feature reuse for your own model": _check_staged,
 }
 
 

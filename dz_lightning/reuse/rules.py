@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dz_lightning.reuse import ops
+import dz_lightning.reuse.ops as ops
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.reuse.graph import Node, Ref
 
