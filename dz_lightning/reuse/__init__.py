@@ -21,8 +21,8 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from dz_lightning.reuse.engine import GraphEngine, UnsupportedGraphError
@@ -44,19 +44,8 @@ class StagedForward(GraphEngine):
             the block's forward, or ``delta_dtype`` is not valid.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        inputs: Tensor,
-        targets: Tensor,
-        params: Mapping[str, Tensor] | None = None,
-        max_batch: int | None = None,
-        memory_budget: int | None = None,
-        delta_dtype: str | torch.dtype = "float32",
-    ) -> None:
-        super().__init__(from_stages(model), model, loss_fn, inputs, targets, params, max_batch=max_batch,
-                         memory_budget=memory_budget, delta_dtype=delta_dtype)
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(from_stages(model), model, *args, **kwargs)
 
 
 # model -> {structure key: its graph, or why it could not be traced}
@@ -84,24 +73,20 @@ def traced_graph(model: nn.Module) -> Graph:
     return graphs[key]
 
 
-def build_staged(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-    params: Mapping[str, Tensor] | None = None,
-    *,
-    max_batch: int | None = None,
-    memory_budget: int | None = None,
-    delta_dtype: str | torch.dtype = "float32",
-) -> GraphEngine | None:
+def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+                 params: Mapping[str, Tensor] | None = None, **options: Any) -> GraphEngine | None:
     """The feature-reuse engine for ``model``: on its traced graph, else on its ``stages()`` protocol, else
     ``None`` (with one warning per model type, naming what stopped the tracer).
 
     This is the one entry point the oracles use; the arguments are those of
-    :class:`~dz_lightning.reuse.engine.GraphEngine`, less ``graph``.
+    :class:`~dz_lightning.reuse.engine.GraphEngine`, less ``graph``, with ``max_batch``, ``memory_budget`` and
+    ``delta_dtype`` as keyword ``options``.
     """
-    kwargs = {"max_batch": max_batch, "memory_budget": memory_budget, "delta_dtype": delta_dtype}
+    unknown = options.keys() - {"max_batch", "memory_budget", "delta_dtype"}
+    if unknown:
+        raise TypeError(f"build_staged got unexpected options {sorted(unknown)}; valid: max_batch, memory_budget, "
+                        "delta_dtype.")
+    kwargs = options
     try:
         graph = traced_graph(model)
         engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **kwargs)
