@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "float64_loss", "fp32_precision", "frozen_batchnorm_stats", "low_precision_deltas", "memory_budget",
-    "points_per_chunk", "query_mode",
+    "DELTA_DTYPES", "check_delta_dtype", "float64_loss", "fp32_precision", "frozen_batchnorm_stats",
+    "low_precision_deltas", "memory_budget", "points_per_chunk", "query_mode",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -230,3 +230,24 @@ def points_per_chunk(device: torch.device, budget: int | None, bytes_per_point: 
     if device.type != "cuda" and cpu_cache_bytes is not None:
         k = min(k, cpu_cache_bytes // bytes_per_point)
     return max(1, int(k))
+
+
+# arithmetic of a perturbation's differences in the staged engine (the base forward is always fp32)
+DELTA_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "tf32": None}
+
+
+def check_delta_dtype(delta_dtype: str | torch.dtype, inputs: Tensor) -> str:
+    """The name of a valid ``delta_dtype``.
+
+    Raises:
+        ValueError: not one of ``"float32"``, ``"bfloat16"``, ``"tf32"`` (CUDA inputs only).
+    """
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+    name = names.get(delta_dtype, delta_dtype) if isinstance(delta_dtype, torch.dtype) else delta_dtype
+    if name not in DELTA_DTYPES:
+        raise ValueError(f"Expected argument `delta_dtype` to be one of {sorted(DELTA_DTYPES)}, but got "
+                         f"{delta_dtype!r}.")
+    if name == "tf32" and not inputs.is_cuda:
+        raise ValueError("`delta_dtype='tf32'` needs CUDA inputs (TF32 is a CUDA tensor-core format), but the "
+                         f"inputs are on {inputs.device}; use 'float32' or 'bfloat16'.")
+    return name

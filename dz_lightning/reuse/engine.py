@@ -13,17 +13,17 @@ batched only while one chunk's activation stays small: larger flat batches run s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import dz_lightning.reuse.ops as ops
 import dz_lightning.reuse.rules as rules
+import dz_lightning.reuse.selection as selection
 from dz_lightning import query
 from dz_lightning.query import query_mode
 from dz_lightning.reuse.differences import per_example_loss
@@ -32,7 +32,6 @@ from dz_lightning.reuse.protocol import verify
 
 __all__ = ["GraphEngine", "UnsupportedGraphError"]
 
-_DELTA_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "tf32": None}
 _CPU_CACHE_BYTES = 2 << 20
 
 
@@ -57,23 +56,6 @@ class _Plan:
     steps: list[tuple[int, Callable[..., rules.Change], list[int]]]  # node, rule, states freed after it
     starts: dict[int, str]
     bytes_per_query: int
-
-
-def check_delta_dtype(delta_dtype: str | torch.dtype, inputs: Tensor) -> str:
-    """The name of a valid ``delta_dtype``.
-
-    Raises:
-        ValueError: not one of ``"float32"``, ``"bfloat16"``, ``"tf32"`` (CUDA inputs only).
-    """
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-    name = names.get(delta_dtype, delta_dtype) if isinstance(delta_dtype, torch.dtype) else delta_dtype
-    if name not in _DELTA_DTYPES:
-        raise ValueError(f"Expected argument `delta_dtype` to be one of {sorted(_DELTA_DTYPES)}, but got "
-                         f"{delta_dtype!r}.")
-    if name == "tf32" and not inputs.is_cuda:
-        raise ValueError("`delta_dtype='tf32'` needs CUDA inputs (TF32 is a CUDA tensor-core format), but the "
-                         f"inputs are on {inputs.device}; use 'float32' or 'bfloat16'.")
-    return name
 
 
 class GraphEngine:
@@ -116,11 +98,11 @@ class GraphEngine:
         memory_budget: int | None = None,
         delta_dtype: str | torch.dtype = "float32",
     ) -> None:
-        delta_name = check_delta_dtype(delta_dtype, inputs)
+        delta_name = query.check_delta_dtype(delta_dtype, inputs)
         self.graph, self.ops = graph, graph.nodes
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
         self.max_batch, self.memory_budget = max_batch, memory_budget
-        self.delta_dtype, self.delta_tf32 = _DELTA_DTYPES[delta_name], delta_name == "tf32"
+        self.delta_dtype, self.delta_tf32 = query.DELTA_DTYPES[delta_name], delta_name == "tf32"
         self.params = dict(model.named_parameters())
         unknown = set(params or {}) - set(self.params)
         if unknown:
@@ -271,7 +253,7 @@ class GraphEngine:
 
         value = self.values[i]  # a tuple may hold None (e.g. attention weights not asked for): not batched
         out_dims = tuple(0 if isinstance(v, Tensor) else None for v in value) if _is_tensors(value) else 0
-        with _batchable_attention():
+        with ops.batchable_attention():
             return vmap(one, out_dims=out_dims, randomness="same")(*batched)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -313,15 +295,16 @@ class GraphEngine:
             if _is_tensors(value):
                 if local is not None:
                     starts[i] = local
-                rule, kind = rules.select_tuple(node, local), "parts"  # a tuple of tensors (chunk, split, attention)
+                # a tuple of tensors (chunk, split, attention)
+                rule, kind = selection.select_tuple(node, local), "parts"
             elif not isinstance(value, Tensor):
                 raise UnsupportedGraphError(f"node {node.name!r} returns a {type(value).__name__} that depends on "
                                             f"parameter {name!r}; the engine carries changes of tensors only.")
             elif local is not None:
                 starts[i] = local
-                rule, kind = rules.select_start(node, local, changed, self.values)
+                rule, kind = selection.select_start(node, local, changed, self.values)
             else:
-                rule, kind = rules.select(node, changed, self.values, value)
+                rule, kind = selection.select(node, changed, self.values, value)
             kinds[i] = kind
             steps.append((i, rule))
         last: dict[int, int] = {}
@@ -378,19 +361,6 @@ class GraphEngine:
         targets = self.targets.expand(k, *self.targets.shape).reshape(k * b, *self.targets.shape[1:])
         values = per_example(outputs.reshape(k * b, *outputs.shape[2:]), targets)
         return values.reshape(k, -1).mean(1)
-
-
-@contextlib.contextmanager
-def _batchable_attention() -> Iterator[None]:
-    """Attention kernels that ``vmap`` can batch: the math kernel of scaled dot-product attention and no
-    ``nn.MultiheadAttention`` fast path (fused kernels without batching rules run once per query)."""
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _is_tensors(value: Any) -> bool:

@@ -6,18 +6,21 @@ Shapes: ``k`` queries of a chunk, a batch of ``B`` examples; a one-channel chang
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dz_lightning.query import low_precision_deltas
 from dz_lightning.reuse.differences import relu_difference
 
-__all__ = ["NORMS", "column", "column_change", "is_channelwise", "is_linear", "is_mixing", "is_per_example"]
+__all__ = ["NORMS", "batchable_attention", "column", "column_change", "is_channelwise", "is_linear", "is_mixing",
+           "is_per_example"]
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
                nn.Identity, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.CELU, nn.SELU, nn.Softsign)
@@ -258,3 +261,16 @@ def linear_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], d: Tenso
         else:
             out = ctx.flat(lambda flat: op._conv_forward(flat, weight, None), d_in)
     return out.to(d.dtype)
+
+
+@contextlib.contextmanager
+def batchable_attention() -> Iterator[None]:
+    """Attention kernels that ``vmap`` can batch: the math kernel of scaled dot-product attention and no
+    ``nn.MultiheadAttention`` fast path (fused kernels without batching rules run once per query)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)

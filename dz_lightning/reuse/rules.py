@@ -2,8 +2,9 @@
 
 A query's state at a node is a :data:`Change` ``(h, channel)``: with ``channel`` ``None``, ``h`` ``(k, *value.shape)``
 holds each query's difference from the cached value; otherwise only channel ``channel[i]`` (dim 1 of the value)
-of query i differs, and ``h`` ``(k, B, *spatial)`` holds that channel's difference. :func:`select_start` and
-:func:`select` pick, once per parameter when the engine is built, the rule of every node downstream of it; a rule
+of query i differs, and ``h`` ``(k, B, *spatial)`` holds that channel's difference. The selection
+(:mod:`dz_lightning.reuse.selection`) picks, once per parameter when the engine is built, the rule of every node
+downstream of it; a rule
 is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
 :class:`dz_lightning.reuse.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk.
 
@@ -30,14 +31,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import dz_lightning.reuse.ops as ops
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.reuse.graph import Node, Ref
 
-__all__ = ["USER_CODE_RULES", "Change", "select", "select_start", "select_tuple"]
+__all__ = ["USER_CODE_RULES", "Change", "Rule", "full", "op_key"]
 
 # rules that call a node's own code (any op, under vmap or on a flat batch) rather than the engine's kernels
 USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_rule", "elementwise_channel_rule",
@@ -46,19 +47,20 @@ USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_ru
 Change = tuple[Tensor, Tensor | None]
 Rule = Callable[..., Change]
 
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
-_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_RELU = {F.relu, torch.relu, "relu", "relu_"}
+# what a function/method node computes, by its target: the keys the rules and their selection test
+ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
+SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__"}
+MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
+DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
+CAT = {torch.cat, torch.concat, torch.concatenate}
+RELU = {F.relu, torch.relu, "relu", "relu_"}
 # elementwise functions of one tensor (their other arguments constants): a change stays where it is
-_ELEMENTWISE_FUNCTIONS = _RELU | {
+ELEMENTWISE_FUNCTIONS = RELU | {
     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.leaky_relu,
     F.elu, F.softplus, F.mish, "sigmoid", "tanh", "sigmoid_", "tanh_", "exp", "abs", torch.exp, torch.abs,
 }
 # functions of one tensor that are linear in it (the other arguments are sizes or constants)
-_LINEAR_FUNCTIONS = {
+LINEAR_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch.mean, torch.sum, operator.neg,
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "mean", "sum",
@@ -66,102 +68,9 @@ _LINEAR_FUNCTIONS = {
 }
 
 
-def _key(node: Node) -> Any:
+def op_key(node: Node) -> Any:
     return node.target if node.kind in ("function", "method") else None
 
-
-def _tensor_refs(node: Node, values: list[Any]) -> list[int]:
-    return [j for j in node.refs() if isinstance(values[j], Tensor)]
-
-
-# ----------------------------------------------------------------------------------------------- selection
-def select_start(node: Node, local: str, changed: dict[int, str], values: list[Any]) -> tuple[Rule, str]:
-    """Rule and state kind (``"chan"``/``"full"``) of the node where a perturbation of ``local`` starts."""
-    if node.kind == "param":
-        return param_rule, "full"
-    op = node.target
-    x = values[node.args[0].index] if node.args and isinstance(node.args[0], Ref) else None
-    if not changed and isinstance(x, Tensor) and local in ("weight", "bias") and node.kind == "module":
-        if ops.column_change(op, x):
-            return column_start, "chan"
-        if isinstance(op, ops.NORMS) and x.dim() >= 2:
-            return norm_affine_start, "chan"
-    return generic_rule, "full"
-
-
-def select_tuple(node: Node, local: str | None) -> Rule:
-    """Rule of a node returning a tuple of tensors: batch-first attention (no masks) on a flat ``k * B`` batch
-    (vmap has no batching rule for CPU flash attention), anything else per query under ``vmap``."""
-    op = node.target
-    if (local is None and node.kind == "module" and isinstance(op, nn.MultiheadAttention) and op.batch_first
-            and len(node.args) == 3 and set(node.kwargs) <= {"need_weights"}):
-        return flat_module_rule
-    return generic_rule
-
-
-def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) -> tuple[Rule, str]:
-    """Rule and state kind of a node whose inputs ``changed`` (input index -> kind) carry changes."""
-    refs = _tensor_refs(node, values)
-    key = _key(node)
-    if "parts" in changed.values():  # an element of a changed tuple, or a node reading a whole tuple
-        if key is operator.getitem and isinstance(node.args[1], int) and len(changed) == 1:
-            return item_rule, "full"
-        return generic_rule, "full"
-    if node.identity:
-        return pass_rule, changed[refs[0]]
-    if node.kind == "module":
-        if len(changed) != 1 or len(refs) != 1:
-            return generic_rule, "full"
-        op, kind, x = node.target, next(iter(changed.values())), values[refs[0]]
-        if kind == "chan":
-            if ops.is_channelwise(op, x):
-                return channel_rule, "chan"
-            if ops.is_mixing(op, x):
-                return channel_mix_rule, "full"
-        if node.linear or (node.linear is None and ops.is_linear(op)):
-            return linear_rule, "full"
-        if isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4):
-            return norm_rule, "full"
-        if isinstance(op, nn.ReLU):
-            return relu_rule, "full"
-        if node.linear is None and ops.is_per_example(op):
-            return flat_rule, "full"
-        return generic_rule, "full"
-    if node.kind not in ("function", "method"):
-        return generic_rule, "full"
-    if key in _ELEMENTWISE_FUNCTIONS and len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index \
-            in changed and out.shape == values[refs[0]].shape:  # never fed a cached tensor: in-place is fine
-        if changed[refs[0]] == "chan":
-            return elementwise_channel_rule, "chan"
-        return (relu_rule if key in _RELU and not node.kwargs else elementwise_rule), "full"
-    if node.inplace and key not in _ADD | _SUB | _MUL | _DIV:
-        return generic_rule, "full"
-    shapes_match = all(values[j].shape == out.shape for j in changed)
-    if key in _ADD | _SUB and len(node.args) == 2 and not node.kwargs and len(refs) >= 1:
-        if len(changed) == 1 and shapes_match:
-            return add_rule, next(iter(changed.values()))
-        return add_rule, "full"
-    if key in _MUL | _DIV and len(node.args) == 2 and not node.kwargs:
-        a, b = node.args
-        if len(changed) == 1 and shapes_match and not any(isinstance(v, Ref) and isinstance(values[v.index], Tensor)
-                                                          and v.index not in changed for v in (a, b)):
-            if key in _MUL or isinstance(a, Ref) and a.index in changed:
-                return scale_rule, next(iter(changed.values()))
-        if key in _MUL:
-            return product_rule, "full"
-        return generic_rule, "full"
-    if key in _CAT:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        if isinstance(dim, int) and isinstance(node.args[0], (list, tuple)):
-            dim = dim % out.dim()
-            if dim == 1 and list(changed.values()) == ["chan"]:
-                return cat_channel_rule, "chan"
-            return cat_rule, "full"
-        return generic_rule, "full"
-    if len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index in changed:
-        if key in _LINEAR_FUNCTIONS or ops.is_linear_pad(node):
-            return vmap_linear_rule, "full"
-    return generic_rule, "full"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -228,7 +137,7 @@ def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any
     node = ctx.graph.nodes[i]
     j = node.args[0].index
     h, channel = states[j]
-    if _key(node) in _RELU and not node.kwargs:
+    if op_key(node) in RELU and not node.kwargs:
         neg_part, neg_out = ctx.relu_base(j)
         return relu_difference(ctx.channels_of(("neg", j), neg_part, channel),
                                ctx.channels_of(("negout", j), neg_out, channel), h), channel
@@ -256,7 +165,7 @@ def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
 def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``a + b`` / ``a - b``: one changed operand of the output's shape keeps its state (one channel included)."""
     node = ctx.graph.nodes[i]
-    sign = -1.0 if _key(node) in _SUB else 1.0
+    sign = -1.0 if op_key(node) in SUB else 1.0
     changed = [(pos, v.index) for pos, v in enumerate(node.args) if isinstance(v, Ref) and v.index in states]
     out = ctx.values[i]
     if len(changed) == 1 and ctx.values[changed[0][1]].shape == out.shape:
@@ -278,7 +187,7 @@ def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     changed, other = (a, b) if isinstance(a, Ref) and a.index in states else (b, a)
     h, channel = states[changed.index]
     c = ctx.values[other.index] if isinstance(other, Ref) else other
-    return (h / c if _key(node) in _DIV else h * c), channel
+    return (h / c if op_key(node) in DIV else h * c), channel
 
 
 def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
