@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -125,6 +126,26 @@ def check_query_dtypes(model: nn.Module) -> None:
                 )
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_WARNED_DROPOUT: set[type] = set()
+
+
+def _warn_random_dropout(model: nn.Module) -> None:
+    """Warn once per model type when a dropout module is in training mode: every query then draws its own mask,
+    and a finite difference of two queries measures the masks rather than the parameters."""
+    if type(model) in _WARNED_DROPOUT:
+        return
+    name = next((n for n, m in model.named_modules() if isinstance(m, _DROPOUTS) and m.training and m.p > 0), None)
+    if name is not None:
+        _WARNED_DROPOUT.add(type(model))
+        warnings.warn(
+            f"{type(model).__name__} has dropout in training mode ({name or 'the model'!r}): every loss query draws "
+            "a new dropout mask, so zeroth-order finite differences measure the masks, not the parameters. Put "
+            "dropout modules in eval mode (or p=0) for ZO training.",
+            stacklevel=4,
+        )
+
+
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
@@ -164,6 +185,7 @@ def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
         TypeError: ``model`` holds fp16/bf16 parameters or buffers.
     """
     check_query_dtypes(model)
+    _warn_random_dropout(model)
     device_type = device.type if device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
     with (torch.no_grad(), torch.autocast(device_type, enabled=False), fp32_precision(),
           frozen_batchnorm_stats(model)):
