@@ -70,6 +70,22 @@ def make_tiny_trainer(root: Path, **overrides: object) -> L.Trainer:
     return L.Trainer(**kw)
 
 
+def one_query_at_a_time(model, loss_fn, x, y, name: str, index, delta: float):
+    """The reference for every feature-reuse test: perturb one coordinate, one full forward, restore; ``(n,)``."""
+    import torch
+
+    import dz_lightning as dz
+
+    oracle = dz.ModuleOracle(model, loss_fn, x, y, feature_reuse=False)
+    params = dict(model.named_parameters())
+    out = []
+    for i in index.tolist():
+        w = params[name].detach().clone()
+        w.view(-1)[i] += delta
+        out.append(oracle.loss({**params, name: w}))
+    return torch.stack(out)
+
+
 @pytest.fixture
 def tiny_trainer(tmp_path: Path) -> Callable[..., L.Trainer]:
     """Factory ``tiny_trainer(**trainer_kwargs) -> L.Trainer`` rooted in the test's ``tmp_path``.

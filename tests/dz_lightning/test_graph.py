@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_query_at_a_time
 from torch import Tensor, nn
 
 import dz_lightning as dz
@@ -126,18 +127,6 @@ def _data(shape: tuple[int, ...], loss_fn, batch: int = 3) -> tuple[Tensor, Tens
     return x, y
 
 
-def _loop(model: nn.Module, loss_fn, x: Tensor, y: Tensor, name: str, index: Tensor, delta: float) -> Tensor:
-    """The reference: perturb one coordinate, full forward, restore."""
-    oracle = dz.ModuleOracle(model, loss_fn, x, y, feature_reuse=False)
-    params = dict(model.named_parameters())
-    out = []
-    for i in index.tolist():
-        w = params[name].detach().clone()
-        w.view(-1)[i] += delta
-        out.append(oracle.loss({**params, name: w}))
-    return torch.stack(out).double()
-
-
 def _check_equal(model_name: str, max_batch: int | None, train: bool, tensors: int | None = None) -> None:
     make, shape, loss_fn = MODELS[model_name]
     torch.manual_seed(0)
@@ -158,8 +147,8 @@ def _check_equal(model_name: str, max_batch: int | None, train: bool, tensors: i
     for name in names:
         index = torch.randperm(params[name].numel(), generator=gen)[:4]
         got = engine.coordinate_losses(name, index, 1e-2)
-        torch.testing.assert_close(got, _loop(model, loss_fn, x, y, name, index, 1e-2), rtol=1e-5, atol=2e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        want = one_query_at_a_time(model, loss_fn, x, y, name, index, 1e-2).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
 
 
@@ -234,8 +223,8 @@ def test_untraceable_model_with_stages_uses_them_and_says_why():
     assert isinstance(engine, StagedForward)
     for name, p in model.named_parameters():
         index = torch.arange(min(4, p.numel()))
-        torch.testing.assert_close(engine.coordinate_losses(name, index, 1e-2),
-                                   _loop(model, F.cross_entropy, x, y, name, index, 1e-2), rtol=1e-5, atol=2e-5)
+        want = one_query_at_a_time(model, F.cross_entropy, x, y, name, index, 1e-2).double()
+        torch.testing.assert_close(engine.coordinate_losses(name, index, 1e-2), want, rtol=1e-5, atol=2e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_staged(model, F.cross_entropy, x, y)  # warned once per model type

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_query_at_a_time
 from torch import Tensor, nn
 
 import dz_lightning as dz
@@ -89,18 +90,6 @@ MODELS = {
 }
 
 
-def _loop(model: nn.Module, x: Tensor, y: Tensor, name: str, index: Tensor, delta: float) -> Tensor:
-    """The reference: perturb one coordinate, full forward, restore."""
-    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False)
-    params = dict(model.named_parameters())
-    out = []
-    for i in index.tolist():
-        w = params[name].detach().clone()
-        w.view(-1)[i] += delta
-        out.append(oracle.loss({**params, name: w}))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("max_batch", [1, 3, None])
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -120,7 +109,8 @@ def test_structured_differences_equal_the_loop(model_name, max_batch, train):
         index = torch.randperm(p.numel(), generator=gen)[:5]
         got = staged.coordinate_losses(name, index, 1e-2)
         assert got.dtype == torch.float64  # the loss of fp32 outputs plus differences, in float64
-        torch.testing.assert_close(got, _loop(model, x, y, name, index, 1e-2).double(), rtol=1e-5, atol=2e-5)
+        want = one_query_at_a_time(model, F.cross_entropy, x, y, name, index, 1e-2).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
 
 
