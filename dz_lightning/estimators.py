@@ -19,7 +19,7 @@ from dz_lightning.oracle import NonFiniteLossError, Oracle
 from dz_lightning.resolution import check_directions_resolve, check_step_resolves
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["Estimate", "cge", "device_generator", "rge", "validate_masks"]
+__all__ = ["Estimate", "cge", "device_generator", "params_device", "rge", "validate_masks"]
 
 Difference = Literal["forward", "central"]
 Distribution = Literal["gaussian", "sphere"]
@@ -83,7 +83,8 @@ def validate_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | N
             )
 
 
-def _first_device(params: Mapping[str, Tensor]) -> torch.device:
+def params_device(params: Mapping[str, Tensor]) -> torch.device:
+    """The device of the (first) parameter: where a step's small bookkeeping tensors live."""
     return next(iter(params.values())).device
 
 
@@ -103,7 +104,7 @@ def _check_coordinates(params: Mapping[str, Tensor], coordinates: Mapping[str, T
             raise TypeError(f"`coordinates[{name!r}]` must be an integer Tensor of flat indices, but got "
                             f"{getattr(index, 'dtype', type(index).__name__)}.")
         flat = index.reshape(-1)
-        outside.append(((flat < 0) | (flat >= params[name].numel())).any().to(_first_device(params)))
+        outside.append(((flat < 0) | (flat >= params[name].numel())).any().to(params_device(params)))
     if not outside or not bool(torch.stack(outside).any()):  # one host sync for all parameters
         return
     for (name, index), bad in zip(coordinates.items(), outside, strict=True):

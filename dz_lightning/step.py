@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dz_lightning import distributed
 from dz_lightning.distributed import CostTable, RankFailedError
-from dz_lightning.estimators import Estimate, cge, rge, validate_masks
+from dz_lightning.estimators import Estimate, cge, params_device, rge, validate_masks
 from dz_lightning.oracle import DelegatingOracle, ModuleOracle, Oracle
 
 __all__ = ["RecordingOracle", "ReplayOracle", "StepPlan", "StepTiming"]
@@ -102,8 +102,7 @@ class StepPlan:
             settings = self._rge_settings(masks)
             if world == 1:
                 return rge(oracle, params, generator=self.generator, **settings)
-            device = next(iter(params.values())).device
-            recorder = RecordingOracle(oracle, rank, world, self._rge_points(), device)
+            recorder = RecordingOracle(oracle, rank, world, self._rge_points(), params_device(params))
             state = self.generator.get_state()
             est = rge(recorder, params, generator=self.generator, **settings)
             self._pending = _Pending(est, recorder=recorder, generator_state=state, masks=masks)
@@ -149,7 +148,7 @@ class StepPlan:
         losses = None
         if self.estimator == "rge" and world > 1:  # the same layout on every rank, whatever happened on it
             losses = (pending.recorder.payload() if not failed and self._replays(pending, share)
-                      else torch.zeros(self._rge_points(), dtype=torch.float64, device=_device(params)))
+                      else torch.zeros(self._rge_points(), dtype=torch.float64, device=params_device(params)))
         counts = pending.counts if pending is not None and pending.counts is not None and not failed else {}
         seconds = pending.estimate.seconds if counts else {}
         start = time.perf_counter()
@@ -192,10 +191,6 @@ class StepPlan:
         generator.set_state(pending.generator_state)
         replay = ReplayOracle(base, losses.to(base.device, base.dtype))
         return rge(replay, params, generator=generator, **self._rge_settings(pending.masks)).grads
-
-
-def _device(params: Mapping[str, Tensor]) -> torch.device:
-    return next(iter(params.values())).device
 
 
 def _check_split(counts: Mapping[str, float], expected: Mapping[str, int]) -> None:
