@@ -200,9 +200,7 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
         ds = scale * torch.expm1(-0.5 * torch.log1p(dv / var_eps))
         return torch.addcmul(xc * ds, dc, scale + ds)
     if isinstance(op, nn.ReLU):
-        neg_part, neg_out = ctx.relu_base(x)
-        return relu_difference(ctx.channels_of(("neg", x), neg_part, channel),
-                               ctx.channels_of(("negout", x), neg_out, channel), d)
+        return relu_channel_difference(ctx, x, d, channel)
     if isinstance(op, (nn.Identity, nn.Dropout)):
         return d
     if is_depthwise(op):  # each query's channel through its own 3x3 kernel: one grouped convolution
@@ -212,6 +210,14 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
     if isinstance(op, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return channel_values(op, p, d, channel)
     return channel_values(op, p, ctx.channels(x, channel) + d, channel) - ctx.channels(y, channel)
+
+
+def relu_channel_difference(ctx: Any, x: int, d: Tensor, channel: Tensor) -> Tensor:
+    """``relu(x_c + d) - relu(x_c)`` in channel ``channel[i]`` of each query, for a change ``d[i]`` ``(k, B, *spatial)``
+    of that channel of cached node ``x`` (:func:`~dz_lightning.reuse.differences.relu_difference`)."""
+    neg_part, neg_out = ctx.relu_base(x)
+    return relu_difference(ctx.channels_of(("neg", x), neg_part, channel),
+                           ctx.channels_of(("negout", x), neg_out, channel), d)
 
 
 def one_channel_mix(op: nn.Module, p: Mapping[str, Tensor], d: Tensor, channel: Tensor,

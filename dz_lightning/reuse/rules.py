@@ -138,9 +138,7 @@ def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any
     j = node.args[0].index
     h, channel = states[j]
     if op_key(node) in RELU and not node.kwargs:
-        neg_part, neg_out = ctx.relu_base(j)
-        return relu_difference(ctx.channels_of(("neg", j), neg_part, channel),
-                               ctx.channels_of(("negout", j), neg_out, channel), h), channel
+        return ops.relu_channel_difference(ctx, j, h, channel), channel
     z = ctx.channels(j, channel) + h
     args, kwargs = call_with(node, lambda r: z)
     return ctx.call(i, args, kwargs) - ctx.channels(i, channel), channel
