@@ -233,8 +233,7 @@ class GraphEngine:
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)
 
-    def run_batched(self, i: int, changed: Mapping[int, Tensor], local: str | None = None, q: Any = None,
-                    diff: bool = True) -> Tensor:
+    def run_batched(self, i: int, changed: Mapping[int, Tensor], local: str | None = None, q: Any = None) -> Tensor:
         """Node ``i`` per query under ``vmap``: the inputs in ``changed`` (node -> ``(k, ...)``) batched, the others
         cached; with ``local``, that parameter batched too (entry ``q.index[i]`` moved by ``q.delta``)."""
         order = list(changed)

@@ -282,7 +282,7 @@ def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
         for j in dict.fromkeys(node.refs()):
             if j not in values and isinstance(ctx.values[j], Tensor):
                 values[j] = ctx.values[j].unsqueeze(0).repeat(k, *([1] * ctx.values[j].dim()))
-    out = ctx.run_batched(i, values, local=q.start_local(i), q=q, diff=False)
+    out = ctx.run_batched(i, values, local=q.start_local(i), q=q)
     if isinstance(ctx.values[i], (tuple, list)):  # a tuple of tensors: the differences of its elements
         return tuple(None if v is None else o - v for o, v in zip(out, ctx.values[i], strict=True)), None
     return out - ctx.values[i], None
