@@ -19,7 +19,7 @@ from dz_lightning.oracle import NonFiniteLossError, Oracle
 from dz_lightning.resolution import check_directions_resolve, check_step_resolves
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["Estimate", "cge", "device_generator", "params_device", "rge", "validate_masks"]
+__all__ = ["Estimate", "cge", "device_generator", "loss_difference", "params_device", "rge", "validate_masks"]
 
 Difference = Literal["forward", "central"]
 Distribution = Literal["gaussian", "sphere"]
@@ -124,7 +124,7 @@ def _base_loss(oracle: Oracle, params: Mapping[str, Tensor]) -> Tensor:
     return f0
 
 
-def _difference(a: Tensor, b: Tensor) -> Tensor:
+def loss_difference(a: Tensor, b: Tensor) -> Tensor:
     """``a - b`` in the wider of the two loss dtypes, on ``a``'s device: never rounds a float64 loss first."""
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype) - b.to(a.device, dtype)
@@ -217,9 +217,9 @@ def cge(
         if timed:
             seconds[name] = _clock(value.device) - start_time
         if minus is None:
-            diff = _difference(plus, f0) / mu
+            diff = loss_difference(plus, f0) / mu
         else:
-            diff = _difference(plus, minus) / (2 * mu)
+            diff = loss_difference(plus, minus) / (2 * mu)
         diff = diff.to(value.dtype)
         diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
@@ -347,10 +347,10 @@ def rge(
             check_directions_resolve(params, points, mu, d, distribution)
         plus = oracle.losses(params, points)
         if difference == "forward":
-            coeff = _difference(plus, f0) / mu
+            coeff = loss_difference(plus, f0) / mu
         else:
             minus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) - mu * u for n, u in dirs.items()})
-            coeff = _difference(plus, minus) / (2 * mu)
+            coeff = loss_difference(plus, minus) / (2 * mu)
         coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}")
         skipped += n_bad
         for name, u in dirs.items():

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dz_lightning.estimators import loss_difference
 from dz_lightning.oracle import DelegatingOracle, ModuleOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
@@ -189,8 +190,7 @@ def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, m
             norm = z.reshape(k, -1).norm(dim=1).reshape(k, *([1] * value.dim()))
             dirs[name] = (mu * z / (norm + 1e-8)).to(value.device)
         plus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) + v for n, v in dirs.items()})
-        dtype = torch.promote_types(plus.dtype, f0.dtype)
-        coeff = (plus.to(dtype) - f0.to(plus.device, dtype)) / mu
+        coeff = loss_difference(plus, f0) / mu
         if not (torch.isfinite(coeff).all() and torch.isfinite(f0)):
             raise NonFiniteLossError("ZO-GraSP's RGE got a non-finite loss; lower `mu` or check the model and data.")
         for name, v in dirs.items():
