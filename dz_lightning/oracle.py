@@ -118,7 +118,7 @@ def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping
         # An in-place op (``out += identity`` in torchvision's ResNets) writes a per-point value into a tensor that
         # does not vary over the points when only later parameters vary. Every activation varies once the inputs
         # do: give each point its own (expanded, not copied) inputs, for this module from now on.
-        if per_point_inputs or "broadcast shape" not in str(err) and "inplace" not in str(err):
+        if per_point_inputs or ("broadcast shape" not in str(err) and "inplace" not in str(err)):
             raise
         _BATCHED_INPUTS.add(module)
         return vmap_points(module, params, varied, inputs, then=then)
@@ -134,7 +134,8 @@ class ModuleOracle(Oracle):
     autograd, fp32 arithmetic (autocast and TF32 off, even inside a mixed-precision trainer or with TF32 enabled
     globally), BatchNorm running statistics never updated.
     K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
-    one-coordinate perturbations of staged models use feature reuse (:mod:`dz_lightning.reuse`).
+    one-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
+    the model's ``stages()``, else batched full forwards).
 
     Args:
         model: the network. Parameter names are those of ``model.named_parameters()``.
@@ -145,9 +146,10 @@ class ModuleOracle(Oracle):
         memory_budget: bytes the batched queries may use beyond the base forward; ``None`` means a default
             (:func:`~dz_lightning.query.memory_budget`: 1 GiB on CPU, a quarter of the CUDA memory free at first
             use, fixed for the process).
-        feature_reuse: use the staged fast path for coordinate perturbations when the model is staged.
+        feature_reuse: use the feature-reuse engine for coordinate perturbations when the model has one (traced
+            or staged).
         delta_dtype: arithmetic of the staged path's linear ops on perturbation differences (``"float32"``,
-            ``"bfloat16"``, ``"tf32"`` on CUDA); see :class:`~dz_lightning.reuse.StagedForward`.
+            ``"bfloat16"``, ``"tf32"`` on CUDA); see :class:`~dz_lightning.reuse.GraphEngine`.
         head: an optional black box between the model and the loss, ``head(outputs, inputs) -> (N, ...)`` for
             outputs ``(N, ...)`` and the inputs ``(N, ...)`` they came from; the loss is then
             ``loss_fn(head(model(inputs), inputs), targets)``. It never runs under ``vmap``: K points' outputs
@@ -243,7 +245,7 @@ class ModuleOracle(Oracle):
         self.queries += int(index.numel())
         return values
 
-    def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.StagedForward | None:
+    def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.GraphEngine | None:
         if self._staged_unavailable:
             return None
         # the key holds the tensors themselves (identity and in-place version), so a freed tensor's memory can

@@ -72,7 +72,6 @@ def op_key(node: Node) -> Any:
     return node.target if node.kind in ("function", "method") else None
 
 
-
 # ----------------------------------------------------------------------------------------------- helpers
 def full(ctx: Any, j: int, state: Change) -> Tensor:
     """A state at node ``j`` as a whole difference ``(k, *values[j].shape)``."""

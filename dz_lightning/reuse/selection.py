@@ -50,6 +50,7 @@ from dz_lightning.reuse.rules import (
 
 __all__ = ["select", "select_start", "select_tuple"]
 
+
 def _tensor_refs(node: Node, values: list[Any]) -> list[int]:
     return [j for j in node.refs() if isinstance(values[j], Tensor)]
 
