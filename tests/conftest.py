@@ -70,6 +70,27 @@ def make_tiny_trainer(root: Path, **overrides: object) -> L.Trainer:
     return L.Trainer(**kw)
 
 
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+"""Half an fp32 ulp at 1: the relative rounding error of one fp32 operation."""
+
+
+def fp32_tolerance(terms: int, scale: float = 1.0) -> dict[str, float]:
+    """``rtol``/``atol`` for two fp32 evaluations of one computation that round differently (a batched call against
+    one point at a time, another CPU's kernels, another thread count).
+
+    A chain of fp32 sums and products whose longest accumulation path adds ``terms`` products (the fan-ins of the
+    layers along the path, summed) is within ``terms * u`` of the exact result, relative to the magnitudes summed
+    (u = 2**-24, the worst case of a recursive sum; blocked and tree sums are better). Two such evaluations are
+    within twice that of each other. ``scale`` is the magnitude the absolute part refers to (the size of the
+    compared values, or of the terms summed when they cancel).
+
+    Returns:
+        ``{"rtol": 2 * terms * u, "atol": 2 * terms * u * scale}``, for ``torch.testing.assert_close``.
+    """
+    bound = 2 * terms * FP32_UNIT_ROUNDOFF
+    return {"rtol": bound, "atol": bound * scale}
+
+
 def one_query_at_a_time(model, loss_fn, x, y, name: str, index, delta: float):
     """The reference for every feature-reuse test: perturb one coordinate, one full forward, restore; ``(n,)``."""
     import torch

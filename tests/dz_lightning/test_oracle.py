@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fp32_tolerance
 from torch import nn
 
 import dz_lightning as dz
@@ -36,7 +37,8 @@ def test_batched_losses_equal_single_evaluations(train, max_batch):
     with torch.no_grad():
         ref = F.cross_entropy(model(x), y)
     model.load_state_dict({**model.state_dict(), **stats})
-    assert float(oracle.loss(params)) == pytest.approx(float(ref), rel=1e-6)
+    # an fp32 forward against the model's own (conv: 18 products per output, linear: 48), loss magnitude ~2
+    torch.testing.assert_close(oracle.loss(params).float(), ref, **fp32_tolerance(terms=18 + 48, scale=2.0))
 
 
 def test_coordinate_losses_match_explicit_perturbation():
@@ -236,4 +238,5 @@ def test_batched_points_through_an_in_place_residual_add_equal_one_at_a_time(nam
     for _ in range(2):  # the second call starts with per-point inputs for this model
         torch.testing.assert_close(oracle.losses({name: p}, {name: points}), batched)
     loop = torch.stack([oracle.loss({name: q}) for q in points])
-    torch.testing.assert_close(batched.to(loop.dtype), loop, rtol=1e-6, atol=1e-7)
+    # three 4-input linear layers in fp32, rounded differently in a batch; losses near 1
+    torch.testing.assert_close(batched.to(loop.dtype), loop, **fp32_tolerance(terms=3 * 4, scale=1.0))
