@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -156,11 +156,18 @@ class ModuleOracle(Oracle):
             reach it as one flat ``(K * B, ...)`` batch (or, on the feature-reuse path, one ``(B, ...)`` batch per
             point), so a non-torch callable works and every image it sees is counted by it (e.g. a residual
             denoiser's black-box classifier).
+        dropout_seed: the seed of the dropout masks when the model has dropout in training mode (common random
+            numbers): every query of this oracle, the base point included, draws the same masks, so a finite
+            difference measures the parameters, not the masks, and feature reuse treats dropout as a fixed
+            elementwise multiply. ``None`` draws one seed from PyTorch's default CPU generator when the oracle is
+            made (a task makes one oracle per step: new masks every step) when a dropout module is in training
+            mode; give a seed for dropout that is not a module (``F.dropout`` in ``forward``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
-                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 dropout_seed: int | None = None) -> None:
         super().__init__(max_batch=max_batch)
         if head is not None and not callable(head):
             raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
@@ -171,14 +178,20 @@ class ModuleOracle(Oracle):
                              "loss over no samples is NaN. Check the data loader (drop_last, an empty split).")
         self.model, self.loss_fn, self.inputs, self.targets, self.head = model, loss_fn, inputs, targets, head
         self.memory_budget, self.feature_reuse, self.delta_dtype = memory_budget, feature_reuse, delta_dtype
+        self.dropout_seed = dropout_seed
+        if dropout_seed is None and query.has_random_dropout(model):  # one draw per oracle, on the CPU: no sync
+            self.dropout_seed = int(torch.randint(0, 2**62, (), generator=torch.default_generator))
         self._names = frozenset(n for n, _ in model.named_parameters())
         self._staged = None
         self._staged_key: tuple | None = None
         self._staged_unavailable = False
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _query_context(self) -> contextlib.AbstractContextManager[None]:
-        return query_mode(self.model, self.inputs.device)
+    @contextlib.contextmanager
+    def _query_context(self) -> Iterator[None]:
+        with query_mode(self.model, self.inputs.device), \
+                query.common_random_numbers(self.dropout_seed, self.inputs.device):
+            yield
 
     def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return parameter_values(self.model, params)

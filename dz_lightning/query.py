@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -22,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "DELTA_DTYPES", "check_delta_dtype", "float64_loss", "fp32_precision", "frozen_batchnorm_stats",
-    "low_precision_deltas", "memory_budget", "points_per_chunk", "query_mode",
+    "DELTA_DTYPES", "check_delta_dtype", "common_random_numbers", "float64_loss", "fp32_precision",
+    "frozen_batchnorm_stats", "has_random_dropout", "low_precision_deltas", "memory_budget", "points_per_chunk",
+    "query_mode",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -127,23 +127,29 @@ def check_query_dtypes(model: nn.Module) -> None:
 
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_WARNED_DROPOUT: set[type] = set()
 
 
-def _warn_random_dropout(model: nn.Module) -> None:
-    """Warn once per model type when a dropout module is in training mode: every query then draws its own mask,
-    and a finite difference of two queries measures the masks rather than the parameters."""
-    if type(model) in _WARNED_DROPOUT:
+def has_random_dropout(model: nn.Module) -> bool:
+    """Whether a dropout module of ``model`` draws masks (training mode, ``p > 0``)."""
+    return any(isinstance(m, _DROPOUTS) and m.training and m.p > 0 for m in model.modules())
+
+
+@contextlib.contextmanager
+def common_random_numbers(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Every random draw inside starts from ``seed`` (on the CPU generator, and ``device``'s own on CUDA), and the
+    generators' previous states come back on exit. Queries run inside it see the same dropout masks, so a finite
+    difference of two queries measures the parameters, not the masks (common random numbers). ``None``: nothing
+    changes."""
+    if seed is None:
+        yield
         return
-    name = next((n for n, m in model.named_modules() if isinstance(m, _DROPOUTS) and m.training and m.p > 0), None)
-    if name is not None:
-        _WARNED_DROPOUT.add(type(model))
-        warnings.warn(
-            f"{type(model).__name__} has dropout in training mode ({name or 'the model'!r}): every loss query draws "
-            "a new dropout mask, so zeroth-order finite differences measure the masks, not the parameters. Put "
-            "dropout modules in eval mode (or p=0) for ZO training.",
-            stacklevel=4,
-        )
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
@@ -185,7 +191,6 @@ def query_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
         TypeError: ``model`` holds fp16/bf16 parameters or buffers.
     """
     check_query_dtypes(model)
-    _warn_random_dropout(model)
     device_type = device.type if device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
     with (torch.no_grad(), torch.autocast(device_type, enabled=False), fp32_precision(),
           frozen_batchnorm_stats(model)):

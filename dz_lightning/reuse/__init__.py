@@ -18,6 +18,7 @@ context and the memory-budget rule).
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -97,17 +98,25 @@ def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], 
     except UntraceableError as exc:  # UnsupportedGraphError included
         reason = str(exc).rstrip(".")
     if get_stages(model) is not None:
-        _warn_once(model, f"{reason}. Feature reuse uses its hand-written `stages()` protocol instead.")
+        _warn_once(model, reason, "Feature reuse uses its `stages()` protocol instead.")
         return StagedForward(model, loss_fn, inputs, targets, params, **kwargs)
-    _warn_once(model, f"{reason}. {type(model).__name__} exposes no stages either (it is not an nn.Sequential and "
-                      "has no `stages()` method), so CGE runs the full forward for every query.")
+    _warn_once(model, reason, "CGE runs the full forward for every query (no `stages()` either).")
     return None
 
 
 _WARNED: set[type] = set()
+_LOG = logging.getLogger(__name__)
+_LIMIT = 300  # characters of the warning; the whole reason is logged at DEBUG level
 
 
-def _warn_once(model: nn.Module, message: str) -> None:
-    if type(model) not in _WARNED:
-        _WARNED.add(type(model))
-        warnings.warn(message, stacklevel=4)
+def _warn_once(model: nn.Module, reason: str, consequence: str) -> None:
+    """One warning per model type, under 300 characters: the cause first, then what follows; the whole reason
+    (every node of the failed plan, say) goes to the ``dz_lightning.reuse`` logger at DEBUG level."""
+    if type(model) in _WARNED:
+        return
+    _WARNED.add(type(model))
+    _LOG.debug("feature reuse for %s: %s", type(model).__name__, reason)
+    more = " Details: logger 'dz_lightning.reuse', DEBUG."
+    room = _LIMIT - 1 - len(f"{type(model).__name__}: . {consequence}{more}")
+    short, more = (reason, "") if len(reason) <= room else (reason[: room - 3].rstrip() + "...", more)
+    warnings.warn(f"{type(model).__name__}: {short}. {consequence}{more}", stacklevel=4)

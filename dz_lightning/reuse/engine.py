@@ -166,17 +166,24 @@ class GraphEngine:
             if calls <= seen:
                 continue
             seen |= calls
+            at: list[int] = []
             with query_mode(self.model, self.inputs.device):
                 try:
-                    d = self._output_change(plan, torch.zeros(1, dtype=torch.long, device=self.inputs.device), 0.0)
+                    d = self._output_change(plan, torch.zeros(1, dtype=torch.long, device=self.inputs.device), 0.0,
+                                            at)
                 except Exception as exc:  # noqa: BLE001 - any failure of a rule means: not a graph for the engine
+                    node, rule = next(((self.ops[i].name, r.__name__) for i, r, _ in plan.steps if i == at[-1]),
+                                      ("?", "?")) if at else ("?", "?")
                     steps = ", ".join(f"{n} ({r})" for n, r in self.rules(name))
-                    raise UnsupportedGraphError(f"a query of {name!r} failed through nodes [{steps}]: "
-                                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                                                ) from exc
+                    raise UnsupportedGraphError(f"node {node!r} ({rule}) failed in a query of "
+                                                f"{name!r}: {type(exc).__name__}: "
+                                                f"{str(exc).splitlines()[0] if str(exc) else ''}; the query's nodes: "
+                                                f"[{steps}]") from exc
             if d is not None and float(d.abs().max()) > 1e-5 * (1 + float(outputs.abs().max())):
+                suspects = [f"{n} ({r})" for n, r in self.rules(name) if r in rules.USER_CODE_RULES]
                 raise UnsupportedGraphError(f"a zero step of {name!r} changed the outputs by up to "
-                                            f"{float(d.abs().max()):.3g} through nodes {self.rules(name)}")
+                                            f"{float(d.abs().max()):.3g} (random or stateful ops recomputed by "
+                                            f"{', '.join(suspects[-3:])}); its nodes: {self.rules(name)}")
 
     def rules(self, name: str) -> list[tuple[str, str]]:
         """``(node name, rule name)`` of every node that a perturbation of ``name`` recomputes, in order."""
@@ -210,6 +217,11 @@ class GraphEngine:
             centered = x - x.mean(dims, keepdim=True)
             return centered, (centered * centered).mean(dims) + eps
         return self.cache(("stats", j, eps), make)
+
+    def dropout_mask(self, i: int) -> Tensor:
+        """The scaled mask (``0`` or ``1 / (1 - p)``, the shape of its input) that train-mode dropout node ``i``
+        drew in the base forward."""
+        return self._cache[("dropout", i)]
 
     def relu_base(self, j: int) -> tuple[Tensor, Tensor]:
         """``(min(x, 0), -relu(x))`` for node ``j``'s value ``x``."""
@@ -269,7 +281,15 @@ class GraphEngine:
                 args, kwargs = rules.call_with(node, lambda r: values[r.index])
                 if node.inplace:  # the cache keeps the input as it was
                     args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-                value = self.call(i, args, kwargs)
+                if node.kind == "module" and ops.is_random_dropout(node.target):
+                    # common random numbers: the mask is drawn here, once (the same draw as the module's own
+                    # forward from the same generator state: contiguous, as the model's own activation would be),
+                    # and every query of the engine reuses it
+                    ones = torch.ones(args[0].shape, dtype=args[0].dtype, device=args[0].device)
+                    mask = self._cache[("dropout", i)] = node.target(ones)
+                    value = args[0] * mask
+                else:
+                    value = self.call(i, args, kwargs)
             if isinstance(value, Tensor) and value.dim() == 4 and value.is_floating_point():
                 value = value.contiguous(memory_format=self.layout)
             values.append(value)
@@ -330,11 +350,14 @@ class GraphEngine:
         return query.points_per_chunk(self.inputs.device, self.memory_budget, 4 * bytes_per_query, self.max_batch,
                                       cpu_cache_bytes=4 * _CPU_CACHE_BYTES)
 
-    def _output_change(self, plan: _Plan, index: Tensor, delta: float) -> Tensor | None:
-        """Each query's change of the model's output ``(k, *outputs.shape)``; ``None``: it does not reach it."""
+    def _output_change(self, plan: _Plan, index: Tensor, delta: float, at: list[int] | None = None) -> Tensor | None:
+        """Each query's change of the model's output ``(k, *outputs.shape)``; ``None``: it does not reach it.
+        ``at`` (the self-check's) receives the index of each node before its rule runs."""
         q = _Query(index, delta, plan.starts)
         states: dict[int, rules.Change] = {}
         for i, rule, frees in plan.steps:
+            if at is not None:
+                at.append(i)
             states[i] = rule(self, i, states, q)
             for j in frees:
                 states.pop(j, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -112,7 +113,8 @@ def _where(exc: BaseException) -> str:
     if not frames:
         return ""
     f = frames[-1]
-    return f" at {f.filename}:{f.lineno} ({f.name}): `{(f.line or '').strip()}`"
+    path = os.path.relpath(f.filename) if not os.path.relpath(f.filename).startswith("..") else f.filename
+    return f" at `{(f.line or '').strip()}` ({path}:{f.lineno}, {f.name})"
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
@@ -151,8 +153,8 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None
         fx_graph = _Tracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any failure of the tracer means: no traced graph
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UntraceableError(f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: "
-                               f"{message}{_where(exc)}") from exc
+        raise UntraceableError(f"torch.fx could not trace {type(model).__name__}{_where(exc)}: "
+                               f"{type(exc).__name__}: {message}") from exc
     names = parameter_names(model)
     nodes: list[Node] = []
     index: dict[fx.Node, int] = {}

@@ -13,7 +13,8 @@ The rules, keyed on the node:
 * a Conv/Linear weight or bias coordinate changes one output channel by ``delta`` times one column of the unfolded
   input (:func:`column_start`); a BatchNorm weight/bias coordinate by ``delta * xhat`` of one channel;
 * channel-wise ops (activations, BatchNorm, pooling, depthwise convolutions, eval dropout) keep a one-channel
-  change in its channel (:func:`channel_rule`); the next mixing op (Conv2d, Linear) sees a one-input-channel
+  change in its channel (:func:`channel_rule`); train-mode dropout multiplies it by the mask of the base forward
+  (:func:`dropout_rule`: common random numbers); the next mixing op (Conv2d, Linear) sees a one-input-channel
   change, one batched matmul over the kernel taps (:func:`channel_mix_rule`); an add with a cached operand keeps
   it one-channel, a channel concatenation moves it to its new channel;
 * on whole differences, linear ops act on ``d`` alone (in ``delta_dtype``), train-mode BatchNorm and ReLU use the
@@ -128,6 +129,16 @@ def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     x = node.args[0].index
     h, channel = states[x]
     return ops.channel_difference(ctx, node.target, ctx.node_params(i), x, i, h, channel), channel
+
+
+def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """Train-mode dropout under common random numbers: the mask drawn in the base forward scales the change, which
+    stays where it is (one channel included)."""
+    h, channel = states[ctx.graph.nodes[i].args[0].index]
+    mask = ctx.dropout_mask(i)
+    if channel is None:
+        return h * mask, None
+    return h * ctx.channels_of(("dropout", i), mask, channel), channel
 
 
 def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:

@@ -30,6 +30,7 @@ from dz_lightning.reuse.rules import (
     channel_mix_rule,
     channel_rule,
     column_start,
+    dropout_rule,
     elementwise_channel_rule,
     elementwise_rule,
     flat_module_rule,
@@ -94,6 +95,8 @@ def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) 
         if len(changed) != 1 or len(refs) != 1:
             return generic_rule, "full"
         op, kind, x = node.target, next(iter(changed.values())), values[refs[0]]
+        if ops.is_random_dropout(op):
+            return dropout_rule, kind
         if kind == "chan":
             if ops.is_channelwise(op, x):
                 return channel_rule, "chan"

@@ -46,7 +46,7 @@ def _oracles():
     }
 
 
-@pytest.mark.filterwarnings("ignore:.*exposes no stages")
+@pytest.mark.filterwarnings("ignore:.*full forward for every query")
 @pytest.mark.parametrize("path", ["staged", "batched", "not staged", "function", "function batched"])
 def test_mu_below_the_dtype_resolution_is_refused_before_any_query(path):
     oracle, model = _oracles()[path]

@@ -143,30 +143,19 @@ def test_points_per_chunk_is_one_rule_for_every_engine():
     assert query.points_per_chunk(cpu, 1 << 20, 1 << 10, max_batch=3) == 3
 
 
-def test_dropout_in_training_mode_is_named_once_in_a_warning():
-    import warnings
+def test_common_random_numbers_repeat_the_draws_and_restore_the_generator():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    assert query.has_random_dropout(model) and not query.has_random_dropout(model.eval())
+    assert not query.has_random_dropout(nn.Sequential(nn.Dropout(0.0)).train())
+    x, state = torch.randn(4, 3), torch.get_rng_state()
+    with torch.no_grad():
+        draws = []
+        for _ in range(2):
+            with query.common_random_numbers(5, x.device):
+                draws.append(model.train()(x))
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(torch.get_rng_state(), state)
+    with query.common_random_numbers(None, x.device):  # no seed: nothing changes
+        torch.rand(1)
+    assert not torch.equal(torch.get_rng_state(), state)
 
-    class WithDropout(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
-
-        def forward(self, x):
-            return self.body(x)
-
-    model, x, y = WithDropout(), torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
-    params = dict(model.named_parameters())
-
-    def query() -> None:  # full forwards: the staged engine's self-check would warn about the random outputs too
-        dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False).loss(params)
-
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        query()  # eval: no warning
-    model.train()
-    with pytest.warns(UserWarning, match=r"dropout in training mode \('body.1'\)"):
-        query()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per model type
-        query()
