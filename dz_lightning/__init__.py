@@ -30,30 +30,16 @@ _EXPORTS = {
     "rge": "dz_lightning.estimators",
 }
 
-__all__ = [
-    "Estimate",
-    "FunctionOracle",
-    "ModuleOracle",
-    "NonFiniteLossError",
-    "NonFiniteStepError",
-    "Oracle",
-    "RankFailedError",
-    "ResumableDataLoader",
-    "SeededRandomSampler",
-    "ZOModule",
-    "ZOTrainable",
-    "cge",
-    "rge",
-]
+__all__ = sorted(_EXPORTS)  # one list: tests/test_packaging.py ties it to the TYPE_CHECKING imports below
 
-if TYPE_CHECKING:
-    from dz_lightning.distributed import RankFailedError
-    from dz_lightning.estimators import Estimate, cge, rge
-    from dz_lightning.finite_step import NonFiniteStepError
-    from dz_lightning.module import ZOModule
-    from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle
-    from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
-    from dz_lightning.trainable import ZOTrainable
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve lazily (__getattr__)
+    from dz_lightning.distributed import RankFailedError  # noqa: F401
+    from dz_lightning.estimators import Estimate, cge, rge  # noqa: F401
+    from dz_lightning.finite_step import NonFiniteStepError  # noqa: F401
+    from dz_lightning.module import ZOModule  # noqa: F401
+    from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle  # noqa: F401
+    from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler  # noqa: F401
+    from dz_lightning.trainable import ZOTrainable  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
