@@ -8,6 +8,7 @@ Masks are plain bool tensors (no ``torch.nn.utils.prune``: it renames parameters
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -241,6 +242,11 @@ class RestrictedOracle(DelegatingOracle):
 def layerwise_ratios(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, float]:
     """Layer-wise pruning ratios of one global unstructured prune keeping the largest ``|score|``.
 
+    A layer whose scores are all zero cannot be ranked: GraSP's score ``-theta * Hg`` is zero for a layer initialized
+    at zero (a SOL corrector's output layer), and a global prune would take all of it, freezing the layer for good.
+    Such a layer gets the global ratio ``sparsity`` instead (one warning names it); the other layers share one global
+    prune at ``sparsity``, so the overall density is the same.
+
     Args:
         scores: name -> scores, any shapes.
         sparsity: fraction of all scored entries pruned, in [0, 1).
@@ -249,16 +255,25 @@ def layerwise_ratios(scores: Mapping[str, Tensor], sparsity: float) -> dict[str,
         name -> fraction of that layer pruned.
     """
     check_sparsity(sparsity)
-    flat = torch.cat([s.detach().abs().reshape(-1).float().cpu() for s in scores.values()])
-    n_keep = round((1 - sparsity) * flat.numel())
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.argsort(flat, descending=True, stable=True)[:n_keep]] = True
-    ratios, offset = {}, 0
-    for name, s in scores.items():
-        kept = int(keep[offset : offset + s.numel()].sum())
-        ratios[name] = 1.0 - kept / s.numel()
-        offset += s.numel()
-    return ratios
+    flat = {name: s.detach().abs().reshape(-1).float().cpu() for name, s in scores.items()}
+    unscored = [name for name, s in flat.items() if s.numel() and not bool(s.any())]
+    ranked = [name for name in flat if name not in unscored]
+    if unscored:
+        warnings.warn(f"GraSP cannot score {unscored} (all scores zero, e.g. a layer initialized at zero): "
+                      f"{'they get' if len(unscored) > 1 else 'it gets'} the global ratio {sparsity} instead of "
+                      "being pruned whole.", stacklevel=2)
+    ratios = dict.fromkeys(unscored, float(sparsity))
+    if ranked:
+        joined = torch.cat([flat[name] for name in ranked])
+        n_keep = round((1 - sparsity) * joined.numel())
+        keep = torch.zeros(joined.numel(), dtype=torch.bool)
+        keep[torch.argsort(joined, descending=True, stable=True)[:n_keep]] = True
+        offset = 0
+        for name in ranked:
+            kept = int(keep[offset : offset + flat[name].numel()].sum())
+            ratios[name] = 1.0 - kept / flat[name].numel()
+            offset += flat[name].numel()
+    return {name: ratios[name] for name in scores}
 
 
 def random_ratios(params: Mapping[str, Tensor], names: list[str], sparsity: float,

@@ -136,3 +136,33 @@ class _Scale(nn.Module):
 
     def forward(self, x):
         return x * self.factor
+
+
+def test_a_layer_grasp_cannot_score_gets_the_global_ratio_not_frozen():
+    scores = {"zero": torch.zeros(40), "a": torch.randn(30), "b": torch.randn(10) * 10}
+    with pytest.warns(UserWarning, match=r"GraSP cannot score \['zero'\].*global ratio 0.75"):
+        ratios = sp.layerwise_ratios(scores, 0.75)
+    assert list(ratios) == ["zero", "a", "b"] and ratios["zero"] == 0.75
+    kept = sum((1 - ratios[n]) * s.numel() for n, s in scores.items())
+    assert kept == pytest.approx(0.25 * 80)  # the overall density is the one asked for
+    assert ratios["b"] < ratios["a"]  # the others are still ranked by their scores
+    with pytest.warns(UserWarning, match="cannot score"):  # nothing scored at all: every layer at the global ratio
+        assert sp.layerwise_ratios({"x": torch.zeros(4), "y": torch.zeros(6)}, 0.5) == {"x": 0.5, "y": 0.5}
+
+
+def test_zo_grasp_on_the_sol_corrector_freezes_no_layer():
+    """Its output layer starts at zero, so GraSP scores it zero: it must not get ratio 1.0 (no coordinate trained)."""
+    from dz_lightning.models.corrector import SOLCorrector
+
+    torch.manual_seed(0)
+    model = SOLCorrector(width=4, depth=3, kernel_size=3)
+    x, y = torch.randn(4, 3, 8, 8), torch.randn(4, 2, 8, 8)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = sp.prunable_parameters(model)
+    oracle = dz.ModuleOracle(model, F.mse_loss, x, y)
+    scores, _ = sp.zo_grasp_scores(oracle, params, names, q=8, generator=torch.Generator().manual_seed(0))
+    last = names[-1]
+    assert not bool(scores[last].any())
+    with pytest.warns(UserWarning, match=rf"cannot score \['{last}'\]"):
+        ratios = sp.layerwise_ratios(scores, 0.9)
+    assert max(ratios.values()) < 1.0 and ratios[last] == 0.9
