@@ -189,14 +189,15 @@ class ZOModule(L.LightningModule):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def module_oracle(self, loss_fn: Any, inputs: Tensor, targets: Tensor, head: Any = None,
-                      model: nn.Module | None = None) -> ModuleOracle:
+                      model: nn.Module | None = None, **options: Any) -> ModuleOracle:
         """A :class:`ModuleOracle` over ``model`` (default ``self.model``) with this module's batching settings.
 
-        ``head``: a black box between the model and the loss (see :class:`ModuleOracle`).
+        ``head``: a black box between the model and the loss (see :class:`ModuleOracle`); ``options``: other
+        :class:`ModuleOracle` arguments, which take precedence over this module's (``feature_reuse``, ``max_batch``).
         """
-        return ModuleOracle(self.model if model is None else model, loss_fn, inputs, targets,
-                            max_batch=self.max_batch, memory_budget=self.memory_budget, delta_dtype=self.delta_dtype,
-                            head=head)
+        settings = {"max_batch": self.max_batch, "memory_budget": self.memory_budget, "delta_dtype": self.delta_dtype}
+        return ModuleOracle(self.model if model is None else model, loss_fn, inputs, targets, head=head,
+                            **{**settings, **options})
 
     def training_forward(self, batch: Any, oracle: Oracle) -> Tensor | None:
         """The step's one plain forward of the training batch, before the estimate; returns its outputs or ``None``.

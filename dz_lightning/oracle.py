@@ -72,12 +72,9 @@ def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[st
     return {n: params.get(n, p) for n, p in module.named_parameters()}
 
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 def has_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` holds a BatchNorm layer (whose running statistics a training forward updates)."""
-    return any(isinstance(m, _BATCHNORMS) for m in module.modules())
+    return any(isinstance(m, query.BATCHNORMS) for m in module.modules())
 
 
 def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor, *,

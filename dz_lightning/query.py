@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "DELTA_DTYPES", "check_delta_dtype", "common_random_numbers", "float64_loss", "fp32_precision",
+    "BATCHNORMS", "DELTA_DTYPES", "check_delta_dtype", "common_random_numbers", "float64_loss", "fp32_precision",
     "frozen_batchnorm_stats", "has_random_dropout", "low_precision_deltas", "memory_budget", "points_per_chunk",
     "query_mode",
 ]
@@ -152,6 +152,9 @@ def common_random_numbers(seed: int | None, device: torch.device) -> Iterator[No
         yield
 
 
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+"""The layers with running statistics that a training forward updates (a lazy one becomes one of them)."""
+
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
@@ -163,7 +166,7 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
     computes); in eval mode it uses the running statistics. Only the buffer updates are suppressed. Nested and
     concurrent uses on the same layers restore the flags once, when the last one exits.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, BATCHNORMS)]
     with _LOCK:
         for m in bns:
             entry = _FROZEN.get(m)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from dz_lightning import ZOModule
 from dz_lightning.figures import log_figure, new_figure, save_figure
-from dz_lightning.oracle import ModuleOracle, Oracle
+from dz_lightning.module import build_optimizers
+from dz_lightning.oracle import Oracle
 from dz_lightning.validation import check_choice, check_positive_int
 
 __all__ = ["BlackBoxClassifier", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing", "load_state_dict"]
@@ -234,9 +235,8 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
                 return self.classifier(inputs - noise)
 
             return self.module_oracle(F.cross_entropy, noisy, targets, head=head, model=self.model.body)
-        return ModuleOracle(self.model, F.cross_entropy, noisy, targets, feature_reuse=False,
-                            max_batch=self.max_batch or max(1, 8192 // noisy.shape[0]),
-                            head=lambda images, inputs: self.classifier(images))
+        return self.module_oracle(F.cross_entropy, noisy, targets, head=lambda images, inputs: self.classifier(images),
+                                  feature_reuse=False, max_batch=self.max_batch or max(1, 8192 // noisy.shape[0]))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
@@ -306,8 +306,7 @@ class FODenoisedSmoothing(_CertifiedTest, L.LightningModule):
         self.log("val/noisy_acc", (self.smoothed_base(noisy).argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_fn(self.denoiser.parameters())
-        return opt if self.scheduler_fn is None else {"optimizer": opt, "lr_scheduler": self.scheduler_fn(opt)}
+        return build_optimizers(self.denoiser.parameters(), self.optimizer_fn, self.scheduler_fn, interval="epoch")
 
 
 class NoDenoiser(_CertifiedTest, L.LightningModule):

@@ -255,3 +255,15 @@ def test_checkpoints_carry_the_denoiser_once_and_the_old_layout_loads():
     checkpoint = {"state_dict": old}
     fresh.on_load_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == set(state)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_both_denoiser_oracles_carry_the_module_settings(residual):
+    """The plain denoiser's oracle used to drop ``memory_budget`` and ``delta_dtype`` (it built its own)."""
+    denoiser = DnCNN(1, 2, 3) if residual else nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
+                                                             nn.Conv2d(2, 1, 3, padding=1))
+    module = ZODenoisedSmoothing(denoiser, BlackBoxClassifier(fn=_NumpyBlackBox()), memory_budget=1 << 20,
+                                 delta_dtype="bfloat16", **CERT)
+    oracle = module.make_oracle((torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))))
+    assert oracle.memory_budget == 1 << 20 and oracle.delta_dtype == "bfloat16"
+    assert oracle.feature_reuse is residual  # the plain denoiser's head sees whole images: no feature reuse
