@@ -33,7 +33,10 @@ of their losses. Dropout modules run in eval mode (a train-mode dropout makes ev
 
 Usage: ``python -m benchmarks.cge_throughput --models resnet20 simple_cnn --batch 64 --coords 128``;
 ``--model tv_resnet18`` runs only that model's ``graph_models`` entry;
-on a GPU: ``python -m benchmarks.cge_throughput --device cuda`` (batch 256).
+on a GPU: ``python -m benchmarks.cge_throughput --device cuda`` (batch 256). The JSON records the CPU capability
+(``torch.backends.cpu.get_cpu_capability()``) and the load average before and after; ``--avx2`` reruns the same
+figures in a child process on the AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), so that an
+AVX512 machine measures the AVX2 kind of CPU too (key ``avx2``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -429,6 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--conv-reps", type=int, default=10, help="repetitions of the fp32-vs-bf16 convolution timing")
     parser.add_argument("--out", default=None,
                         help="write the JSON here (default on CUDA: benchmarks/results/cge_throughput_cuda.json)")
+    parser.add_argument("--avx2", action="store_true",
+                        help="on CPU, also rerun the same figures in a child process on the AVX2 kernels "
+                             f"({' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}), under the key 'avx2'")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -441,7 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
     with fp32_precision():  # baselines and ours alike in true fp32 (no TF32), whatever the global settings
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
+            "load_before": os.getloadavg(),
             "batch": batch,
             "matmul_gflops": matmul_gflops(device),
             "conv_fp32_vs_bf16": conv_bf16_speedup(device, args.conv_reps),
@@ -455,11 +466,33 @@ def main(argv: list[str] | None = None) -> dict:
                                   args.full_per_param, args.seed)
             for name in ([args.model] if args.model else args.graph_models)}
         result["graph_models_seconds"] = time.perf_counter() - start
+    result["load_after"] = os.getloadavg()
+    if args.avx2 and device.type == "cpu":
+        result["avx2"] = _rerun_on_avx2(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result))
     if out is not None:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+"""The kernels an AVX2-only CPU runs (ATen's and oneDNN's), selectable on any x86 CPU."""
+
+
+def _rerun_on_avx2(argv: list[str]) -> dict:
+    """The same benchmark in a child process on the AVX2 kernels (its JSON, ``--avx2`` and ``--out`` dropped)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif arg != "--avx2" and not arg.startswith("--out="):
+            rest.append(arg)
+    child = subprocess.run([sys.executable, "-m", "benchmarks.cge_throughput", *rest], env={**os.environ, **AVX2_ENV},
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
