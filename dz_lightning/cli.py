@@ -12,7 +12,9 @@ On top of LightningCLI:
   SafeCheckpointIO`), checks checkpoint folders before training and saves ``interrupted.ckpt`` on an exception,
   Ctrl+C or SIGTERM (:class:`~dz_lightning.checkpointing.CheckpointGuard`), then exits non-zero;
 * ``dz predict`` writes ``predictions.pt`` in the run's log folder unless a prediction writer is configured;
-* a configuration error prints its message, not a traceback (exit status 2).
+* a configuration error prints its message, not a traceback (exit status 2); an unknown option names the nearest
+  valid one, and a missing config or checkpoint file or an unknown subcommand is reported before Lightning is
+  imported (:mod:`dz_lightning.cli_errors`).
 """
 
 from __future__ import annotations
@@ -21,15 +23,11 @@ import sys
 import warnings
 from typing import Any
 
+from dz_lightning.cli_errors import SUBCOMMANDS, early_problem, explain_parser_error
+
 __all__ = ["ConfigurationError", "build_cli", "cli_main"]
 
 _LEAFSPEC = r".*isinstance\(treespec, LeafSpec\).*"
-_SUBCOMMANDS = {
-    "fit": "Runs the full optimization routine.",
-    "validate": "Perform one evaluation epoch over the validation set.",
-    "test": "Perform one evaluation epoch over the test set.",
-    "predict": "Run inference on your data (writes predictions.pt in the run's log folder).",
-}
 
 
 class ConfigurationError(ValueError):
@@ -45,6 +43,7 @@ def _cli_class() -> type:
     from pathlib import Path
 
     import lightning as L
+    from jsonargparse import ArgumentError
     from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.callbacks import BasePredictionWriter
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -61,6 +60,7 @@ def _cli_class() -> type:
         """LightningCLI with ``--zo_grasp``, ``--ckpt_path last``, safe checkpoints and explicit flags that win."""
 
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            kwargs.setdefault("exit_on_error", False)  # parse_arguments prints one line, not the usage
             parser = super().init_parser(**kwargs)
             from dz_lightning import __version__
 
@@ -72,6 +72,14 @@ def _cli_class() -> type:
                 "--zo_grasp", type=dz_callbacks.ZOGraSP | None, default=None,
                 help="ZO-GraSP sparse CGE callback (added to trainer.callbacks); e.g. --zo_grasp.sparsity 0.8.",
             )
+
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            """LightningCLI's parsing; a parser error prints its cause in one line (no usage) and exits with 2."""
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                print(f"dz: configuration error: {explain_parser_error(str(err))}", file=sys.stderr)
+                raise SystemExit(2) from None
 
         def _parse_ckpt_path(self) -> None:
             """Replace LightningCLI's merge of a checkpoint's saved hyperparameters into the parsed config.
@@ -277,7 +285,7 @@ def _short_help() -> str:
         "",
         "subcommands (each has its own --help listing the model, data and trainer options):",
     ]
-    lines += [f"  {name:<10}{text}" for name, text in _SUBCOMMANDS.items()]
+    lines += [f"  {name:<10}{text}" for name, text in SUBCOMMANDS.items()]
     lines += [
         "",
         "options:",
@@ -309,6 +317,11 @@ def cli_main(args: list[str] | None = None) -> None:
 
         print(f"dz_lightning {__version__}")
         return
+    # mistakes that need no import to see are reported before Lightning and torch load (seconds of CPU)
+    problem = early_problem(argv)
+    if problem is not None:
+        print(f"dz: configuration error: {problem}", file=sys.stderr)
+        sys.exit(2)
     warnings.filterwarnings("ignore", message=_LEAFSPEC, category=FutureWarning)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

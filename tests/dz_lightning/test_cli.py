@@ -125,6 +125,70 @@ def test_version_and_top_level_help_do_not_import_lightning():
     assert "dz_lightning 0." in out.stdout and "fit" in out.stdout and "predict" in out.stdout
 
 
+def test_mistakes_seen_without_imports_are_reported_before_lightning_loads(tmp_path):
+    """A missing config, an unknown subcommand, a missing checkpoint: one line, exit 2, no torch or Lightning import."""
+    (tmp_path / "folder.yaml").mkdir()
+    script = textwrap.dedent(
+        """
+        import sys
+        from dz_lightning.cli import cli_main
+        for argv in (["fit", "-c", "missing.yaml"], ["-c", "folder.yaml", "fit"], ["test", "--config=folder.yaml"],
+                     ["fitt"], ["test", "--ckpt_path", "nope.ckpt"]):
+            try:
+                cli_main(argv)
+            except SystemExit as exit:
+                assert exit.code == 2, (argv, exit.code)
+            else:
+                raise AssertionError(f"{argv} did not exit")
+        assert "lightning" not in sys.modules and "torch" not in sys.modules, "imports before the early errors"
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        f"dz: configuration error: config file 'missing.yaml' does not exist (relative to {tmp_path}).",
+        f"dz: configuration error: config file 'folder.yaml' is a folder, not a file (relative to {tmp_path}).",
+        f"dz: configuration error: config file 'folder.yaml' is a folder, not a file (relative to {tmp_path}).",
+        "dz: configuration error: did you mean `fit`? unknown subcommand 'fitt'; choose from fit, validate, test, "
+        "predict (dz --help).",
+        f"dz: configuration error: --ckpt_path: checkpoint file 'nope.ckpt' does not exist (relative to {tmp_path}).",
+    ]
+
+
+def test_early_checks_leave_valid_and_parser_only_arguments_alone(tmp_path, monkeypatch):
+    from dz_lightning.cli_errors import early_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("seed_everything: 1\n")
+    for argv in (["fit", "-c", "a.yaml", "--ckpt_path", "last"], ["-c", "a.yaml", "test", "--ckpt_path", "best"],
+                 ["fit", "--config", "{trainer: {max_epochs: 1}}"], ["predict", "--ckpt_path", "s3://bucket/x.ckpt"],
+                 ["--print_config", "fit"], ["fit", "--model", "ZOClassifier", "-ca.yaml"]):
+        assert early_problem(argv) is None, argv
+    assert "a.yaml" not in (early_problem(["fit", "-cmissing.yaml"]) or "a.yaml")
+
+
+def test_unknown_option_suggests_the_valid_name_first_without_usage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(DIGITS), "--model.init_args.muu", "0.1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dz: configuration error: did you mean `mu`? `muu` is not an option of ZOClassifier")
+    assert len(err.strip().splitlines()) == 1 and "usage" not in err and "Traceback" not in err
+    # nested classes and callbacks name their own options; a mistyped class name gets the nearest known one
+    cases = ((["--model.init_args.model.init_args.hiden", "[4]"], "did you mean `hidden`? `hiden` is not an option "
+              "of MLP"),
+             (["--zo_grasp.sparsty", "0.5"], "did you mean `sparsity`? `sparsty` is not an option of ZOGraSP"),
+             (["--model", "ZOClassifer"], "did you mean `ZOClassifier`? no class named 'ZOClassifer'"))
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["fit", "-c", str(DIGITS), *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dz: configuration error: {said}") and len(err.strip().splitlines()) == 1, err
+
+
 # -------------------------------------------------------------------------------------------------- predict
 def test_predict_writes_predictions(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
