@@ -6,6 +6,8 @@ On top of LightningCLI:
   ``--trainer.callbacks+=ZOGraSP``), and ``dz fit --help`` lists them; ``dz --version``;
 * ``--zo_grasp.*`` configures the ZO-GraSP callback (``--zo_grasp.sparsity 0.8``);
 * ``--ckpt_path last`` is the newest ``last.ckpt`` of the config's runs (the run just trained);
+* ``validate``, ``test`` and ``predict`` with ``--ckpt_path`` log into the version folder of the run that wrote the
+  checkpoint (their config as ``config_<subcommand>.yaml`` beside fit's ``config.yaml``);
 * the config and the command line win over a checkpoint's saved hyperparameters (LightningCLI would silently apply
   the checkpoint's); where they differ, a warning names the keys;
 * every Trainer writes checkpoints atomically with a SHA-256 beside them (:class:`~dz_lightning.checkpointing.
@@ -107,6 +109,8 @@ def _cli_class() -> type:
                 rank_zero_info(f"--ckpt_path last: {ckpt_path}")
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
+            if subcommand != "fit":
+                _log_into_the_run_of(ckpt_path, self.config[subcommand])
             hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
             if not hparams:
@@ -137,6 +141,9 @@ def _cli_class() -> type:
             return self.config_init.get(str(self.subcommand), self.config_init).get(key, default)
 
         def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+            if self.subcommand not in (None, "fit"):  # beside fit's config.yaml in the same run folder, not over it
+                self.save_config_kwargs = {**self.save_config_kwargs,
+                                           "config_filename": f"config_{self.subcommand}.yaml"}
             extra = [self.instantiated("zo_grasp")]
             plugins = self.instantiated("trainer", default={}).get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
@@ -223,6 +230,33 @@ def _find_last_checkpoint(config: Any) -> Any:
         rank_zero_warn(f"--ckpt_path last: using {chosen}, but a later run stopped early and left only "
                        f"{max(newer, key=lambda p: p.stat().st_mtime)}; pass that path to use it.", stacklevel=1)
     return chosen
+
+
+def _log_into_the_run_of(ckpt_path: str, config: Any) -> None:
+    """Point the config's loggers at the version folder of the run that wrote ``ckpt_path`` (validate/test/predict).
+
+    A checkpoint at ``<save_dir>/<name>/<version>/checkpoints/`` came from the run whose logger wrote
+    ``<save_dir>/<name>/<version>``; a logger of the config with that ``save_dir`` and ``name`` and no explicit
+    ``version`` gets that version. The test metrics (or ``predictions.pt``) then land beside the training curves,
+    and ModelCheckpoint finds its own folder (no "dirpath has changed" warning). Other checkpoints leave the loggers
+    as they are.
+    """
+    from pathlib import Path
+
+    folder = Path(ckpt_path).resolve().parent
+    if folder.name != "checkpoints":
+        return
+    run = folder.parent
+    trainer = config.get("trainer") or {}
+    root = Path(trainer.get("default_root_dir") or ".")
+    for logger in _as_list(trainer.get("logger")):
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if init is None or "version" not in init or init.get("version") is not None:
+            continue
+        save_dir = Path(init.get("save_dir") or root)
+        name = init.get("name")
+        if (save_dir / name if name else save_dir).resolve() == run.parent:
+            init["version"] = run.name
 
 
 def _root_cause(message: str) -> str:

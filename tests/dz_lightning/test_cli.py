@@ -46,8 +46,35 @@ def test_quick_start_test_command_tests_the_run_just_trained(tmp_path, monkeypat
         assert Path(test.config.test.ckpt_path).resolve() == last.resolve()
         assert _equal(_weights(test.model), final), "dz test did not test the final weights of the run just trained"
         tested.append(last.resolve())
-    assert tested[0] != tested[1] and tested[1].parent.parent.name == "version_2"  # version_1 holds the first test
+    # each test logged into the folder of the run it tested: the second fit is version_1
+    assert tested[0] != tested[1] and tested[1].parent.parent.name == "version_1"
     assert (tested[0].parent / "best.ckpt").is_file()
+
+
+def test_fit_then_test_and_predict_fill_one_run_folder(tmp_path, monkeypatch, recwarn):
+    """``dz test``/``dz predict --ckpt_path last`` log into the fit's version folder; ZO-GraSP's ratios go there too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    fit = build_cli(["fit", "-c", str(GRASP), *TINY, "--zo_grasp.q", "4"])
+    run = Path(fit.trainer.log_dir).resolve()
+    test = build_cli(["test", "-c", str(GRASP), *TINY, "--zo_grasp.q", "4", "--ckpt_path", "last"])
+    predict = build_cli(["predict", "-c", str(GRASP), *TINY, "--zo_grasp.q", "4", "--ckpt_path", "last"])
+    assert Path(test.trainer.log_dir).resolve() == run == Path(predict.trainer.log_dir).resolve()
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # no version_1 for the test or the predict run
+    assert not [str(w.message) for w in recwarn if "dirpath" in str(w.message)]  # Lightning's "dirpath has changed"
+    files = {p.relative_to(run).as_posix() for p in run.rglob("*") if not p.name.startswith("events.out")}
+    assert {"config.yaml", "config_test.yaml", "config_predict.yaml", "hparams.yaml", "lpr.json", "predictions.pt",
+            "checkpoints/last.ckpt", "checkpoints/best.ckpt"} <= files
+    (grasp,) = [c for c in fit.trainer.callbacks if type(c).__name__ == "ZOGraSP"]
+    assert yaml.safe_load((run / "lpr.json").read_text()) == grasp.ratios
+    assert not (tmp_path / "checkpoints").exists()  # nothing written outside the run folder
+    tags = set()
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss_epoch", "train/queries_total", "val/acc", "test/acc", "test/loss"} <= tags
 
 
 def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path, monkeypatch, capsys):
