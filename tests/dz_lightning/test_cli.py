@@ -225,6 +225,8 @@ def test_predict_writes_predictions(tmp_path, monkeypatch):
     saved = torch.load(path, weights_only=True)
     classes = torch.cat(saved["predictions"][0])
     assert classes.shape == (360,) and classes.dtype == torch.long and int(classes.max()) < 10
+    assert saved["split"] == "test"  # the data module's predict_split, recorded with the predictions
+    assert [i for batch in saved["batch_indices"][0] for i in batch] == list(range(360))
 
 
 # ------------------------------------------------------------------------------------ errors and interrupts
