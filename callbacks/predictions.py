@@ -18,9 +18,12 @@ __all__ = ["PredictionWriter"]
 class PredictionWriter(BasePredictionWriter):
     """Save every prediction of a ``predict`` run to a ``torch.save`` file.
 
-    The file holds ``{"predictions": [...], "batch_indices": [...]}``: one entry per predict dataloader, each a list
-    of the ``predict_step`` outputs of its batches, in order (a classifier's: class indices of shape ``(B,)``).
-    Under DDP each rank writes its own file, ``<stem>.rank<R><suffix>``.
+    The file holds a dict ``{"predictions": [...], "batch_indices": [...], "split": ...}``: ``predictions`` has one
+    entry per predict dataloader, each a list of the ``predict_step`` outputs of its batches, in order (a
+    classifier's: class indices of shape ``(B,)``); ``batch_indices`` likewise one entry per dataloader, the
+    dataset indices of each batch (empty where Lightning cannot see them); ``split`` names the data that was
+    predicted (the data module's ``predict_split``, e.g. ``"test"``, or ``None`` when it has none). Under DDP each
+    rank writes its own file, ``<stem>.rank<R><suffix>``.
 
     Args:
         output_path: the file; ``None`` writes ``predictions.pt`` in the run's log folder (``trainer.log_dir``).
@@ -47,7 +50,9 @@ class PredictionWriter(BasePredictionWriter):
         # one dataloader gives a flat list of batch outputs; keep one list per dataloader in the file
         # (decided from the number of dataloaders: a predict_step may itself return a list)
         nested = len(trainer.num_predict_batches) > 1
+        split = getattr(trainer.datamodule, "predict_split", None)
         torch.save({"predictions": list(predictions) if nested else [list(predictions)],
-                    "batch_indices": list(batch_indices)}, path)
+                    "batch_indices": list(batch_indices),
+                    "split": split if isinstance(split, str) else None}, path)
         self.written = path
         rank_zero_info(f"Predictions written to {path}")

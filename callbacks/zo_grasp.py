@@ -58,7 +58,8 @@ class ZOGraSP(L.Callback):
         num_classes: classes to collect (stops reading the loader early); ``None`` reads until exhausted.
         seed: seed of the callback's generator (scores and masks).
         ratios_path: load LPRs from this JSON file instead of computing them.
-        save_ratios_path: write the LPRs to this JSON file (rank zero).
+        save_ratios_path: write the computed LPRs to this JSON file (rank zero); ``None`` writes ``lpr.json`` in the
+            run's log folder (``trainer.log_dir``, beside its checkpoints and curves) when the trainer has a logger.
         dense: further parameter names to keep dense (biases and BatchNorm are always dense).
     """
 
@@ -186,7 +187,7 @@ class ZOGraSP(L.Callback):
             self.ratios = ratios
             rank_zero_info(f"ZOGraSP: {self.method} LPRs at sparsity {self.sparsity} in "
                            f"{time.perf_counter() - start:.1f} s ({self.queries} queries).")
-            self._save_ratios()
+            self._save_ratios(self._ratios_file(trainer))
         if self.masks is None:
             self._draw(pl_module, trainer)
         else:
@@ -271,11 +272,19 @@ class ZOGraSP(L.Callback):
                            f"callback's sparsity is {self.sparsity}; the file's ratios are used as they are.")
         return {n: float(r) for n, r in ratios.items()}
 
-    @rank_zero_only
-    def _save_ratios(self) -> None:
+    def _ratios_file(self, trainer: L.Trainer) -> Path | None:
+        """Where computed LPRs go: ``save_ratios_path``, else the run's log folder (all ranks ask: it broadcasts)."""
         if self.save_ratios_path is not None:
-            Path(self.save_ratios_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.save_ratios_path).write_text(json.dumps(self.ratios, indent=2))
+            return Path(self.save_ratios_path)
+        folder = trainer.log_dir if trainer.loggers else None
+        return None if folder is None else Path(folder) / "lpr.json"
+
+    @rank_zero_only
+    def _save_ratios(self, path: Path | None) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.ratios, indent=2))
+            rank_zero_info(f"ZOGraSP: LPRs written to {path}")
 
     @rank_zero_only
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, chart: bool = False) -> None:

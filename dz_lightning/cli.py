@@ -6,13 +6,17 @@ On top of LightningCLI:
   ``--trainer.callbacks+=ZOGraSP``), and ``dz fit --help`` lists them; ``dz --version``;
 * ``--zo_grasp.*`` configures the ZO-GraSP callback (``--zo_grasp.sparsity 0.8``);
 * ``--ckpt_path last`` is the newest ``last.ckpt`` of the config's runs (the run just trained);
+* ``validate``, ``test`` and ``predict`` with ``--ckpt_path`` log into the version folder of the run that wrote the
+  checkpoint (their config as ``config_<subcommand>.yaml`` beside fit's ``config.yaml``);
 * the config and the command line win over a checkpoint's saved hyperparameters (LightningCLI would silently apply
   the checkpoint's); where they differ, a warning names the keys;
 * every Trainer writes checkpoints atomically with a SHA-256 beside them (:class:`~dz_lightning.checkpointing.
   SafeCheckpointIO`), checks checkpoint folders before training and saves ``interrupted.ckpt`` on an exception,
   Ctrl+C or SIGTERM (:class:`~dz_lightning.checkpointing.CheckpointGuard`), then exits non-zero;
 * ``dz predict`` writes ``predictions.pt`` in the run's log folder unless a prediction writer is configured;
-* a configuration error prints its message, not a traceback (exit status 2).
+* a configuration error prints its message, not a traceback (exit status 2); an unknown option names the nearest
+  valid one, and a missing config or checkpoint file or an unknown subcommand is reported before Lightning is
+  imported (:mod:`dz_lightning.cli_errors`).
 """
 
 from __future__ import annotations
@@ -21,15 +25,11 @@ import sys
 import warnings
 from typing import Any
 
+from dz_lightning.cli_errors import SUBCOMMANDS, early_problem, explain_parser_error
+
 __all__ = ["ConfigurationError", "build_cli", "cli_main"]
 
 _LEAFSPEC = r".*isinstance\(treespec, LeafSpec\).*"
-_SUBCOMMANDS = {
-    "fit": "Runs the full optimization routine.",
-    "validate": "Perform one evaluation epoch over the validation set.",
-    "test": "Perform one evaluation epoch over the test set.",
-    "predict": "Run inference on your data (writes predictions.pt in the run's log folder).",
-}
 
 
 class ConfigurationError(ValueError):
@@ -45,6 +45,7 @@ def _cli_class() -> type:
     from pathlib import Path
 
     import lightning as L
+    from jsonargparse import ArgumentError
     from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.callbacks import BasePredictionWriter
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -61,6 +62,7 @@ def _cli_class() -> type:
         """LightningCLI with ``--zo_grasp``, ``--ckpt_path last``, safe checkpoints and explicit flags that win."""
 
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            kwargs.setdefault("exit_on_error", False)  # parse_arguments prints one line, not the usage
             parser = super().init_parser(**kwargs)
             from dz_lightning import __version__
 
@@ -72,6 +74,14 @@ def _cli_class() -> type:
                 "--zo_grasp", type=dz_callbacks.ZOGraSP | None, default=None,
                 help="ZO-GraSP sparse CGE callback (added to trainer.callbacks); e.g. --zo_grasp.sparsity 0.8.",
             )
+
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            """LightningCLI's parsing; a parser error prints its cause in one line (no usage) and exits with 2."""
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                print(f"dz: configuration error: {explain_parser_error(str(err))}", file=sys.stderr)
+                raise SystemExit(2) from None
 
         def _parse_ckpt_path(self) -> None:
             """Replace LightningCLI's merge of a checkpoint's saved hyperparameters into the parsed config.
@@ -99,6 +109,8 @@ def _cli_class() -> type:
                 rank_zero_info(f"--ckpt_path last: {ckpt_path}")
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
+            if subcommand != "fit":
+                _log_into_the_run_of(ckpt_path, self.config[subcommand])
             hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
             if not hparams:
@@ -129,6 +141,9 @@ def _cli_class() -> type:
             return self.config_init.get(str(self.subcommand), self.config_init).get(key, default)
 
         def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+            if self.subcommand not in (None, "fit"):  # beside fit's config.yaml in the same run folder, not over it
+                self.save_config_kwargs = {**self.save_config_kwargs,
+                                           "config_filename": f"config_{self.subcommand}.yaml"}
             extra = [self.instantiated("zo_grasp")]
             plugins = self.instantiated("trainer", default={}).get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
@@ -217,6 +232,33 @@ def _find_last_checkpoint(config: Any) -> Any:
     return chosen
 
 
+def _log_into_the_run_of(ckpt_path: str, config: Any) -> None:
+    """Point the config's loggers at the version folder of the run that wrote ``ckpt_path`` (validate/test/predict).
+
+    A checkpoint at ``<save_dir>/<name>/<version>/checkpoints/`` came from the run whose logger wrote
+    ``<save_dir>/<name>/<version>``; a logger of the config with that ``save_dir`` and ``name`` and no explicit
+    ``version`` gets that version. The test metrics (or ``predictions.pt``) then land beside the training curves,
+    and ModelCheckpoint finds its own folder (no "dirpath has changed" warning). Other checkpoints leave the loggers
+    as they are.
+    """
+    from pathlib import Path
+
+    folder = Path(ckpt_path).resolve().parent
+    if folder.name != "checkpoints":
+        return
+    run = folder.parent
+    trainer = config.get("trainer") or {}
+    root = Path(trainer.get("default_root_dir") or ".")
+    for logger in _as_list(trainer.get("logger")):
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if init is None or "version" not in init or init.get("version") is not None:
+            continue
+        save_dir = Path(init.get("save_dir") or root)
+        name = init.get("name")
+        if (save_dir / name if name else save_dir).resolve() == run.parent:
+            init["version"] = run.name
+
+
 def _root_cause(message: str) -> str:
     """The one line of a jsonargparse union error that says what is wrong (our ``Expected argument ...``)."""
     lines = message.splitlines()
@@ -277,7 +319,7 @@ def _short_help() -> str:
         "",
         "subcommands (each has its own --help listing the model, data and trainer options):",
     ]
-    lines += [f"  {name:<10}{text}" for name, text in _SUBCOMMANDS.items()]
+    lines += [f"  {name:<10}{text}" for name, text in SUBCOMMANDS.items()]
     lines += [
         "",
         "options:",
@@ -309,6 +351,11 @@ def cli_main(args: list[str] | None = None) -> None:
 
         print(f"dz_lightning {__version__}")
         return
+    # mistakes that need no import to see are reported before Lightning and torch load (seconds of CPU)
+    problem = early_problem(argv)
+    if problem is not None:
+        print(f"dz: configuration error: {problem}", file=sys.stderr)
+        sys.exit(2)
     warnings.filterwarnings("ignore", message=_LEAFSPEC, category=FutureWarning)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -7,11 +7,12 @@ certified-accuracy curve) are drawn by their tasks with :func:`new_figure` and l
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["figure_to_image", "log_figure", "lpr_figure", "new_figure", "save_figure"]
+__all__ = ["figure_to_image", "log_figure", "lpr_figure", "new_figure", "save_figure", "wrap_title"]
 
 
 def new_figure(width: float = 5.0, height: float = 3.5, dpi: int = 100) -> Any:
@@ -92,6 +93,13 @@ def lpr_figure(ratios: Mapping[str, float] | Mapping[str, Mapping[str, float]],
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8, loc="upper center", ncol=len(series), frameon=False)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
+    """``title`` broken into lines that fit ``width_inches`` at ``fontsize`` (a long title is never clipped)."""
+    # an average character of matplotlib's default font is about 0.55 of the font size wide (1 pt = 1/72 inch)
+    per_line = max(20, int(0.9 * width_inches * 72 / (0.55 * fontsize)))
+    return textwrap.fill(title, per_line)

@@ -8,7 +8,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
 
 __all__ = ["StepLog", "Throughput"]
 
@@ -53,29 +55,79 @@ class StepLog:
                     logger.log_metrics({"train/loss_vs_queries": loss}, step=module.queries_total)
 
     def hparams_with_metrics(self, module: L.LightningModule) -> None:
-        """Hyperparameters with the run's final metrics, for TensorBoard's HPARAMS tab (once per log folder).
+        """Hyperparameters for TensorBoard's HPARAMS tab, where the run's final metrics sit beside them.
 
-        The configs set ``default_hp_metric: false``, so nothing reaches the tab at fit start; here the module's and
-        data module's hyperparameters (and those callbacks added, e.g. ZO-GraSP's sparsity), the optimizer and the
-        model class go out with the last logged epoch-level metrics (``val/acc``, ``train/loss_epoch``, ...,
-        ``test/*`` after ``test``) and the query total.
+        The configs set ``default_hp_metric: false``, so nothing reaches the tab at fit start; here (at the end of
+        ``fit`` and of ``test``, once per log folder each) the module's and data module's hyperparameters (and those
+        callbacks added, e.g. ZO-GraSP's sparsity), the optimizer, its learning rate and the model class are written
+        as the run's session, also to ``hparams.yaml``. No metric values and no experiment summary are written with
+        them: TensorBoard then takes the metric columns from the scalars of the run's folder and shows their last
+        values (``val/acc``, ``train/loss_epoch``, ``train/queries_total``, and ``test/*`` once ``dz test`` has logged
+        into the same folder), so no metric is logged a second time at the last step.
         """
-        metrics = {k: float(v) for k, v in module.trainer.logged_metrics.items()
-                   if k != "epoch" and not k.endswith("_step") and (not torch.is_tensor(v) or v.numel() == 1)}
-        metrics["train/queries_total"] = float(module.queries_total)
-        opt = module.optimizers() if module.trainer.state.fn == "fit" else None
-        opt = opt[0] if isinstance(opt, list) else opt
-        extra = {"model_class": type(module.model).__name__}
-        if opt is not None:
-            group = opt.param_groups[0]
-            extra.update(optimizer=type(opt.optimizer if hasattr(opt, "optimizer") else opt).__name__,
-                         lr=float(group.get("initial_lr", group["lr"])))
+        extra: dict[str, Any] = {"model_class": type(module.model).__name__, **_optimizer_hparams(module)}
         for logger in module.loggers:
             folder = str(getattr(logger, "log_dir", None) or id(logger))
             if not isinstance(logger, TensorBoardLogger) or (folder, module.trainer.state.fn) in self.hparams_logged:
                 continue
-            logger.log_hyperparams({**dict(logger.hparams), **extra}, metrics=metrics, step=module.global_step)
+            params = {**dict(logger.hparams), **extra}
+            logger.log_hyperparams(params)  # hparams.yaml (without metrics nothing reaches the event file)
+            if module.trainer.state.fn == "fit" and _last_step_unlogged(module):
+                # the query total's column shows the last logged value: make it the final one, at the last step
+                logger.log_metrics({"train/queries_total": float(module.queries_total)}, step=module.global_step - 1)
+            _write_session(logger, params)
             self.hparams_logged.add((folder, module.trainer.state.fn))
+
+
+@rank_zero_only
+def _write_session(logger: TensorBoardLogger, params: Mapping[str, Any]) -> None:
+    """The HPARAMS tab's session (hyperparameters, no metric values) in the logger's event file."""
+    writer = logger.experiment.file_writer  # None only once the logger was finalized (closed)
+    if writer is not None:
+        _, session_start, session_end = hparams(_flat_hparams(params), {})
+        writer.add_summary(session_start)
+        writer.add_summary(session_end)
+        writer.flush()
+
+
+def _last_step_unlogged(module: L.LightningModule) -> bool:
+    """Whether Lightning left the last training step's scalars unwritten (it writes every ``log_every_n_steps``)."""
+    trainer = module.trainer
+    return module.global_step > 0 and not trainer.should_stop and \
+        module.global_step % max(trainer.log_every_n_steps, 1) != 0
+
+
+def _optimizer_hparams(module: L.LightningModule) -> dict[str, Any]:
+    """``optimizer`` (class name) and ``lr`` (initial) of the module, also outside ``fit``.
+
+    In ``fit`` they come from the running optimizer; in ``test``/``validate``/``predict``, where Lightning builds none,
+    from the module's optimizer factory (``optimizer_fn``) applied to a throwaway parameter.
+    """
+    opt = module.optimizers() if module.trainer.state.fn == "fit" else None
+    opt = opt[0] if isinstance(opt, list) else opt
+    if opt is None and callable(getattr(module, "optimizer_fn", None)):
+        opt = module.optimizer_fn([torch.nn.Parameter(torch.zeros(1))])
+    if opt is None:
+        return {}
+    group = opt.param_groups[0]
+    return {"optimizer": type(opt.optimizer if hasattr(opt, "optimizer") else opt).__name__,
+            "lr": float(group.get("initial_lr", group["lr"]))}
+
+
+def _flat_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested hyperparameters as ``{"a/b": value}`` with values TensorBoard can show (numbers, strings, booleans)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat_hparams(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif torch.is_tensor(value) and value.numel() == 1:
+            flat[name] = value.item()
+        else:
+            flat[name] = str(value)
+    return flat
 
 
 class Throughput:

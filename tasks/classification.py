@@ -214,6 +214,7 @@ class DigitsDataModule(L.LightningDataModule):
         normalize: ``"unit"`` or ``"standard"``.
         seed: split and shuffling seed.
         num_workers: DataLoader workers.
+        predict_split: the split ``dz predict`` runs on (``predictions.pt`` records it).
     """
 
     def __init__(
@@ -225,8 +226,10 @@ class DigitsDataModule(L.LightningDataModule):
         normalize: Literal["unit", "standard"] = "unit",
         seed: int = 0,
         num_workers: int = 0,
+        predict_split: Literal["train", "val", "test"] = "test",
     ) -> None:
         super().__init__()
+        check_choice("predict_split", predict_split, ("train", "val", "test"))
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"Expected positive batch sizes, but got {batch_size} and {eval_batch_size}.")
         if not (0 < val_size < 1 and 0 < test_size < 1 and val_size + test_size < 1):
@@ -243,6 +246,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.normalize = normalize
         self.seed = seed
         self.num_workers = num_workers
+        self.predict_split = predict_split
         self.num_classes = 10
         self.splits: dict[str, TensorDataset] = {}
 
@@ -277,4 +281,6 @@ class DigitsDataModule(L.LightningDataModule):
         return DataLoader(self.splits["test"], batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """The ``predict_split`` images in order (no shuffling), at the evaluation batch size."""
+        return DataLoader(self.splits[self.predict_split], batch_size=self.eval_batch_size,
+                          num_workers=self.num_workers)

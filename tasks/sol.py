@@ -200,7 +200,10 @@ class _SOLEvaluation:
                                ["reference", "source (uncorrected)", name], re=float(re[0]), time=steps * dt)
         save_figure(fig, root / f"vorticity_{name}.png")
         log_figure(trainer.loggers, "test/vorticity", fig, trainer.global_step)
-        fig = mae_over_time_figure(curves, dt, f"{len(re)} test simulations, Re {', '.join(f'{r:g}' for r in re)}")
+        reynolds = " and ".join(f"{r:g}" for r in re.tolist())
+        plural = "s" if len(re) != 1 else ""
+        fig = mae_over_time_figure(curves, dt, f"{steps}-step rollouts: mean over {len(re)} test simulation{plural} "
+                                               f"(Reynolds number{plural} {reynolds})")
         save_figure(fig, root / f"mae_over_time_{name}.png")
         log_figure(trainer.loggers, "test/mae_over_time", fig, trainer.global_step)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dz_lightning.figures import new_figure
+from dz_lightning.figures import new_figure, wrap_title
 
 __all__ = ["mae_over_time_figure", "rollout_mae_curve", "vorticity", "vorticity_figure"]
 
@@ -65,6 +65,6 @@ def mae_over_time_figure(curves: Mapping[str, Tensor], dt: float = 1.0, title: s
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
     fig.tight_layout()
     return fig

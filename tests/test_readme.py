@@ -75,3 +75,18 @@ def test_readme_snippet_runs(heading, code, tmp_path, monkeypatch):
     ns: dict = {"__name__": "readme_snippet"}
     exec(compile(code, f"README.md: {heading}", "exec"), ns)  # noqa: S102 - the README's own code
     CHECKS[heading](ns)
+
+
+def test_the_digits_figure_quotes_the_readme_zo_grasp_accuracy():
+    """The legend of docs/images/loss_vs_queries_digits.png gives ZO-GraSP's accuracy from the README's own result."""
+    from benchmarks.figures import DIGITS, digits_figure, reference_accuracy
+
+    ref = reference_accuracy("ZO-GraSP 90% CGE")
+    quoted = f"{100 * ref['mean']:.1f} ± {100 * ref['std']:.1f}% over {ref['seeds']} seeds"
+    assert quoted in README.read_text()
+    rows = [{"step": 1, "queries": 10, "loss": 2.0}, {"step": 2, "queries": 20, "loss": 1.0}]
+    results = {label: {"curve": rows, "test_acc": 0.953, "queries": 20, "reference": reference_accuracy(label)}
+               for label in DIGITS}
+    legend = [t.get_text() for t in digits_figure(results).axes[0].get_legend().get_texts()]
+    assert f"ZO-GraSP 90% CGE: {100 * ref['mean']:.1f} ± {100 * ref['std']:.1f}% test ({ref['seeds']} seeds)" in legend
+    assert "dense CGE: 95.3% test" in legend  # the others: this run's accuracy

@@ -44,11 +44,17 @@ def test_hparams_with_final_metrics(zo_grasp_run):
     assert start.hparams["zo_grasp/sparsity"].number_value == pytest.approx(0.9)
     assert start.hparams["zo_grasp/method"].string_value == "zo_grasp"
     assert start.hparams["lr"].number_value == pytest.approx(0.3)
-    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    metric_tags = {m.name.tag for m in experiment.metric_infos}
-    assert {"val/acc", "train/loss_epoch", "train/queries_total"} <= metric_tags
+    assert start.hparams["optimizer"].string_value == "SGD"
+    # no experiment summary: TensorBoard takes the HPARAMS columns from the run's scalars, with their last values
+    assert "_hparams_/experiment" not in content
+    assert {"val/acc", "train/loss_epoch", "train/queries_total"} <= set(acc.Tags()["scalars"])
     final = acc.Scalars("train/queries_total")[-1].value
     assert final == pytest.approx(cli.model.queries_total)
+    # the final metrics are not logged a second time: one val/acc per epoch, nothing after the last step
+    assert [s.step for s in acc.Scalars("val/acc")] == [3, 7]
+    last = cli.trainer.global_step - 1
+    assert all(s.step <= last for tag in set(acc.Tags()["scalars"]) - {"train/loss_vs_queries"}
+               for s in acc.Scalars(tag))
 
 
 def test_loss_against_queries_beside_loss_against_steps(zo_grasp_run):
@@ -71,7 +77,7 @@ def test_lpr_chart_logged_once(zo_grasp_run):
     assert "zo_grasp/density" in acc.Tags()["scalars"]
 
 
-def test_a_test_run_of_its_own_gets_hparams_with_the_test_metrics(zo_grasp_run):
+def test_a_test_run_adds_its_metrics_and_hparams_to_the_training_run(zo_grasp_run):
     _, fit_cli, tmp = zo_grasp_run
     # the configs keep best.ckpt and, in a second ModelCheckpoint, last.ckpt (the end of training)
     (last,) = [c for c in fit_cli.trainer.checkpoint_callbacks if c.filename == "last"]
@@ -84,9 +90,17 @@ def test_a_test_run_of_its_own_gets_hparams_with_the_test_metrics(zo_grasp_run):
                          "--ckpt_path", checkpoint, "--trainer.enable_progress_bar", "false"])
     finally:
         os.chdir(cwd)
-    acc = EventAccumulator(str(tmp / cli.trainer.logger.log_dir), size_guidance={"tensors": 0, "scalars": 0})
+    run = tmp / cli.trainer.logger.log_dir
+    assert run.resolve() == (tmp / fit_cli.trainer.logger.log_dir).resolve()  # the training run's folder
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {"test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
+    assert "_hparams_/experiment" not in acc.PluginTagToContent("hparams")  # columns come from the scalars ...
+    assert {"test/acc", "test/loss", "val/acc"} <= set(acc.Tags()["scalars"])  # ... now train, val and test
     assert acc.Scalars("test/acc")[-1].value == pytest.approx(cli.trainer.callback_metrics["test/acc"].item())
+    # the test run's own session names the optimizer and its learning rate too
+    newest = max(run.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    own = EventAccumulator(str(newest), size_guidance={"tensors": 0})
+    own.Reload()
+    content = own.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optimizer"].string_value == "SGD" and start.hparams["lr"].number_value == pytest.approx(0.3)

@@ -46,8 +46,35 @@ def test_quick_start_test_command_tests_the_run_just_trained(tmp_path, monkeypat
         assert Path(test.config.test.ckpt_path).resolve() == last.resolve()
         assert _equal(_weights(test.model), final), "dz test did not test the final weights of the run just trained"
         tested.append(last.resolve())
-    assert tested[0] != tested[1] and tested[1].parent.parent.name == "version_2"  # version_1 holds the first test
+    # each test logged into the folder of the run it tested: the second fit is version_1
+    assert tested[0] != tested[1] and tested[1].parent.parent.name == "version_1"
     assert (tested[0].parent / "best.ckpt").is_file()
+
+
+def test_fit_then_test_and_predict_fill_one_run_folder(tmp_path, monkeypatch, recwarn):
+    """``dz test``/``dz predict --ckpt_path last`` log into the fit's version folder; ZO-GraSP's ratios go there too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    fit = build_cli(["fit", "-c", str(GRASP), *TINY, "--zo_grasp.q", "4"])
+    run = Path(fit.trainer.log_dir).resolve()
+    test = build_cli(["test", "-c", str(GRASP), *TINY, "--zo_grasp.q", "4", "--ckpt_path", "last"])
+    predict = build_cli(["predict", "-c", str(GRASP), *TINY, "--zo_grasp.q", "4", "--ckpt_path", "last"])
+    assert Path(test.trainer.log_dir).resolve() == run == Path(predict.trainer.log_dir).resolve()
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # no version_1 for the test or the predict run
+    assert not [str(w.message) for w in recwarn if "dirpath" in str(w.message)]  # Lightning's "dirpath has changed"
+    files = {p.relative_to(run).as_posix() for p in run.rglob("*") if not p.name.startswith("events.out")}
+    assert {"config.yaml", "config_test.yaml", "config_predict.yaml", "hparams.yaml", "lpr.json", "predictions.pt",
+            "checkpoints/last.ckpt", "checkpoints/best.ckpt"} <= files
+    (grasp,) = [c for c in fit.trainer.callbacks if type(c).__name__ == "ZOGraSP"]
+    assert yaml.safe_load((run / "lpr.json").read_text()) == grasp.ratios
+    assert not (tmp_path / "checkpoints").exists()  # nothing written outside the run folder
+    tags = set()
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss_epoch", "train/queries_total", "val/acc", "test/acc", "test/loss"} <= tags
 
 
 def test_ckpt_path_last_without_a_run_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -125,6 +152,70 @@ def test_version_and_top_level_help_do_not_import_lightning():
     assert "dz_lightning 0." in out.stdout and "fit" in out.stdout and "predict" in out.stdout
 
 
+def test_mistakes_seen_without_imports_are_reported_before_lightning_loads(tmp_path):
+    """A missing config, an unknown subcommand, a missing checkpoint: one line, exit 2, no torch or Lightning import."""
+    (tmp_path / "folder.yaml").mkdir()
+    script = textwrap.dedent(
+        """
+        import sys
+        from dz_lightning.cli import cli_main
+        for argv in (["fit", "-c", "missing.yaml"], ["-c", "folder.yaml", "fit"], ["test", "--config=folder.yaml"],
+                     ["fitt"], ["test", "--ckpt_path", "nope.ckpt"]):
+            try:
+                cli_main(argv)
+            except SystemExit as exit:
+                assert exit.code == 2, (argv, exit.code)
+            else:
+                raise AssertionError(f"{argv} did not exit")
+        assert "lightning" not in sys.modules and "torch" not in sys.modules, "imports before the early errors"
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        f"dz: configuration error: config file 'missing.yaml' does not exist (relative to {tmp_path}).",
+        f"dz: configuration error: config file 'folder.yaml' is a folder, not a file (relative to {tmp_path}).",
+        f"dz: configuration error: config file 'folder.yaml' is a folder, not a file (relative to {tmp_path}).",
+        "dz: configuration error: did you mean `fit`? unknown subcommand 'fitt'; choose from fit, validate, test, "
+        "predict (dz --help).",
+        f"dz: configuration error: --ckpt_path: checkpoint file 'nope.ckpt' does not exist (relative to {tmp_path}).",
+    ]
+
+
+def test_early_checks_leave_valid_and_parser_only_arguments_alone(tmp_path, monkeypatch):
+    from dz_lightning.cli_errors import early_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("seed_everything: 1\n")
+    for argv in (["fit", "-c", "a.yaml", "--ckpt_path", "last"], ["-c", "a.yaml", "test", "--ckpt_path", "best"],
+                 ["fit", "--config", "{trainer: {max_epochs: 1}}"], ["predict", "--ckpt_path", "s3://bucket/x.ckpt"],
+                 ["--print_config", "fit"], ["fit", "--model", "ZOClassifier", "-ca.yaml"]):
+        assert early_problem(argv) is None, argv
+    assert "a.yaml" not in (early_problem(["fit", "-cmissing.yaml"]) or "a.yaml")
+
+
+def test_unknown_option_suggests_the_valid_name_first_without_usage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(DIGITS), "--model.init_args.muu", "0.1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dz: configuration error: did you mean `mu`? `muu` is not an option of ZOClassifier")
+    assert len(err.strip().splitlines()) == 1 and "usage" not in err and "Traceback" not in err
+    # nested classes and callbacks name their own options; a mistyped class name gets the nearest known one
+    cases = ((["--model.init_args.model.init_args.hiden", "[4]"], "did you mean `hidden`? `hiden` is not an option "
+              "of MLP"),
+             (["--zo_grasp.sparsty", "0.5"], "did you mean `sparsity`? `sparsty` is not an option of ZOGraSP"),
+             (["--model", "ZOClassifer"], "did you mean `ZOClassifier`? no class named 'ZOClassifer'"))
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["fit", "-c", str(DIGITS), *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dz: configuration error: {said}") and len(err.strip().splitlines()) == 1, err
+
+
 # -------------------------------------------------------------------------------------------------- predict
 def test_predict_writes_predictions(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -134,6 +225,8 @@ def test_predict_writes_predictions(tmp_path, monkeypatch):
     saved = torch.load(path, weights_only=True)
     classes = torch.cat(saved["predictions"][0])
     assert classes.shape == (360,) and classes.dtype == torch.long and int(classes.max()) < 10
+    assert saved["split"] == "test"  # the data module's predict_split, recorded with the predictions
+    assert [i for batch in saved["batch_indices"][0] for i in batch] == list(range(360))
 
 
 # ------------------------------------------------------------------------------------ errors and interrupts

@@ -51,3 +51,13 @@ def test_log_figure_reaches_tensorboard_and_image_loggers_and_skips_others(tmp_p
     (image,) = events.Images("x/curve")
     assert image.step == 7 and image.width == 300 and image.height == 200
     assert other.images == [("x/curve", (200, 300, 3), 7)]
+
+
+def test_a_long_title_is_wrapped_inside_a_narrow_figure():
+    # the ZOGraSP callback's chart of a two-layer MLP: the narrowest figure, its longest title
+    fig = lpr_figure({"1.weight": 0.85, "3.weight": 0.9},
+                     "zo_grasp layer-wise pruning ratios, sparsity 0.9 (density 0.100)")
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    box = ax.title.get_window_extent()
+    assert "\n" in ax.get_title() and box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
