@@ -4,20 +4,21 @@ An oracle answers "what is the loss at these parameter values?" for one point or
 Estimators (:mod:`dz_lightning.estimators`) talk to the objective exclusively through this interface, so
 the objective may be a true black box (a NumPy program, a simulator, a remote service). The base classes are in
 :mod:`dz_lightning.oracle_base`; here are the black-box :class:`FunctionOracle`, the white-box
-:class:`ModuleOracle`, and :func:`vmap_points`, the one primitive that evaluates a module at K parameter points.
+:class:`ModuleOracle`, and (from :mod:`dz_lightning.fallback`) :func:`vmap_points`, the one primitive that evaluates
+a module at K parameter points as one batched computation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from dz_lightning import query, reuse
+from dz_lightning.fallback import FullForwards, parameter_values, vmap_points
 from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
@@ -67,11 +68,6 @@ class FunctionOracle(Oracle):
             return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
 
 
-def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """All of ``module``'s parameters by name, taking the values in ``params`` where it names them."""
-    return {n: params.get(n, p) for n, p in module.named_parameters()}
-
-
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -80,62 +76,15 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, _BATCHNORMS) for m in module.modules())
 
 
-def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor, *,
-                per_point_inputs: bool = False, then: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """``module`` evaluated at K parameter points as one batched computation (``vmap`` over ``functional_call``).
-
-    Point ``k`` takes ``varied[name][k]`` for the names in ``varied`` and ``params`` (or the module's own value) for
-    every other parameter. The caller chooses the context (no autograd, precision: :func:`query_mode`). A black box
-    that cannot run under ``vmap`` goes after this call, on the result reshaped to one flat ``(K * B, ...)`` batch.
-
-    Args:
-        module: the white-box network.
-        params: name -> value, the fixed part of every point.
-        varied: name -> stacked values ``(K, *shape)``.
-        inputs: ``(B, ...)`` shared by every point, or ``(K, B, ...)`` (one batch per point) with ``per_point_inputs``.
-        per_point_inputs: whether ``inputs`` has a leading K dimension.
-        then: applied to each point's outputs inside ``vmap`` (e.g. ``outputs -> loss``); it must be vmap-able.
-
-    Returns:
-        ``(K, B, ...)`` outputs, or ``(K, ...)`` values of ``then``.
-    """
-    fixed = {n: v for n, v in parameter_values(module, params).items() if n not in varied}
-    names = list(varied)
-
-    def one(x: Tensor, *values: Tensor) -> Tensor:
-        point = dict(fixed)
-        point.update(zip(names, values, strict=True))
-        out = functional_call(module, point, (x,))
-        return out if then is None else then(out)
-
-    values = [varied[n] for n in names]
-    if not per_point_inputs and module in _BATCHED_INPUTS:
-        inputs, per_point_inputs = inputs.expand(values[0].shape[0], *inputs.shape), True
-    in_dims = (0 if per_point_inputs else None, *([0] * len(names)))
-    try:
-        return vmap(one, in_dims=in_dims, randomness="same")(inputs, *values)
-    except RuntimeError as err:
-        # An in-place op (``out += identity`` in torchvision's ResNets) writes a per-point value into a tensor that
-        # does not vary over the points when only later parameters vary. Every activation varies once the inputs
-        # do: give each point its own (expanded, not copied) inputs, for this module from now on.
-        if per_point_inputs or ("broadcast shape" not in str(err) and "inplace" not in str(err)):
-            raise
-        _BATCHED_INPUTS.add(module)
-        return vmap_points(module, params, varied, inputs, then=then)
-
-
-_BATCHED_INPUTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
 class ModuleOracle(Oracle):
     """Loss of ``loss_fn(model(inputs), targets)`` as a function of (some of) the model's parameters.
 
     White box inside, black box to the estimator. Queries run in :func:`~dz_lightning.query.query_mode`: no
     autograd, fp32 arithmetic (autocast and TF32 off, even inside a mixed-precision trainer or with TF32 enabled
     globally), BatchNorm running statistics never updated.
-    K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
-    one-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
-    the model's ``stages()``, else batched full forwards).
+    One-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
+    the model's ``stages()``); K points otherwise run as full forwards, batched with ``torch.func.vmap`` or one by
+    one, whichever :class:`~dz_lightning.fallback.FullForwards` measured fastest for the model.
 
     Args:
         model: the network. Parameter names are those of ``model.named_parameters()``.
@@ -156,12 +105,17 @@ class ModuleOracle(Oracle):
             reach it as one flat ``(K * B, ...)`` batch (or, on the feature-reuse path, one ``(B, ...)`` batch per
             point), so a non-torch callable works and every image it sees is counted by it (e.g. a residual
             denoiser's black-box classifier).
+        fallback: how K full forwards run: ``"auto"`` (time each strategy once per model, parameter and input
+            shape and keep the fastest; see :mod:`dz_lightning.fallback`), or ``"vmap"``, ``"vmap_per_point"``,
+            ``"loop"`` to pin one (results then do not depend on timings).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
-                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 fallback: str = "auto") -> None:
         super().__init__(max_batch=max_batch)
+        self._full_forwards = FullForwards(fallback)
         if head is not None and not callable(head):
             raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
         if not isinstance(model, nn.Module):
@@ -217,10 +171,10 @@ class ModuleOracle(Oracle):
         self._check_names(params)
         with self._query_context():
             if self.head is None:
-                return vmap_points(self.model, params, varied, self.inputs,
-                                   then=lambda out: query.float64_loss(self.loss_fn, out, self.targets))
+                return self._full_forwards(self.model, params, varied, self.inputs,
+                                           then=lambda out: query.float64_loss(self.loss_fn, out, self.targets))
             # the black-box head never runs under vmap: it gets all K * B outputs of the chunk as one flat batch
-            outputs = vmap_points(self.model, params, varied, self.inputs)  # (K, B, ...)
+            outputs = self._full_forwards(self.model, params, varied, self.inputs)  # (K, B, ...)
             k, b = outputs.shape[:2]
             inputs = self.inputs.unsqueeze(0).expand(k, *self.inputs.shape).reshape(k * b, *self.inputs.shape[1:])
             heads = self.head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)
