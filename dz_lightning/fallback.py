@@ -12,11 +12,12 @@ varies and on the machine:
   Tried only where ``vmap`` fails.
 * ``loop``: one ``functional_call`` per point; always works, costs one Python forward per point.
 
-:class:`FullForwards` picks one per situation (model structure and train/eval mode, the varied parameter names,
-the input shape, dtype and device): the first chunk of a new situation is answered piece by piece by each strategy
-that has not failed there, the pieces are timed (the only host synchronisation, on CUDA), and the fastest answers
-everything from then on. A failure is remembered, so it is never repeated. The choices are data
-(:func:`choices`), and one warning per model type names the first one.
+:class:`FullForwards` picks one per situation (model structure and train/eval mode, the varied parameter names, the
+number K of points per call, the input shape, dtype and device; chunk shapes are fixed per run, so a situation
+recurs every step): at the first call of a new situation each strategy that has not failed there is timed on a
+few of its points (the only host synchronisation, on CUDA), and the fastest answers the K points of that call and of
+every later call. A failure is remembered (per model structure, varied names and strategy), so it is never
+repeated. The choices are data (:func:`choices`), and one warning per model type names the first one.
 """
 
 from __future__ import annotations
@@ -133,14 +134,11 @@ class Choice:
 
     Attributes:
         strategy: the name of the strategy in use (a key of :data:`STRATEGIES`).
-        chunk: most points per call of a ``vmap`` strategy (the trial size that ran fastest per point); ``None``
-            for the loop.
-        points_per_s: strategy name -> the best points per second of its timed pieces (the strategies that ran).
+        points_per_s: strategy name -> points per second on the timed trial (the strategies that ran).
         failed: strategy name -> the first line of the error it raised here.
     """
 
     strategy: str
-    chunk: int | None = None
     points_per_s: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -159,8 +157,8 @@ _WARNED: set[type] = set()
 
 
 def choices(model: nn.Module) -> dict[tuple, Choice]:
-    """The choices made so far for ``model``: situation ``(structure, varied names, input shape, dtype, device)``
-    -> :class:`Choice` (a shallow copy of the table)."""
+    """The choices made so far for ``model``: situation ``(structure, varied names, K, input shape, dtype,
+    device)`` -> :class:`Choice` (a shallow copy of the table)."""
     return dict(_CHOICES.get(model, {}))
 
 
@@ -174,17 +172,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run(choice: Choice, module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor],
-         inputs: Tensor, then: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """The chosen strategy on K points, in calls of at most ``choice.chunk`` points."""
-    run = STRATEGIES[choice.strategy].run
-    k = next(iter(varied.values())).shape[0]
-    if choice.chunk is None or k <= choice.chunk:
-        return run(module, params, varied, inputs, then)
-    return torch.cat([run(module, params, {n: v[i : i + choice.chunk] for n, v in varied.items()}, inputs, then)
-                      for i in range(0, k, choice.chunk)])
-
-
 class FullForwards:
     """K points of a module by full forwards, with the strategy that is fastest there (see the module docstring).
 
@@ -192,9 +179,9 @@ class FullForwards:
         strategy: ``"auto"`` (time the strategies once per situation and keep the fastest) or one of
             :data:`STRATEGIES` (always that one, in one call per chunk: no timing, and results that do not depend
             on the machine's load).
-        trial_points: points of the first timed piece when choosing. Each strategy first runs one untimed warm-up
-            piece (first calls allocate and pick kernels for new shapes); a ``vmap`` strategy's timed pieces then
-            grow four-fold, up to the K points asked for, while its speed per point improves.
+        trial_points: most points of the timed trial (at most a quarter of the K points of the call). A ``vmap``
+            strategy runs it twice, timing the second (a first call allocates and picks kernels for new shapes);
+            the loop once, in the base forward's shapes.
 
     Raises:
         ValueError: ``strategy`` or ``trial_points`` is not valid.
@@ -217,13 +204,14 @@ class FullForwards:
         if self.strategy != "auto":
             return STRATEGIES[self.strategy].run(module, params, varied, inputs, then)
         structure, names = _structure(module), tuple(sorted(varied))
-        situation = (structure, names, tuple(inputs.shape), inputs.dtype, inputs.device)
+        k = next(iter(varied.values())).shape[0]  # chunk shapes are fixed per run: a situation recurs every step
+        situation = (structure, names, k, tuple(inputs.shape), inputs.dtype, inputs.device)
         known = _CHOICES.setdefault(module, {})
         choice = known.get(situation)
         if choice is None:
             return self._choose(module, params, varied, inputs, then, situation, known)
         try:
-            return _run(choice, module, params, varied, inputs, then)
+            return STRATEGIES[choice.strategy].run(module, params, varied, inputs, then)
         except Exception as err:  # a vmap strategy that worked in its trial and fails now: never again here
             if not STRATEGIES[choice.strategy].may_fail:
                 raise
@@ -233,34 +221,14 @@ class FullForwards:
 
     def _choose(self, module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor,
                 then: Callable[[Tensor], Tensor] | None, situation: tuple, known: dict[tuple, Choice]) -> Tensor:
-        """Answer K points, the first ones piece by piece with each strategy, the rest with the fastest; record
-        the choice. Every piece answers real points (cycling over them when K is small): every strategy computes
-        the same losses, so no piece is thrown away."""
-        structure, names = situation[0], situation[1]
+        """Time each strategy that has not failed here on the first few points, record the fastest, and answer all
+        K points with it. The trial answers are dropped: every call of a situation, the first included, then
+        gives the same values (strategies agree only to rounding)."""
+        structure, names, k = situation[:3]
         failed = _FAILED.setdefault(module, {})
-        k = next(iter(varied.values())).shape[0]
-        t = min(self.trial_points, k)
-        out: Tensor | None = None
-        position, choice = 0, Choice("loop")
-
-        def piece(strategy: _Strategy, n: int, timed: bool) -> float:
-            """Run ``strategy`` on the next ``n`` points into ``out``; its points per second."""
-            nonlocal out, position
-            index = torch.arange(position, position + n, device=inputs.device) % k
-            part = {name: v.index_select(0, index.to(v.device)) for name, v in varied.items()}
-            if timed:  # the one place the fallback waits for the device: once per situation
-                _synchronize(inputs.device)
-            start = time.perf_counter()
-            values = strategy.run(module, params, part, inputs, then)
-            if timed:
-                _synchronize(inputs.device)
-            seconds = time.perf_counter() - start
-            if out is None:
-                out = values.new_empty((k, *values.shape[1:]))
-            out[index] = values
-            position += n
-            return n / max(seconds, 1e-9)
-
+        t = max(1, min(self.trial_points, k // 4))
+        sample = {name: v[:t] for name, v in varied.items()}
+        choice = Choice("loop")
         for strategy in STRATEGIES.values():
             if strategy.name == "vmap_per_point" and "vmap" in choice.points_per_s:
                 continue  # per-point inputs only get past what shared inputs cannot do, and cost more
@@ -269,38 +237,24 @@ class FullForwards:
                 choice.failed[strategy.name] = failed[key]
                 continue
             try:
-                if not strategy.may_fail:  # the loop: its speed does not depend on how many points it gets
-                    piece(strategy, 1, timed=False)
-                    choice.points_per_s[strategy.name] = piece(strategy, t, timed=True)
-                    continue
-                piece(strategy, t, timed=False)
-                size, best = t, (0.0, t)
-                while True:
-                    speed = piece(strategy, size, timed=True)
-                    if speed <= best[0]:
-                        break
-                    best = (speed, size)
-                    if size >= k:
-                        break
-                    size = min(4 * size, k)
+                if strategy.may_fail:  # a first vmap call allocates and picks kernels for its new shapes
+                    strategy.run(module, params, sample, inputs, then)
+                _synchronize(inputs.device)  # the one place the fallback waits for the device: once per situation
+                start = time.perf_counter()
+                strategy.run(module, params, sample, inputs, then)
+                _synchronize(inputs.device)
             except Exception as err:
                 if not strategy.may_fail:
                     raise
                 failed[key] = choice.failed[strategy.name] = _first_line(err)
                 continue
-            choice.points_per_s[strategy.name] = best[0]
-            if best[0] >= max(choice.points_per_s.values()):
-                choice.chunk = best[1]
+            choice.points_per_s[strategy.name] = t / max(time.perf_counter() - start, 1e-9)
         choice.strategy = max(choice.points_per_s, key=choice.points_per_s.__getitem__)
-        if choice.strategy == "loop":
-            choice.chunk = None
         if len(known) >= _MAX_SITUATIONS:
             known.pop(next(iter(known)))
         known[situation] = choice
         _warn_once(module, names, choice)
-        if position < k:
-            out[position:] = _run(choice, module, params, {n: v[position:] for n, v in varied.items()}, inputs, then)
-        return out
+        return self(module, params, varied, inputs, then)
 
 
 def _first_line(err: BaseException) -> str:
@@ -325,4 +279,4 @@ def _warn_once(module: nn.Module, names: tuple[str, ...], choice: Choice) -> Non
     else:
         cause = f"vmap failed ({choice.failed.get('vmap', '?')[:60]})"
     warnings.warn(f"{cause} for {what}, so its full forwards use {STRATEGIES[choice.strategy].description} "
-                  "(chosen per parameter and input shape; ModuleOracle(fallback=...) pins one).", stacklevel=2)
+                  "(chosen per parameter and chunk; ModuleOracle(fallback=...) pins one).", stacklevel=2)

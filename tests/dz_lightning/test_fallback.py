@@ -69,21 +69,25 @@ def test_every_strategy_equals_one_query_at_a_time_in_float64(model_name, train,
 
 
 @pytest.mark.parametrize("k", [1, 3, 40])
-def test_auto_choice_answers_every_point_including_its_trial_pieces(k):
-    """The trial pieces answer real points (cycling when K is smaller than a piece); the rest are answered by the
-    choice. K = 40 runs warm-up, growing timed pieces and a remainder."""
+def test_auto_choice_answers_every_point_and_the_first_call_like_the_later_ones(k):
+    """The trial is a measurement: the chosen strategy answers every point of the call that chose it, so that
+    call's values are those of every later call, bit for bit; a trial costs no query."""
     model, x, y = _setup("inplace_resnet", True)
-    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False, max_batch=k)
     params = dict(model.named_parameters())
     index = torch.arange(40) * 7 % params["layers.0.conv2.weight"].numel()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False, max_batch=k)
         got = oracle.coordinate_losses(params, "layers.0.conv2.weight", index, 1e-2)
+        assert oracle.queries == 40
+        again = oracle.coordinate_losses(params, "layers.0.conv2.weight", index, 1e-2)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
     want = one_query_at_a_time(model, F.cross_entropy, x, y, "layers.0.conv2.weight", index, 1e-2)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert oracle.queries == 40  # trial pieces are not extra queries: they answer the asked points
-    (choice,) = fallback.choices(model).values()
-    assert choice.strategy in fallback.STRATEGIES and "loop" in choice.points_per_s and not choice.failed
+    made = fallback.choices(model)
+    assert sorted(s[2] for s in made) == sorted({k, 40 % k} - {0})  # K per call: the chunk and the remainder
+    for choice in made.values():
+        assert choice.strategy in fallback.STRATEGIES and "loop" in choice.points_per_s and not choice.failed
 
 
 def test_a_vmap_failure_is_remembered_and_never_repeated(monkeypatch):
@@ -106,7 +110,7 @@ def test_a_vmap_failure_is_remembered_and_never_repeated(monkeypatch):
         for _ in range(2):  # a new oracle per batch, as in training: the failure is the model's, not the oracle's
             oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False, max_batch=4)
             oracle.coordinate_losses(params, "stem.0.weight", torch.arange(12), 1e-2)
-            assert calls == {"vmap": 1, "vmap_per_point": 1}  # one failed warm-up piece each, then never again
+            assert calls == {"vmap": 1, "vmap_per_point": 1}  # one failed warm-up each, then never again
     choice = next(c for s, c in fallback.choices(model).items() if s[1] == ("stem.0.weight",))
     assert choice.strategy == "loop" and set(choice.failed) == {"vmap", "vmap_per_point"}
     assert "data-dependent control flow" in " ".join(choice.failed.values()) or choice.failed["vmap"]
@@ -127,8 +131,10 @@ def test_one_warning_per_model_type_names_the_choice_and_the_ratio(monkeypatch):
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
     model = Net()
     params = dict(model.named_parameters())
-    with pytest.warns(UserWarning, match=r"^vmap with shared inputs ran at \d+\.\d\dx .* Net's 'head\.3\.weight'"
-                                         r", so its full forwards use vmap with shared inputs \(") as record:
+    # which one wins depends on the machine and its load; the message names the measured ratio either way
+    with pytest.warns(UserWarning, match=r"^vmap with shared inputs ran at \d+\.\d\dx .* for Net's 'head\.3\.weight'"
+                                         r", so its full forwards use (vmap with shared inputs|a Python loop over "
+                                         r"points) \(") as record:
         dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False).coordinate_losses(
             params, "head.3.weight", torch.arange(20), 1e-2)
     assert len(record) == 1 and len(str(record[0].message)) < 300
@@ -197,9 +203,9 @@ def test_steady_state_never_syncs():
         warnings.simplefilter("ignore")
         for name in ("stem.0.weight", "layers.1.shortcut.0.weight"):  # vmap, then per-point inputs or the loop
             oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False)
-            oracle.coordinate_losses(params, name, torch.arange(30), 1e-2)  # chooses
+            oracle.coordinate_losses(params, name, torch.arange(32), 1e-2)  # chooses for K = 32
             with DispatchCounter() as counter:
-                oracle._losses(params, {name: params[name].detach().unsqueeze(0).repeat(8, *[1] * params[name].dim())})
+                oracle.coordinate_losses(params, name, torch.arange(32, 64), 1e-2)
             assert counter.syncs == 0, name
 
 
