@@ -179,7 +179,7 @@ class FullForwards:
         strategy: ``"auto"`` (time the strategies once per situation and keep the fastest) or one of
             :data:`STRATEGIES` (always that one, in one call per chunk: no timing, and results that do not depend
             on the machine's load).
-        trial_points: most points of the timed trial (at most a quarter of the K points of the call). A ``vmap``
+        trial_points: most points of the timed trial (at most an eighth of the K points of the call). A ``vmap``
             strategy runs it twice, timing the second (a first call allocates and picks kernels for new shapes);
             the loop once, in the base forward's shapes.
 
@@ -222,13 +222,13 @@ class FullForwards:
     def _choose(self, module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor,
                 then: Callable[[Tensor], Tensor] | None, situation: tuple, known: dict[tuple, Choice]) -> Tensor:
         """Time each strategy that has not failed here on the first few points, record the fastest, and answer all
-        K points with it. The trial answers are dropped: every call of a situation, the first included, then
-        gives the same values (strategies agree only to rounding)."""
+        K points with it. A ``vmap`` trial's answers are dropped (a batch of another size may round differently),
+        the loop's are kept where it wins: every call of a situation, the first included, gives the same values."""
         structure, names, k = situation[:3]
         failed = _FAILED.setdefault(module, {})
-        t = max(1, min(self.trial_points, k // 4))
+        t = max(1, min(self.trial_points, k // 8))
         sample = {name: v[:t] for name, v in varied.items()}
-        choice = Choice("loop")
+        choice, loop_values = Choice("loop"), None
         for strategy in STRATEGIES.values():
             if strategy.name == "vmap_per_point" and "vmap" in choice.points_per_s:
                 continue  # per-point inputs only get past what shared inputs cannot do, and cost more
@@ -241,7 +241,7 @@ class FullForwards:
                     strategy.run(module, params, sample, inputs, then)
                 _synchronize(inputs.device)  # the one place the fallback waits for the device: once per situation
                 start = time.perf_counter()
-                strategy.run(module, params, sample, inputs, then)
+                values = strategy.run(module, params, sample, inputs, then)
                 _synchronize(inputs.device)
             except Exception as err:
                 if not strategy.may_fail:
@@ -249,11 +249,16 @@ class FullForwards:
                 failed[key] = choice.failed[strategy.name] = _first_line(err)
                 continue
             choice.points_per_s[strategy.name] = t / max(time.perf_counter() - start, 1e-9)
+            if strategy.name == "loop":
+                loop_values = values
         choice.strategy = max(choice.points_per_s, key=choice.points_per_s.__getitem__)
         if len(known) >= _MAX_SITUATIONS:
             known.pop(next(iter(known)))
         known[situation] = choice
         _warn_once(module, names, choice)
+        if choice.strategy == "loop" and t < k:  # the loop answers each point alone: its trial answers are final
+            rest = STRATEGIES["loop"].run(module, params, {name: v[t:] for name, v in varied.items()}, inputs, then)
+            return torch.cat([loop_values, rest])
         return self(module, params, varied, inputs, then)
 
 
