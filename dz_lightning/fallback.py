@@ -176,9 +176,10 @@ class FullForwards:
     """K points of a module by full forwards, with the strategy that is fastest there (see the module docstring).
 
     Args:
-        strategy: ``"auto"`` (time the strategies once per situation and keep the fastest) or one of
-            :data:`STRATEGIES` (always that one, in one call per chunk: no timing, and results that do not depend
-            on the machine's load).
+        strategy: ``"auto"`` (time the strategies once per situation and keep the fastest), ``"first_working"``
+            (the first of :data:`STRATEGIES` that works there, failures remembered) or one of :data:`STRATEGIES`
+            (always that one). All but ``"auto"`` give results that do not depend on timings: strategies agree only
+            to rounding, so ranks or runs that chose differently would differ in the last bits.
         trial_points: most points of the timed trial (at most an eighth of the K points of the call). A ``vmap``
             strategy runs it twice, timing the second (a first call allocates and picks kernels for new shapes);
             the loop once, in the base forward's shapes.
@@ -188,9 +189,9 @@ class FullForwards:
     """
 
     def __init__(self, strategy: str = "auto", trial_points: int = 8) -> None:
-        if strategy != "auto" and strategy not in STRATEGIES:
-            raise ValueError(f"Expected argument `fallback` to be 'auto' or one of {list(STRATEGIES)}, but got "
-                             f"{strategy!r}.")
+        if strategy not in ("auto", "first_working", *STRATEGIES):
+            raise ValueError(f"Expected argument `fallback` to be 'auto', 'first_working' or one of "
+                             f"{list(STRATEGIES)}, but got {strategy!r}.")
         if not isinstance(trial_points, int) or isinstance(trial_points, bool) or trial_points < 1:
             raise ValueError(f"Expected argument `trial_points` to be a positive int, but got {trial_points!r}.")
         self.strategy, self.trial_points = strategy, trial_points
@@ -201,6 +202,8 @@ class FullForwards:
 
         Arguments as :func:`vmap_points` with shared ``inputs`` ``(B, ...)``; ``then`` must be vmap-able.
         """
+        if self.strategy == "first_working":
+            return self._first_working(module, params, varied, inputs, then)
         if self.strategy != "auto":
             return STRATEGIES[self.strategy].run(module, params, varied, inputs, then)
         structure, names = _structure(module), tuple(sorted(varied))
@@ -218,6 +221,23 @@ class FullForwards:
             _FAILED.setdefault(module, {})[(structure, names, choice.strategy)] = _first_line(err)
             del known[situation]
             return self(module, params, varied, inputs, then)
+
+    def _first_working(self, module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor],
+                       inputs: Tensor, then: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """The first strategy, in the order of :data:`STRATEGIES`, that has not failed here (failures remembered)."""
+        failed = _FAILED.setdefault(module, {})
+        structure, names = _structure(module), tuple(sorted(varied))
+        for strategy in STRATEGIES.values():
+            key = (structure, names, strategy.name)
+            if key in failed:
+                continue
+            try:
+                return strategy.run(module, params, varied, inputs, then)
+            except Exception as err:
+                if not strategy.may_fail:
+                    raise
+                failed[key] = _first_line(err)
+        raise AssertionError("unreachable: the loop strategy never fails without raising")
 
     def _choose(self, module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor,
                 then: Callable[[Tensor], Tensor] | None, situation: tuple, known: dict[tuple, Choice]) -> Tensor:

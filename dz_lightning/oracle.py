@@ -105,9 +105,11 @@ class ModuleOracle(Oracle):
             reach it as one flat ``(K * B, ...)`` batch (or, on the feature-reuse path, one ``(B, ...)`` batch per
             point), so a non-torch callable works and every image it sees is counted by it (e.g. a residual
             denoiser's black-box classifier).
-        fallback: how K full forwards run: ``"auto"`` (time each strategy once per model, parameter and input
-            shape and keep the fastest; see :mod:`dz_lightning.fallback`), or ``"vmap"``, ``"vmap_per_point"``,
-            ``"loop"`` to pin one (results then do not depend on timings).
+        fallback: how K full forwards run (:class:`~dz_lightning.fallback.FullForwards`): ``"auto"`` times each
+            strategy once per parameter and chunk and keeps the fastest where the model has no feature-reuse
+            engine (or ``feature_reuse`` is off), else takes the first that works; ``"first_working"``,
+            ``"vmap"``, ``"vmap_per_point"`` or ``"loop"`` give results that do not depend on timings (pin one
+            for bit-identical DDP ranks on a model without an engine).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
@@ -115,7 +117,9 @@ class ModuleOracle(Oracle):
                  delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
                  fallback: str = "auto") -> None:
         super().__init__(max_batch=max_batch)
-        self._full_forwards = FullForwards(fallback)
+        # timed choices only where the model has no feature-reuse engine (or it is off): a model with one keeps
+        # batched points that do not depend on timings (DDP ranks stay bit-identical to one process)
+        self._full_forwards, self._first_working = FullForwards(fallback), FullForwards("first_working")
         if head is not None and not callable(head):
             raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
         if not isinstance(model, nn.Module):
@@ -169,12 +173,15 @@ class ModuleOracle(Oracle):
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
+        forwards = self._full_forwards
+        if forwards.strategy == "auto" and self.feature_reuse and not self._staged_unavailable:
+            forwards = self._first_working  # a model with an engine (or not yet known without one): no timings
         with self._query_context():
             if self.head is None:
-                return self._full_forwards(self.model, params, varied, self.inputs,
-                                           then=lambda out: query.float64_loss(self.loss_fn, out, self.targets))
+                return forwards(self.model, params, varied, self.inputs,
+                                then=lambda out: query.float64_loss(self.loss_fn, out, self.targets))
             # the black-box head never runs under vmap: it gets all K * B outputs of the chunk as one flat batch
-            outputs = self._full_forwards(self.model, params, varied, self.inputs)  # (K, B, ...)
+            outputs = forwards(self.model, params, varied, self.inputs)  # (K, B, ...)
             k, b = outputs.shape[:2]
             inputs = self.inputs.unsqueeze(0).expand(k, *self.inputs.shape).reshape(k * b, *self.inputs.shape[1:])
             heads = self.head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)

@@ -42,7 +42,7 @@ def _fails(model_name: str, strategy: str, name: str) -> bool:
         model_name, lambda n: False)(name)
 
 
-@pytest.mark.parametrize("strategy", ["auto", *fallback.STRATEGIES])
+@pytest.mark.parametrize("strategy", ["auto", "first_working", *fallback.STRATEGIES])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("model_name", list(FALLBACK_MODELS))
 def test_every_strategy_equals_one_query_at_a_time_in_float64(model_name, train, strategy):
@@ -211,8 +211,22 @@ def test_steady_state_never_syncs():
 
 def test_a_bad_fallback_is_refused_before_work():
     model, x, y = _setup("gated_cnn", True, torch.float32)
-    with pytest.raises(ValueError, match=r"`fallback` to be 'auto' or one of \['vmap', 'vmap_per_point', 'loop'\], "
-                                         r"but got 'fastest'"):
+    with pytest.raises(ValueError, match=r"`fallback` to be 'auto', 'first_working' or one of \['vmap', "
+                                         r"'vmap_per_point', 'loop'\], but got 'fastest'"):
         dz.ModuleOracle(model, F.cross_entropy, x, y, fallback="fastest")
     with pytest.raises(ValueError, match="`trial_points` to be a positive int, but got 0"):
         fallback.FullForwards(trial_points=0)
+
+
+def test_a_model_with_an_engine_takes_the_first_working_strategy_without_timing():
+    """RGE on a traced model runs full forwards too; without timings, ranks and runs cannot choose differently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    params = dict(model.named_parameters())
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y)
+    first = dz.rge(oracle, params, q=6, generator=torch.Generator().manual_seed(0))
+    assert fallback.choices(model) == {}
+    pinned = dz.ModuleOracle(model, F.cross_entropy, x, y, fallback="vmap")
+    second = dz.rge(pinned, params, q=6, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(first.grads[n], second.grads[n]) for n in params)  # vmap works here: it was taken
