@@ -16,9 +16,9 @@ evaluated, tensor by tensor as a CGE step does, by:
 
 Each method runs once per round (``--rounds``, interleaved, so that a change in the machine's load hits every
 method alike), after one untimed round that makes the oracles' choices; ``queries_per_s`` is the median over
-rounds. ``chosen`` counts the tensors per chosen strategy, ``choices`` names them, ``max_abs_diff`` compares every
-method's losses with ``plain_loop``'s (fp32 models, float64 losses). The machine's load average before and after
-and ``torch.backends.cpu.get_cpu_capability()`` are recorded.
+rounds. ``chosen`` counts the tensors per strategy the default oracle chose, ``choices`` names them,
+``max_abs_diff`` compares every method's losses with ``plain_loop``'s (fp32 models, float64 losses). The machine's
+load average before and after and ``torch.backends.cpu.get_cpu_capability()`` are recorded.
 The last line printed is one JSON object; ``--out`` also writes it.
 
 Usage: ``OMP_NUM_THREADS=2 python -m benchmarks.fallback_throughput --out benchmarks/results/fallback_cpu.json``.
@@ -143,7 +143,9 @@ def run_model(name: str, batch: int, density: float, per_param: int, chunks: lis
     qps = {m: (n / statistics.median(s) if s else None) for m, s in seconds.items()}
     best = max((m for m in qps if m.startswith("chunk_") and qps[m]), key=qps.__getitem__, default=None)
     ref = losses["plain_loop"]
-    made = {s[1][0]: c for s, c in fallback.choices(model).items() if len(s[1]) == 1}
+    # the default oracle's situations: one call per tensor (its chunk holds all of a tensor's coordinates here)
+    made = {s[1][0]: c for s, c in fallback.choices(model).items()
+            if len(s[1]) == 1 and s[2] == coords[s[1][0]].numel()}
     return {
         "coords": n,
         "tensors": len(coords),
