@@ -230,3 +230,19 @@ def test_a_model_with_an_engine_takes_the_first_working_strategy_without_timing(
     pinned = dz.ModuleOracle(model, F.cross_entropy, x, y, fallback="vmap")
     second = dz.rge(pinned, params, q=6, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(first.grads[n], second.grads[n]) for n in params)  # vmap works here: it was taken
+
+
+def test_choices_do_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    model, x, y = _setup("gated_cnn", True, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False).coordinate_losses(
+            dict(model.named_parameters()), "stem.0.weight", torch.arange(3), 1e-2)
+    assert fallback.choices(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
