@@ -26,10 +26,10 @@ The last line printed is one JSON object; ``--out`` (default on CUDA: ``cge_thro
 
 ``graph_models`` covers models with and without a hand-written protocol (resnet20, simple_cnn, tv_resnet18,
 tv_mobilenet_v3_small, unet_small): per model, ``step_queries_per_s`` of one CGE step at 90% sparsity (the same
-projection, the engine's construction included) on the traced-graph engine (``graph``), on the batched full
-forward without feature reuse (``full_forward``: ``ModuleOracle(feature_reuse=False)``, one query at a time where
-its ``vmap`` fails) and on the ``stages()`` protocol (``stages``, where the model has one), and ``max_abs_diff``
-of their losses. Dropout modules run in eval mode (a train-mode dropout makes every query random).
+projection, the engine's construction included) on the traced-graph engine (``graph``), on the full forward
+without feature reuse (``full_forward``: ``ModuleOracle(feature_reuse=False)``, batched or one query at a time as
+:mod:`dz_lightning.fallback` chooses) and on the ``stages()`` protocol (``stages``, where the model has one), and
+``max_abs_diff`` of their losses. Dropout modules run in eval mode (a train-mode dropout makes every query random).
 
 Usage: ``python -m benchmarks.cge_throughput --models resnet20 simple_cnn --batch 64 --coords 128``;
 ``--model tv_resnet18`` runs only that model's ``graph_models`` entry;

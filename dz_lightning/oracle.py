@@ -4,20 +4,21 @@ An oracle answers "what is the loss at these parameter values?" for one point or
 Estimators (:mod:`dz_lightning.estimators`) talk to the objective exclusively through this interface, so
 the objective may be a true black box (a NumPy program, a simulator, a remote service). The base classes are in
 :mod:`dz_lightning.oracle_base`; here are the black-box :class:`FunctionOracle`, the white-box
-:class:`ModuleOracle`, and :func:`vmap_points`, the one primitive that evaluates a module at K parameter points.
+:class:`ModuleOracle`, and (from :mod:`dz_lightning.fallback`) :func:`vmap_points`, the one primitive that evaluates
+a module at K parameter points as one batched computation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from dz_lightning import query, reuse
+from dz_lightning.fallback import FullForwards, parameter_values, vmap_points
 from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
@@ -67,61 +68,9 @@ class FunctionOracle(Oracle):
             return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
 
 
-def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """All of ``module``'s parameters by name, taking the values in ``params`` where it names them."""
-    return {n: params.get(n, p) for n, p in module.named_parameters()}
-
-
 def has_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` holds a BatchNorm layer (whose running statistics a training forward updates)."""
     return any(isinstance(m, query.BATCHNORMS) for m in module.modules())
-
-
-def vmap_points(module: nn.Module, params: Mapping[str, Tensor], varied: Mapping[str, Tensor], inputs: Tensor, *,
-                per_point_inputs: bool = False, then: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """``module`` evaluated at K parameter points as one batched computation (``vmap`` over ``functional_call``).
-
-    Point ``k`` takes ``varied[name][k]`` for the names in ``varied`` and ``params`` (or the module's own value) for
-    every other parameter. The caller chooses the context (no autograd, precision: :func:`query_mode`). A black box
-    that cannot run under ``vmap`` goes after this call, on the result reshaped to one flat ``(K * B, ...)`` batch.
-
-    Args:
-        module: the white-box network.
-        params: name -> value, the fixed part of every point.
-        varied: name -> stacked values ``(K, *shape)``.
-        inputs: ``(B, ...)`` shared by every point, or ``(K, B, ...)`` (one batch per point) with ``per_point_inputs``.
-        per_point_inputs: whether ``inputs`` has a leading K dimension.
-        then: applied to each point's outputs inside ``vmap`` (e.g. ``outputs -> loss``); it must be vmap-able.
-
-    Returns:
-        ``(K, B, ...)`` outputs, or ``(K, ...)`` values of ``then``.
-    """
-    fixed = {n: v for n, v in parameter_values(module, params).items() if n not in varied}
-    names = list(varied)
-
-    def one(x: Tensor, *values: Tensor) -> Tensor:
-        point = dict(fixed)
-        point.update(zip(names, values, strict=True))
-        out = functional_call(module, point, (x,))
-        return out if then is None else then(out)
-
-    values = [varied[n] for n in names]
-    if not per_point_inputs and module in _BATCHED_INPUTS:
-        inputs, per_point_inputs = inputs.expand(values[0].shape[0], *inputs.shape), True
-    in_dims = (0 if per_point_inputs else None, *([0] * len(names)))
-    try:
-        return vmap(one, in_dims=in_dims, randomness="same")(inputs, *values)
-    except RuntimeError as err:
-        # An in-place op (``out += identity`` in torchvision's ResNets) writes a per-point value into a tensor that
-        # does not vary over the points when only later parameters vary. Every activation varies once the inputs
-        # do: give each point its own (expanded, not copied) inputs, for this module from now on.
-        if per_point_inputs or ("broadcast shape" not in str(err) and "inplace" not in str(err)):
-            raise
-        _BATCHED_INPUTS.add(module)
-        return vmap_points(module, params, varied, inputs, then=then)
-
-
-_BATCHED_INPUTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class ModuleOracle(Oracle):
@@ -130,9 +79,9 @@ class ModuleOracle(Oracle):
     White box inside, black box to the estimator. Queries run in :func:`~dz_lightning.query.query_mode`: no
     autograd, fp32 arithmetic (autocast and TF32 off, even inside a mixed-precision trainer or with TF32 enabled
     globally), BatchNorm running statistics never updated.
-    K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
-    one-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
-    the model's ``stages()``, else batched full forwards).
+    One-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
+    the model's ``stages()``); K points otherwise run as full forwards, batched with ``torch.func.vmap`` or one by
+    one, whichever :class:`~dz_lightning.fallback.FullForwards` measured fastest for the model.
 
     Args:
         model: the network. Parameter names are those of ``model.named_parameters()``.
@@ -159,13 +108,21 @@ class ModuleOracle(Oracle):
             elementwise multiply. ``None`` draws one seed from PyTorch's default CPU generator when the oracle is
             made (a task makes one oracle per step: new masks every step) when a dropout module is in training
             mode; give a seed for dropout that is not a module (``F.dropout`` in ``forward``).
+        fallback: how K full forwards run (:class:`~dz_lightning.fallback.FullForwards`): ``"auto"`` times each
+            strategy once per parameter and chunk and keeps the fastest where the model has no feature-reuse
+            engine (or ``feature_reuse`` is off), else takes the first that works; ``"first_working"``,
+            ``"vmap"``, ``"vmap_per_point"`` or ``"loop"`` give results that do not depend on timings (pin one
+            for bit-identical DDP ranks on a model without an engine).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
                  delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 dropout_seed: int | None = None) -> None:
+                 dropout_seed: int | None = None, fallback: str = "auto") -> None:
         super().__init__(max_batch=max_batch)
+        # timed choices only where the model has no feature-reuse engine (or it is off): a model with one keeps
+        # batched points that do not depend on timings (DDP ranks stay bit-identical to one process)
+        self._full_forwards, self._first_working = FullForwards(fallback), FullForwards("first_working")
         if head is not None and not callable(head):
             raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
         if not isinstance(model, nn.Module):
@@ -189,6 +146,10 @@ class ModuleOracle(Oracle):
         with query_mode(self.model, self.inputs.device), \
                 query.common_random_numbers(self.dropout_seed, self.inputs.device):
             yield
+
+    def _same_draws(self) -> contextlib.AbstractContextManager[None]:
+        """Around each forward of a batched call: every point draws this oracle's dropout masks."""
+        return query.common_random_numbers(self.dropout_seed, self.inputs.device)
 
     def _full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return parameter_values(self.model, params)
@@ -225,12 +186,16 @@ class ModuleOracle(Oracle):
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
+        forwards = self._full_forwards
+        if forwards.strategy == "auto" and self.feature_reuse and not self._staged_unavailable:
+            forwards = self._first_working  # a model with an engine (or not yet known without one): no timings
         with self._query_context():
             if self.head is None:
-                return vmap_points(self.model, params, varied, self.inputs,
-                                   then=lambda out: query.float64_loss(self.loss_fn, out, self.targets))
+                return forwards(self.model, params, varied, self.inputs,
+                                then=lambda out: query.float64_loss(self.loss_fn, out, self.targets),
+                                fresh=self._same_draws)
             # the black-box head never runs under vmap: it gets all K * B outputs of the chunk as one flat batch
-            outputs = vmap_points(self.model, params, varied, self.inputs)  # (K, B, ...)
+            outputs = forwards(self.model, params, varied, self.inputs, fresh=self._same_draws)  # (K, B, ...)
             k, b = outputs.shape[:2]
             inputs = self.inputs.unsqueeze(0).expand(k, *self.inputs.shape).reshape(k * b, *self.inputs.shape[1:])
             heads = self.head(outputs.reshape(k * b, *outputs.shape[2:]), inputs)

@@ -150,3 +150,31 @@ def test_functional_dropout_shares_masks_with_an_explicit_seed():
         F.cross_entropy(model(x), y).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(est.grads[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+class _UntraceableDropout(nn.Module):
+    """fx cannot trace it (a branch on the input), vmap can run it: the full-forward fallback with dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x)) if x.mean() > -100 else self.a(x)
+        return self.b(self.drop(h))
+
+
+@pytest.mark.filterwarnings("ignore:.*full forward for every query", "ignore:.*full forwards use")
+@pytest.mark.parametrize("fallback", ["auto", "first_working", "vmap", "loop"])  # per-point inputs: the branch fails
+def test_every_fallback_strategy_shares_the_masks(fallback):
+    """float64: CGE through each full-forward strategy (trials included) is the gradient at the base point's masks."""
+    torch.manual_seed(0)
+    model, x, y = _UntraceableDropout().double().train(), torch.randn(4, 5).double(), torch.randint(0, 3, (4,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, dropout_seed=11, fallback=fallback, max_batch=16)
+    est = dz.cge(oracle, params, mu=1e-6, difference="central")
+    model.zero_grad()
+    with common_random_numbers(11, x.device):
+        F.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(est.grads[n], p.grad, rtol=1e-5, atol=1e-7)
