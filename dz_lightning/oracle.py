@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from dz_lightning import query, reuse
-from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
+from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle, _note
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 __all__ = [
@@ -30,10 +30,16 @@ __all__ = [
 class FunctionOracle(Oracle):
     """An oracle around any callable ``fn(params) -> loss``: the black-box case.
 
+    ``fn`` receives copies of the parameter values, never views of them: whatever it does to its arguments (a NumPy
+    view changed in place, tensors kept for later) leaves the parameters and the estimate alone. A failing call
+    keeps its exception and traceback, with notes naming the query (which point of which call; for coordinate
+    queries, which coordinate).
+
     Args:
-        fn: called with a dict name -> tensor and returning a float or a 0-d tensor (an int is taken as a float;
-            a bool or a complex value is rejected with a ``TypeError``). It may convert the
-            tensors to NumPy, call a subprocess or a remote service: nothing is differentiated.
+        fn: called with a dict name -> tensor and returning a float or a 0-d tensor in float32 or float64 (an int is
+            taken as a float; a bool, a complex value, or a float16 / bfloat16 loss is rejected with a
+            ``TypeError``). It may convert the tensors to NumPy, call a subprocess or a remote service: nothing is
+            differentiated.
         batched: if ``True``, ``fn`` accepts a dict of stacked values ``(K, ...)`` for *every* parameter and
             returns ``K`` losses; otherwise it is called one point at a time.
         max_batch: most points per call when ``batched``.
@@ -52,19 +58,39 @@ class FunctionOracle(Oracle):
 
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
         with torch.no_grad():
-            if self.batched:
-                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()})  # K = 1 losses
-            return self.fn({n: v.detach() for n, v in params.items()})
+            if not self.batched:
+                return self.fn({n: v.detach().clone() for n, v in params.items()})
+            answer = self.fn({n: v.detach().unsqueeze(0).clone() for n, v in params.items()})  # K = 1 point
+        count = _answer_count(answer)
+        if count is not None and count != 1:
+            raise ValueError(f"{type(self).__name__}(batched=True) returned {count} losses for a batch of 1 point; "
+                             "a batched `fn` returns one loss per point, shape (K,).")
+        return answer
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         if not self.batched:
             return super()._losses(params, varied)
         k = next(iter(varied.values())).shape[0]
-        stacked = {
-            n: (varied[n] if n in varied else v.detach().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()
-        }
+        # one copy of each fixed value, expanded (a view of the copy: no K-fold memory)
+        stacked = {n: (varied[n].detach().clone() if n in varied
+                       else v.detach().clone().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()}
         with torch.no_grad():
-            return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
+            try:
+                return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
+            except Exception as err:
+                _note(err, f"{type(self).__name__}: the batched black box failed on a call with {k} points varying "
+                           f"{sorted(varied)}.")
+                raise
+
+
+def _answer_count(answer: object) -> int | None:
+    """How many values a black box's answer holds (``None`` when it is not array-like: left to the conversion)."""
+    if isinstance(answer, Tensor):
+        return answer.numel()
+    if isinstance(answer, (list, tuple)):
+        return len(answer)
+    size = getattr(answer, "size", None)
+    return size if isinstance(size, int) else None
 
 
 def parameter_values(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
