@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dz_lightning import query
 from dz_lightning.oracle import NonFiniteLossError, Oracle
 from dz_lightning.resolution import check_directions_resolve, check_step_resolves
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
@@ -276,6 +277,17 @@ def _directions(
     return dirs
 
 
+def direction_chunk(oracle: Oracle, params: Mapping[str, Tensor], chunk: int, copies: int) -> int:
+    """Directions per batch of a randomized estimate: at most ``chunk``, and no more than ``oracle.memory_budget``
+    holds at ``copies`` parameter-sized tensors per direction (:func:`~dz_lightning.query.points_per_chunk`).
+
+    The default budget is the CPU one on every device: the chunk orders the random draws, so it must not follow a
+    GPU's free memory (which can differ between DDP ranks and runs).
+    """
+    per_direction = copies * sum(p.numel() * p.element_size() for p in params.values())
+    return min(chunk, query.points_per_chunk(torch.device("cpu"), oracle.memory_budget, per_direction))
+
+
 def rge(
     oracle: Oracle,
     params: Mapping[str, Tensor],
@@ -312,7 +324,10 @@ def rge(
             generator, parameters on CUDA), a device generator is derived from it once per call
             (:func:`device_generator`).
         masks: optional bool masks; directions are zero outside them (``d`` counts only masked-in entries).
-        chunk: directions generated and evaluated per batch (bounds memory).
+        chunk: most directions generated and evaluated per batch. Fewer when ``oracle.memory_budget`` (its
+            default: 1 GiB) cannot hold ``chunk`` of them: each takes about 3 parameter-sized tensors (5 with
+            central differences), the one chunking rule :func:`~dz_lightning.query.points_per_chunk`. The chunk
+            decides the order of the random draws, so it never depends on the device's free memory.
         nonfinite: ``"raise"`` or ``"skip"`` directions whose loss is not finite.
 
     Returns:
@@ -339,6 +354,7 @@ def rge(
     skipped = 0
     generators = {p.device: None for p in params.values()}
     generators = {device: device_generator(generator, device) for device in generators}
+    chunk = direction_chunk(oracle, params, chunk, 3 if difference == "forward" else 5)
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = _directions(params, masks, k, distribution, generators)

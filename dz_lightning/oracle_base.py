@@ -107,7 +107,11 @@ class Oracle:
     Attributes:
         queries: evaluations of the objective spent so far (one per point; see :meth:`_evaluations`).
         max_batch: largest number of points evaluated in one call; ``None`` means unlimited.
+        memory_budget: bytes that batched queries may use (``None``: :func:`~dz_lightning.query.memory_budget`'s
+            default). Estimators size their own batches of perturbed points by it too (RGE's direction chunks).
     """
+
+    memory_budget: int | None = None
 
     def __init__(self, max_batch: int | None = None) -> None:
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -274,6 +278,11 @@ class DelegatingOracle(Oracle):
     def __init__(self, inner: Oracle) -> None:
         super().__init__()
         self.inner = inner
+
+    @property
+    def memory_budget(self) -> int | None:  # type: ignore[override]
+        """The wrapped oracle's budget (the memory is spent where the points are evaluated)."""
+        return self.inner.memory_budget
 
     def loss(self, params: Mapping[str, Tensor]) -> Tensor:
         with self._counting():
