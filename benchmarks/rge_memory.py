@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CHILD = '''
@@ -48,7 +49,7 @@ def main() -> None:
     rows = []
     for budget in args.budgets:
         out = subprocess.run([sys.executable, "-c", CHILD, str(args.width), budget], env=env, capture_output=True,
-                             text=True, timeout=1200)
+                             text=True, timeout=1200, cwd=tempfile.gettempdir())  # `-c` puts the cwd first
         if out.returncode != 0:
             rows.append({"budget": budget, "error": out.stderr.strip().splitlines()[-1][:200]})
             continue
