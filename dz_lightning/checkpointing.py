@@ -43,7 +43,7 @@ except ImportError:  # Windows: no advisory locks; writers do not take turns
     fcntl = None
 
 __all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "atomic_write",
-           "load_checkpoint", "sha256_file"]
+           "load_checkpoint", "sha256_file", "zip_damage"]
 
 _DIGEST_SUFFIX = ".sha256"
 
@@ -101,7 +101,7 @@ def _recorded_digests(sidecar: Path) -> list[str]:
     return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
 
 
-def _zip_damage(path: str | Path) -> str | None:
+def zip_damage(path: str | Path) -> str | None:
     """What the zip CRCs of a torch checkpoint say is damaged (``None``: intact, or not a zip file at all)."""
     if not zipfile.is_zipfile(path):
         return None
@@ -132,7 +132,7 @@ def _verify(path: str | Path, complete: bool) -> bool:
     """:func:`verify_checksum`; with ``complete``, first finish a save that stopped between its renames (below)."""
     sidecar = _sidecar(path)
     if not sidecar.is_file():
-        damage = _zip_damage(path)
+        damage = zip_damage(path)
         if damage is not None:
             raise CorruptCheckpointError(f"corrupted or truncated checkpoint {path}: {damage} (it has no "
                                          f"{_DIGEST_SUFFIX} file). Use another checkpoint.")
@@ -146,7 +146,7 @@ def _verify(path: str | Path, complete: bool) -> bool:
             rank_zero_warn(f"{path} is the checkpoint before the last save to it, which stopped before its rename "
                            f"(the newer one was never complete); loading this intact previous one.")
         return True
-    damage = _zip_damage(path)
+    damage = zip_damage(path)
     if damage is None and zipfile.is_zipfile(path) and sidecar.stat().st_mtime_ns > Path(path).stat().st_mtime_ns:
         rank_zero_warn(f"{sidecar} names another file than {path}, but it was written after the file and the file's "
                        "zip CRCs all pass: a save that wrote the digest and then failed left the previous, intact "
