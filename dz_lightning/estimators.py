@@ -131,18 +131,28 @@ def loss_difference(a: Tensor, b: Tensor) -> Tensor:
     return a.to(dtype) - b.to(a.device, dtype)
 
 
-def _handle_nonfinite(values: Tensor, nonfinite: str, where: str) -> tuple[Tensor, int]:
-    bad = ~torch.isfinite(values)
+def _handle_nonfinite(values: Tensor, nonfinite: str, where: str, limit: float) -> tuple[Tensor, int]:
+    """Raise on (or zero, with ``"skip"``) differences that are not finite or beyond ``limit``, the largest value of
+    the parameters' dtype (a gradient entry that would overflow to infinity there)."""
+    bad = ~torch.isfinite(values) | (values.abs() > limit)
     n_bad = int(bad.sum())
     if n_bad == 0:
         return values, 0
     if nonfinite == "raise":
         first = int(bad.nonzero()[0])
+        if bool(torch.isfinite(values[first])):  # the error path only
+            raise NonFiniteLossError(
+                f"The finite differences of {n_bad} perturbation(s) of {where} are finite but overflow the "
+                f"parameters' dtype (first at position {first}: {float(values[first]):.3g}, beyond {limit:.3g}): "
+                "the losses are too large for a gradient in that dtype. Scale the loss down (a mean instead of a "
+                "sum, or divide it by a constant)."
+            )
         raise NonFiniteLossError(
             f"The oracle returned {n_bad} non-finite loss(es) for perturbations of {where} (first at position "
             f"{first}). Lower `mu`, or pass nonfinite='skip' to drop such differences with a warning."
         )
-    warnings.warn(f"Skipped {n_bad} non-finite finite difference(s) for {where}.", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"Skipped {n_bad} non-finite (or overflowing) finite difference(s) for {where}.", RuntimeWarning,
+                  stacklevel=3)
     return torch.where(bad, torch.zeros_like(values), values), n_bad
 
 
@@ -221,8 +231,8 @@ def cge(
             diff = loss_difference(plus, f0) / mu
         else:
             diff = loss_difference(plus, minus) / (2 * mu)
+        diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}", torch.finfo(value.dtype).max)
         diff = diff.to(value.dtype)
-        diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
         grads[name].view(-1)[index] = diff
     return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped, seconds=seconds)
@@ -355,6 +365,7 @@ def rge(
     generators = {p.device: None for p in params.values()}
     generators = {device: device_generator(generator, device) for device in generators}
     chunk = direction_chunk(oracle, params, chunk, 3 if difference == "forward" else 5)
+    limit = min(torch.finfo(p.dtype).max for p in params.values())
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = _directions(params, masks, k, distribution, generators)
@@ -367,7 +378,7 @@ def rge(
         else:
             minus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) - mu * u for n, u in dirs.items()})
             coeff = loss_difference(plus, minus) / (2 * mu)
-        coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}")
+        coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}", limit)
         skipped += n_bad
         for name, u in dirs.items():
             c = coeff.to(u.device, u.dtype)

@@ -249,3 +249,16 @@ def test_zo_grasp_rge_direction_chunks_follow_the_memory_budget():
         oracle = _spied(dz.ModuleOracle(model, F.cross_entropy, x, y, memory_budget=budget))
         zo_grasp_scores(oracle, dict(model.named_parameters()), names, q=16, generator=torch.Generator().manual_seed(0))
         assert max(oracle.calls) == want, (budget, oracle.calls)
+
+
+def test_finite_losses_whose_differences_overflow_float32_are_named_as_such():
+    oracle = dz.FunctionOracle(lambda p: 1e301 * (1.0 + float(p["w"].double().sum())))  # finite float64 losses
+    params = {"w": torch.zeros(3)}
+    with pytest.raises(dz.NonFiniteLossError, match=r"finite but overflow the parameters' dtype .*1e\+301, beyond "
+                                                   r"3.4e\+38.*Scale the loss down"):
+        dz.cge(oracle, params)  # was: "The oracle returned 3 non-finite loss(es)"
+    with pytest.raises(dz.NonFiniteLossError, match="finite but overflow"):
+        dz.rge(oracle, params, q=4, generator=torch.Generator().manual_seed(0))  # was: an infinite gradient, no error
+    wide = {"w": torch.zeros(3, dtype=torch.float64)}
+    est = dz.cge(dz.FunctionOracle(lambda p: 1e301 * float(p["w"].sum())), wide)
+    torch.testing.assert_close(est.grads["w"], torch.full((3,), 1e301, dtype=torch.float64))  # float64 holds them
