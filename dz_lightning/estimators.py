@@ -335,7 +335,7 @@ def rge(
             (:func:`device_generator`).
         masks: optional bool masks; directions are zero outside them (``d`` counts only masked-in entries).
         chunk: most directions generated and evaluated per batch. Fewer when ``oracle.memory_budget`` (its
-            default: 1 GiB) cannot hold ``chunk`` of them: each takes about 3 parameter-sized tensors (5 with
+            default: 1 GiB) cannot hold ``chunk`` of them: each takes about 4 parameter-sized tensors (6 with
             central differences), the one chunking rule :func:`~dz_lightning.query.points_per_chunk`. The chunk
             decides the order of the random draws, so it never depends on the device's free memory.
         nonfinite: ``"raise"`` or ``"skip"`` directions whose loss is not finite.
@@ -364,7 +364,9 @@ def rge(
     skipped = 0
     generators = {p.device: None for p in params.values()}
     generators = {device: device_generator(generator, device) for device in generators}
-    chunk = direction_chunk(oracle, params, chunk, 3 if difference == "forward" else 5)
+    # per direction: u, mu * u, the point, and the batched forward's copy of the point's weights (measured:
+    # benchmarks/rge_memory.py); central differences hold the minus points too
+    chunk = direction_chunk(oracle, params, chunk, 4 if difference == "forward" else 6)
     limit = min(torch.finfo(p.dtype).max for p in params.values())
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)

@@ -183,7 +183,7 @@ def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, m
     start = oracle.queries
     f0 = oracle.loss(params)
     grads = {n: torch.zeros_like(v) for n, v in params.items()}
-    chunk = direction_chunk(oracle, params, chunk, 4)
+    chunk = direction_chunk(oracle, params, chunk, 5)  # z, mu * z, v, the point, the forward's copy
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = {}

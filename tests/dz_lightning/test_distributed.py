@@ -159,7 +159,7 @@ def test_rge_replay_chunks_its_directions_as_the_recording_under_a_memory_budget
     params = {n: p.detach() for n, p in model.named_parameters()}
     copy_bytes = sum(p.numel() * p.element_size() for p in params.values())
     oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(6, 4), torch.randint(0, 2, (6,)),
-                             memory_budget=2 * 3 * copy_bytes)  # 2 directions per chunk
+                             memory_budget=2 * 4 * copy_bytes)  # 2 directions per chunk
     settings = {"q": 7, "mu": 1e-2, "distribution": "gaussian"}
     single = dz.rge(oracle, params, generator=torch.Generator().manual_seed(5), **settings)
     recorder = RecordingOracle(oracle, 0, 1, 7)

@@ -228,7 +228,7 @@ def test_rge_direction_chunks_follow_the_memory_budget_on_a_wide_mlp(budget, dif
     params = dict(model.named_parameters())
     copy_bytes = sum(p.numel() * p.element_size() for p in params.values())
     est = dz.rge(oracle, params, q=24, difference=difference, generator=torch.Generator().manual_seed(0))
-    copies = 3 if difference == "forward" else 5
+    copies = 4 if difference == "forward" else 6
     per_call = max(oracle.calls)
     assert sum(oracle.calls) == 24 * (1 if difference == "forward" else 2) and est.queries == sum(oracle.calls) + 1
     allowed = memory_budget(torch.device("cpu"), budget) // (copies * copy_bytes)
@@ -245,7 +245,7 @@ def test_zo_grasp_rge_direction_chunks_follow_the_memory_budget():
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
     names = ["1.weight", "3.weight"]
     copy_bytes = sum(dict(model.named_parameters())[n].numel() * 4 for n in names)
-    for budget, want in ((2**20, 1), (5 * 4 * copy_bytes, 5), (None, 16)):
+    for budget, want in ((2**20, 1), (5 * 5 * copy_bytes, 5), (None, 16)):
         oracle = _spied(dz.ModuleOracle(model, F.cross_entropy, x, y, memory_budget=budget))
         zo_grasp_scores(oracle, dict(model.named_parameters()), names, q=16, generator=torch.Generator().manual_seed(0))
         assert max(oracle.calls) == want, (budget, oracle.calls)
