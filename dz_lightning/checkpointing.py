@@ -256,8 +256,8 @@ def _save_bytes(data: bytes | memoryview, path: Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             previous: list[str] = []
-            if path.is_file():
-                previous = [sha256_file(path)] if not sidecar.is_file() else _recorded_digests(sidecar)[:1]
+            if path.is_file():  # every digest the current file may match (two after a save killed mid-way)
+                previous = [sha256_file(path)] if not sidecar.is_file() else _recorded_digests(sidecar)[:2]
             _atomic_write_bytes(_digest_lines(new, *[d for d in previous if d != new], name=path.name), sidecar)
             os.replace(tmp, path)
         except BaseException:
