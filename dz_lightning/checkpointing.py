@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import re
+import signal
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -344,6 +345,8 @@ class CheckpointGuard(L.Callback):
     * At fit start (after the checkpoint callbacks resolved their folders, before any training step), every
       ``ModelCheckpoint`` folder is created if needed and must accept a file; otherwise a ``PermissionError`` names
       it (Lightning would log the failure of each save and finish with no checkpoint at all).
+    * A fit stopped by SIGTERM exits with status 143 (128 + SIGTERM), in a plain script too (Lightning's own
+      ``SIGTERMException`` carries no status: exit 0).
     * When a fit stops on an exception, Ctrl+C or SIGTERM after at least one optimizer step, the current state is
       saved to ``<folder of the first ModelCheckpoint>/<filename>.ckpt`` (``last.ckpt`` and ``best.ckpt`` stay as
       they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved. Under DDP
@@ -394,6 +397,9 @@ class CheckpointGuard(L.Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and exception.code is None:
+            # Lightning's SIGTERMException is a SystemExit without a status: a plain script would exit 0 after it
+            exception.code = 128 + signal.SIGTERM
         if not self.save_on_interrupt or not self._stepped or trainer.global_step == 0:
             return
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):

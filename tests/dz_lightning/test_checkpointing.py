@@ -355,3 +355,20 @@ def test_flipped_weight_bit_without_a_digest_is_caught_by_the_zip_crc(tmp_path):
         io.load_checkpoint(path)
     with pytest.raises(CorruptCheckpointError, match="zip CRC"):
         load_checkpoint(path)
+
+
+class _SigtermAt(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_a_plain_script_saves_and_exits_143(guarded_trainer, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        guarded_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="last"), _SigtermAt()]).fit(
+            _module(), DigitsDataModule(batch_size=32))
+    assert exc.value.code == 143  # was: None, i.e. exit status 0 for a script that only calls trainer.fit
+    assert load_checkpoint(tmp_path / "interrupted.ckpt")["global_step"] == 2
