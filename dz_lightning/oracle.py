@@ -10,6 +10,8 @@ the objective may be a true black box (a NumPy program, a simulator, a remote se
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 
@@ -43,24 +45,76 @@ class FunctionOracle(Oracle):
         batched: if ``True``, ``fn`` accepts a dict of stacked values ``(K, ...)`` for *every* parameter and
             returns ``K`` losses; otherwise it is called one point at a time.
         max_batch: most points per call when ``batched``.
+        timeout: seconds one call of ``fn`` may take (``None``: no limit). A call past it raises ``TimeoutError``
+            (after the retries); ``fn`` then runs in a daemon thread, which is left to finish on its own, as a hung
+            simulator or service cannot be stopped from Python.
+        retries: calls repeated after a ``TimeoutError`` or an ``OSError`` (e.g. ``ConnectionError``), each with
+            fresh copies of the parameters; ``queries`` counts answered points, :attr:`failed_attempts` the others.
 
     Example:
         >>> oracle = FunctionOracle(lambda p: float((p["w"].numpy() ** 2).sum()))
     """
 
     def __init__(self, fn: Callable[[dict[str, Tensor]], Tensor | float], batched: bool = False,
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, timeout: float | None = None, retries: int = 0) -> None:
         super().__init__(max_batch=max_batch)
         if not callable(fn):
             raise TypeError(f"Expected argument `fn` to be callable, but got {type(fn).__name__}.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise ValueError(f"Expected argument `timeout` to be a finite number of seconds > 0 or None, but got "
+                             f"{timeout!r}.")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"Expected argument `retries` to be an int >= 0, but got {retries!r}.")
         self.fn = fn
         self.batched = batched
+        self.timeout, self.retries = timeout, retries
+        self.failed_attempts = 0
+
+    def _call(self, arguments: Callable[[], dict[str, Tensor]]) -> object:
+        """``fn`` on fresh ``arguments()``, under the timeout, repeated up to ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._call_once(arguments())
+            except (TimeoutError, OSError) as err:
+                if attempt == self.retries:
+                    if self.retries:
+                        _note(err, f"{type(self).__name__}: the last of {attempt + 1} attempts.")
+                    raise
+                self.failed_attempts += 1
+                warnings.warn(f"{type(self).__name__}: attempt {attempt + 1} of {self.retries + 1} failed "
+                              f"({type(err).__name__}: {err}); retrying.", RuntimeWarning, stacklevel=2)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, arguments: dict[str, Tensor]) -> object:
+        if self.timeout is None:
+            with torch.no_grad():
+                return self.fn(arguments)
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():  # thread-local: set in the worker
+                    outcome.append((True, self.fn(arguments)))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append((False, err))
+
+        worker = threading.Thread(target=run, name=f"{type(self).__name__}-query", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if not outcome:
+            raise TimeoutError(f"{type(self).__name__}: the black box did not answer within timeout={self.timeout} s "
+                               "(its call is left running in a daemon thread).")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
         with torch.no_grad():
             if not self.batched:
-                return self.fn({n: v.detach().clone() for n, v in params.items()})
-            answer = self.fn({n: v.detach().unsqueeze(0).clone() for n, v in params.items()})  # K = 1 point
+                return self._call(lambda: {n: v.detach().clone() for n, v in params.items()})
+            answer = self._call(lambda: {n: v.detach().unsqueeze(0).clone() for n, v in params.items()})  # K = 1
         count = _answer_count(answer)
         if count is not None and count != 1:
             raise ValueError(f"{type(self).__name__}(batched=True) returned {count} losses for a batch of 1 point; "
@@ -71,12 +125,14 @@ class FunctionOracle(Oracle):
         if not self.batched:
             return super()._losses(params, varied)
         k = next(iter(varied.values())).shape[0]
-        # one copy of each fixed value, expanded (a view of the copy: no K-fold memory)
-        stacked = {n: (varied[n].detach().clone() if n in varied
-                       else v.detach().clone().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()}
+
+        def stacked() -> dict[str, Tensor]:  # one copy of each fixed value, expanded (a view of the copy)
+            return {n: (varied[n].detach().clone() if n in varied
+                        else v.detach().clone().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()}
+
         with torch.no_grad():
             try:
-                return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
+                return self._call(stacked)  # converted by `losses`, keeping the black box's precision
             except Exception as err:
                 _note(err, f"{type(self).__name__}: the batched black box failed on a call with {k} points varying "
                            f"{sorted(varied)}.")

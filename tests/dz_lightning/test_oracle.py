@@ -312,3 +312,47 @@ def test_a_batched_black_box_that_returns_one_loss_too_few_is_named():
         dz.cge(box, {"w": torch.zeros(3)})
     with pytest.raises(ValueError, match="returned 2 losses for a batch of 3 points"):
         box.losses({"w": torch.zeros(3)}, {"w": torch.zeros(3, 3)})
+
+
+def test_a_hung_black_box_times_out_naming_the_query_and_a_flaky_one_is_retried():
+    import threading
+
+    release = threading.Event()
+    calls = []
+
+    def box(p):
+        calls.append(1)
+        if len(calls) == 3:  # the third query hangs (a simulator that never answers)
+            release.wait(10)
+        return float(p["w"].sum())
+
+    oracle = dz.FunctionOracle(box, timeout=0.2)
+    try:
+        with pytest.raises(TimeoutError, match=r"did not answer within timeout=0.2 s") as exc:
+            dz.cge(oracle, {"w": torch.zeros(4)}, mu=0.01)  # was: waits forever (no timeout existed)
+    finally:
+        release.set()
+    if hasattr(exc.value, "add_note"):
+        assert "point 1 (0-based) of a call with 4 points" in "\n".join(exc.value.__notes__)
+
+    calls.clear()
+
+    def service(p):
+        calls.append(1)
+        if len(calls) == 2:  # the second call fails once
+            raise ConnectionError("service down")
+        return float(p["w"].sum())
+
+    flaky = dz.FunctionOracle(service, retries=1)
+    with pytest.warns(RuntimeWarning, match=r"attempt 1 of 2 failed \(ConnectionError: service down\); retrying"):
+        est = dz.cge(flaky, {"w": torch.zeros(3)}, mu=0.5)
+    torch.testing.assert_close(est.grads["w"], torch.ones(3))
+    assert flaky.failed_attempts == 1 and est.queries == 4
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"timeout": 0}, "`timeout`.*> 0 or None.*0"),
+                                               ({"timeout": float("inf")}, "`timeout`.*inf"),
+                                               ({"retries": -1}, "`retries`.*>= 0.*-1")])
+def test_function_oracle_timeout_and_retries_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dz.FunctionOracle(lambda p: 0.0, **kwargs)
