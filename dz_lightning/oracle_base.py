@@ -204,7 +204,7 @@ class Oracle:
             except Exception as err:
                 shown = idx[:16].tolist()  # error path only: the host read costs nothing on a good step
                 _note(err, f"{type(self).__name__}.coordinate_losses: point i of that call shifts the flat "
-                           f"coordinate coords[i] of {name!r} by {delta:{'+g'}}, with coords = {shown}"
+                           f"coordinate coords[i] of {name!r} by {delta:+g}, with coords = {shown}"
                            f"{' ...' if idx.numel() > 16 else ''}.")
                 raise
         return torch.cat(out) if out else torch.zeros(0, device=base.device)
