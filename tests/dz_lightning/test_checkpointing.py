@@ -372,3 +372,26 @@ def test_sigterm_in_a_plain_script_saves_and_exits_143(guarded_trainer, tmp_path
             _module(), DigitsDataModule(batch_size=32))
     assert exc.value.code == 143  # was: None, i.e. exit status 0 for a script that only calls trainer.fit
     assert load_checkpoint(tmp_path / "interrupted.ckpt")["global_step"] == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_two_writers_of_one_checkpoint_leave_one_that_verifies(tmp_path):
+    import os
+
+    path = tmp_path / "last.ckpt"
+    pids = []
+    for writer in range(2):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for step in range(15):
+                    SafeCheckpointIO().save_checkpoint({"writer": writer, "w": torch.full((20_000,), float(step))},
+                                                       path)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    final = SafeCheckpointIO().load_checkpoint(path)  # whichever writer renamed last, its digest is the one kept
+    assert final["writer"] in (0, 1) and torch.equal(final["w"], torch.full((20_000,), 14.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
