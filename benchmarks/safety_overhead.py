@@ -2,7 +2,9 @@
 
 Measured per optimizer step: the snapshot kept to undo a step (parameters and SGD momentum), the fused ``isfinite``
 check of parameters and optimizer state after the step, and the check that ``mu`` changes the parameters in their
-dtype (fast path: mu well above the float resolution). For scale, ``one_query_ms`` is one forward of the batch.
+dtype (fast path: mu well above the float resolution). Per query of a ``FunctionOracle``: the copy of every
+parameter handed to the black box (``function_oracle_copy_ms``, so that it never sees views of the weights). For
+scale, ``one_query_ms`` is one forward of the batch.
 The last line printed is one JSON object.
 
 Usage: ``python benchmarks/safety_overhead.py --batch 64 --repeats 50``
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
             "snapshot_ms": _ms(timed(lambda: StepUndo([opt])), args.repeats),
             "finite_check_ms": _ms(timed(undo.nonfinite), args.repeats),
             "mu_check_ms": _ms(timed(lambda: check_step_resolves(params, 5e-3, None)), args.repeats),
+            "function_oracle_copy_ms": _ms(timed(lambda: {n: v.detach().clone() for n, v in params.items()}),
+                                           args.repeats),
             "one_query_ms": _ms(timed(lambda: model(x)), max(3, args.repeats // 10)),
             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         }

@@ -137,6 +137,8 @@ class ZOGraSP(L.Callback):
             "drawn_epoch": self._drawn_epoch,
             "drawn_step": self._drawn_step,
             "sparsity": self.sparsity,
+            "method": self.method,
+            "ratios_path": self.ratios_path,
             "queries": self.queries,
         }
 
@@ -145,12 +147,34 @@ class ZOGraSP(L.Callback):
         if abs(state_dict["sparsity"] - self.sparsity) > 1e-12:
             raise ValueError(f"The checkpoint's ZOGraSP ran at sparsity {state_dict['sparsity']}, but this callback "
                              f"has sparsity {self.sparsity}; resume with the same sparsity or start a new run.")
+        method = state_dict.get("method")  # absent in checkpoints of earlier versions
+        if (method is not None and method != self.method and state_dict.get("ratios_path") is None
+                and self.ratios_path is None):
+            raise ValueError(f"The checkpoint's ZOGraSP computed its layer-wise ratios with method {method!r}, but "
+                             f"this callback has method {self.method!r}; a resumed run keeps the checkpoint's ratios "
+                             f"{_rounded(state_dict['ratios'])}, so resume with method {method!r} or start a new run.")
+        if self.ratios_path is not None and state_dict["ratios"] is not None:
+            self._check_ratios_file(self.ratios_path, state_dict["ratios"])
         self.ratios = state_dict["ratios"]
         self.masks = state_dict["masks"]
         self._generator.set_state(state_dict["generator_state"])
         self._drawn_epoch = state_dict["drawn_epoch"]
         self._drawn_step = state_dict.get("drawn_step", -1)
         self.queries = state_dict.get("queries", 0)
+
+    def _check_ratios_file(self, path: str, saved: dict[str, float]) -> None:
+        """Refuse a ``ratios_path`` whose ratios are not the ones the checkpoint trained with (which would be used)."""
+        try:
+            ratios = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"The LPR file {path!r} cannot be read ({err}).") from None
+        same = (isinstance(ratios, dict) and set(ratios) == set(saved)
+                and all(isinstance(r, (int, float)) and abs(float(r) - saved[n]) <= 1e-9 for n, r in ratios.items()))
+        if not same:
+            raise ValueError(f"The LPR file {path!r} holds other ratios ({_rounded(ratios)}) than the checkpoint's "
+                             f"ZOGraSP trained with ({_rounded(saved)}); a resumed run keeps the checkpoint's. Resume "
+                             "without `ratios_path` (or with the file the run started from), or start a new run with "
+                             "the new file.")
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
@@ -299,3 +323,10 @@ class ZOGraSP(L.Callback):
             fig = lpr_figure(self.ratios, f"{self.method} layer-wise pruning ratios, sparsity {self.sparsity:g} "
                                           f"(density {metrics['zo_grasp/density']:.3f})")
             log_figure(trainer.loggers, "zo_grasp/lpr", fig, trainer.global_step)
+
+
+def _rounded(ratios: object) -> object:
+    """Ratios for a message: three decimals (anything else as it is)."""
+    if isinstance(ratios, dict):
+        return {n: round(r, 3) if isinstance(r, float) else r for n, r in ratios.items()}
+    return ratios

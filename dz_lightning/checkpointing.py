@@ -1,9 +1,11 @@
 """Checkpoints that are written whole or not at all, verified on load, and saved when a run is interrupted.
 
 * :class:`SafeCheckpointIO` (a Trainer plugin): every checkpoint is written to a temporary file in its folder,
-  flushed to disk and renamed over the target (a crash leaves the old file or the new one, never half of one), with
-  its SHA-256 in ``<checkpoint>.sha256`` beside it, written the same way. Loading checks the digest and names a
-  damaged file plainly: ``corrupted or truncated checkpoint <path>``.
+  flushed to disk and renamed over the target, with its SHA-256 in ``<checkpoint>.sha256`` beside it, written so
+  that a failed or killed save (disk full, a file-size limit, SIGKILL at any moment) leaves a checkpoint that loads
+  and verifies: the old one, or the new one (see :func:`_save_bytes`). Temporary files of dead writers are removed
+  by the next save. Loading checks the digest (the zip CRCs where there is none) and names a damaged file plainly:
+  ``corrupted or truncated checkpoint <path>``.
 * :class:`CheckpointGuard` (a callback): fails before training when a checkpoint folder is not writable, saves
   ``interrupted.ckpt`` when a fit stops on an exception, Ctrl+C (SIGINT) or SIGTERM, and keeps a resumable
   data loader's position exact in every checkpoint.
@@ -14,13 +16,17 @@ callbacks=[CheckpointGuard(), ...])``.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import io
 import os
 import pickle
+import re
+import signal
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +38,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; writers do not take turns
+    fcntl = None
+
 __all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "atomic_write",
-           "load_checkpoint", "sha256_file"]
+           "load_checkpoint", "sha256_file", "zip_damage"]
 
 _DIGEST_SUFFIX = ".sha256"
 
@@ -82,23 +93,71 @@ def _is_local(path: str | Path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
+def _sidecar(path: str | Path) -> Path:
+    return Path(f"{path}{_DIGEST_SUFFIX}")
+
+
+def _recorded_digests(sidecar: Path) -> list[str]:
+    """The digests a ``.sha256`` file accepts, newest first (one line; two while a save is between its renames)."""
+    return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
+
+
+def zip_damage(path: str | Path) -> str | None:
+    """What the zip CRCs of a torch checkpoint say is damaged (``None``: intact, or not a zip file at all)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        return f"its zip structure is broken ({type(err).__name__}: {str(err)[:200]})"
+    return None if bad is None else f"the zip CRC of its member {bad!r} does not match"
+
+
 def verify_checksum(path: str | Path) -> bool:
-    """Raise :class:`CorruptCheckpointError` when ``<path>.sha256`` exists and does not match ``path``.
+    """Raise :class:`CorruptCheckpointError` when ``path`` is damaged; return whether a digest vouched for it.
+
+    With ``<path>.sha256``: the file's SHA-256 must be one the digest file records (the newest, or the previous one
+    when a save stopped between its two renames). A digest that is newer than the file and does not match it, while
+    the file's zip CRCs all pass, is a digest written for a save that then failed (earlier versions wrote the digest
+    first): the file is intact and is loaded, with a warning. Without a digest the zip CRCs of the file are checked.
 
     Returns:
-        ``True`` when the digest was checked and matches, ``False`` when there is no digest file.
+        ``True`` when a digest was checked and matches, ``False`` when there is no digest file (the zip CRCs passed,
+        or the file is not a zip archive and the unpickler is the only check).
     """
-    sidecar = Path(f"{path}{_DIGEST_SUFFIX}")
+    return _verify(path, complete=False)
+
+
+def _verify(path: str | Path, complete: bool) -> bool:
+    """:func:`verify_checksum`; with ``complete``, first finish a save that stopped between its renames (below)."""
+    sidecar = _sidecar(path)
     if not sidecar.is_file():
+        damage = zip_damage(path)
+        if damage is not None:
+            raise CorruptCheckpointError(f"corrupted or truncated checkpoint {path}: {damage} (it has no "
+                                         f"{_DIGEST_SUFFIX} file). Use another checkpoint.")
         return False
-    expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+    expected = _recorded_digests(sidecar)
     actual = sha256_file(path)
-    if actual != expected:
-        raise CorruptCheckpointError(
-            f"corrupted or truncated checkpoint {path}: its SHA-256 is {actual}, but {sidecar} records "
-            f"{expected or 'nothing'}. Use another checkpoint (e.g. the previous run's or best.ckpt)."
-        )
-    return True
+    if complete and expected and actual != expected[0] and _complete_save(Path(path), expected[0]):
+        return True
+    if actual in expected:
+        if actual != expected[0]:
+            rank_zero_warn(f"{path} is the checkpoint before the last save to it, which stopped before its rename "
+                           f"(the newer one was never complete); loading this intact previous one.")
+        return True
+    damage = zip_damage(path)
+    if damage is None and zipfile.is_zipfile(path) and sidecar.stat().st_mtime_ns > Path(path).stat().st_mtime_ns:
+        rank_zero_warn(f"{sidecar} names another file than {path}, but it was written after the file and the file's "
+                       "zip CRCs all pass: a save that wrote the digest and then failed left the previous, intact "
+                       "checkpoint behind. Loading it.")
+        return True
+    raise CorruptCheckpointError(
+        f"corrupted or truncated checkpoint {path}: its SHA-256 is {actual}, but {sidecar} records "
+        f"{expected[0] if expected else 'nothing'}{f' ({damage})' if damage else ''}. Use another checkpoint (e.g. "
+        "the previous run's or best.ckpt)."
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> dict[str, Any]:
@@ -112,7 +171,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    intact = verify_checksum(path)
+    intact = _verify(path, complete=True)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
@@ -134,6 +193,107 @@ def _corrupt(path: str | Path, err: BaseException) -> CorruptCheckpointError:
     )
 
 
+_TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temporary names (mkstemp's 8 characters)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[int | None]:
+    """An exclusive lock on ``folder`` (its open file descriptor, or ``None`` where ``flock`` does not exist).
+
+    Writers of this module in one folder take turns, so a temporary file found while holding the lock belongs to a
+    writer that died; the lock goes with the process (SIGKILL included).
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield None
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _is_our_temporary(name: str, path: Path) -> bool:
+    match = _TMP.match(name)
+    return match is not None and (match["name"].endswith((".ckpt", f".ckpt{_DIGEST_SUFFIX}"))
+                                  or match["name"] in (path.name, _sidecar(path).name))
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary checkpoint files that dead writers left in ``path``'s folder (call with the lock held)."""
+    for entry in path.parent.iterdir():
+        if _is_our_temporary(entry.name, path) and entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+def _digest_lines(*digests: str, name: str) -> bytes:
+    return "".join(f"{d}  {name}\n" for d in digests).encode()
+
+
+def _save_bytes(data: bytes | memoryview, path: Path) -> None:
+    """Write checkpoint bytes and their digest so that any failure leaves a file that verifies.
+
+    1. the data go to a temporary file, fsynced (a failure here, disk full included, changes nothing visible);
+    2. the digest file is replaced by one that accepts the new digest and the current file's (atomically);
+    3. the data file is renamed over ``path``;
+    4. the digest file is replaced by one with the new digest only.
+
+    After a failure or a kill at any moment, ``path`` is the old file or the new one and the digest file accepts
+    it; a kill between 2 and 3 leaves the new file complete in its temporary, which the next load puts in place.
+    Writers in one folder take turns (:func:`_folder_lock`), and each save first removes temporaries that writers
+    which died left behind.
+    """
+    sidecar = _sidecar(path)
+    new = hashlib.sha256(data).hexdigest()
+    with _folder_lock(path.parent) as folder_fd:
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            previous: list[str] = []
+            if path.is_file():  # every digest the current file may match (two after a save killed mid-way)
+                previous = [sha256_file(path)] if not sidecar.is_file() else _recorded_digests(sidecar)[:2]
+            _atomic_write_bytes(_digest_lines(new, *[d for d in previous if d != new], name=path.name), sidecar)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:
+            _atomic_write_bytes(_digest_lines(new, name=path.name), sidecar)
+            if folder_fd is not None:
+                os.fsync(folder_fd)
+        except OSError as err:  # the checkpoint is saved and verifies (the digest file accepts both)
+            rank_zero_warn(f"Saved {path}, but could not shorten its digest file {sidecar} to the new digest "
+                           f"({type(err).__name__}: {err}); it still verifies.")
+
+
+def _complete_save(path: Path, newest: str) -> bool:
+    """Put in place a complete temporary whose digest is the newest ``path``'s digest file records.
+
+    That is a save killed between its digest rename and its data rename (step 2 and 3 of :func:`_save_bytes`): the
+    new checkpoint is whole, only not renamed. Returns whether it was put in place (a read-only folder: no).
+    """
+    try:
+        with _folder_lock(path.parent):
+            for entry in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+                if _TMP.match(entry.name) and entry.is_file() and sha256_file(entry) == newest:
+                    os.replace(entry, path)
+                    _atomic_write_bytes(_digest_lines(newest, name=path.name), _sidecar(path))
+                    rank_zero_warn(f"The last save of {path} was killed before its final rename; its complete new "
+                                   f"file {entry.name} matched the digest and was put in place.")
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic checkpoint writes with a SHA-256 file beside each checkpoint, checked on load.
 
@@ -153,12 +313,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        data = buffer.getvalue()
-        # the digest goes first: a crash between the two renames leaves a digest that names the new bytes, and a
-        # load then reports the old file as not matching rather than trusting a stale digest silently
-        _atomic_write_bytes(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(),
-                            Path(f"{path}{_DIGEST_SUFFIX}"))
-        _atomic_write_bytes(data, path)
+        _save_bytes(buffer.getbuffer(), path)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
@@ -168,7 +323,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(str(path).removeprefix("file://"))
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        intact = verify_checksum(path)
+        intact = _verify(path, complete=True)
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError,
@@ -190,6 +345,8 @@ class CheckpointGuard(L.Callback):
     * At fit start (after the checkpoint callbacks resolved their folders, before any training step), every
       ``ModelCheckpoint`` folder is created if needed and must accept a file; otherwise a ``PermissionError`` names
       it (Lightning would log the failure of each save and finish with no checkpoint at all).
+    * A fit stopped by SIGTERM exits with status 143 (128 + SIGTERM), in a plain script too (Lightning's own
+      ``SIGTERMException`` carries no status: exit 0).
     * When a fit stops on an exception, Ctrl+C or SIGTERM after at least one optimizer step, the current state is
       saved to ``<folder of the first ModelCheckpoint>/<filename>.ckpt`` (``last.ckpt`` and ``best.ckpt`` stay as
       they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved. Under DDP
@@ -240,6 +397,9 @@ class CheckpointGuard(L.Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and exception.code is None:
+            # Lightning's SIGTERMException is a SystemExit without a status: a plain script would exit 0 after it
+            exception.code = 128 + signal.SIGTERM
         if not self.save_on_interrupt or not self._stepped or trainer.global_step == 0:
             return
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):

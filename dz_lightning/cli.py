@@ -14,9 +14,9 @@ On top of LightningCLI:
   SafeCheckpointIO`), checks checkpoint folders before training and saves ``interrupted.ckpt`` on an exception,
   Ctrl+C or SIGTERM (:class:`~dz_lightning.checkpointing.CheckpointGuard`), then exits non-zero;
 * ``dz predict`` writes ``predictions.pt`` in the run's log folder unless a prediction writer is configured;
-* a configuration error prints its message, not a traceback (exit status 2); an unknown option names the nearest
-  valid one, and a missing config or checkpoint file or an unknown subcommand is reported before Lightning is
-  imported (:mod:`dz_lightning.cli_errors`).
+* a configuration error prints its message, not a traceback (exit status 2); an error raised in a user's own class
+  keeps its traceback; an unknown option names the nearest valid one, and a missing config or checkpoint file or an
+  unknown subcommand is reported before Lightning is imported (:mod:`dz_lightning.cli_errors`).
 """
 
 from __future__ import annotations
@@ -131,9 +131,13 @@ def _cli_class() -> type:
                 )
 
         def instantiate_classes(self) -> None:
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
             try:
                 super().instantiate_classes()
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, MisconfigurationException) as err:
+                if _raised_in_user_code(err):  # a bug in the user's own class: its traceback is the help
+                    raise
                 raise ConfigurationError(_root_cause(str(err))) from err
 
         def instantiated(self, key: str, default: Any = None) -> Any:
@@ -257,6 +261,25 @@ def _log_into_the_run_of(ckpt_path: str, config: Any) -> None:
         name = init.get("name")
         if (save_dir / name if name else save_dir).resolve() == run.parent:
             init["version"] = run.name
+
+
+def _raised_in_user_code(err: BaseException) -> bool:
+    """Whether the original error (the last of ``err``'s causes) was raised outside this project, Lightning and
+    jsonargparse, whose messages name the setting at fault: in the user's own class, or in a library it called."""
+    from pathlib import Path
+
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    if module.split(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning", "jsonargparse"):
+        return False
+    path = Path(tb.tb_frame.f_code.co_filename)
+    return not (path.is_file() and path.resolve().is_relative_to(Path(__file__).resolve().parents[1]))
 
 
 def _root_cause(message: str) -> str:

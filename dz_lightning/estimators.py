@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dz_lightning import query
 from dz_lightning.oracle import NonFiniteLossError, Oracle
 from dz_lightning.resolution import check_directions_resolve, check_step_resolves
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
@@ -130,18 +131,28 @@ def loss_difference(a: Tensor, b: Tensor) -> Tensor:
     return a.to(dtype) - b.to(a.device, dtype)
 
 
-def _handle_nonfinite(values: Tensor, nonfinite: str, where: str) -> tuple[Tensor, int]:
-    bad = ~torch.isfinite(values)
+def _handle_nonfinite(values: Tensor, nonfinite: str, where: str, limit: float) -> tuple[Tensor, int]:
+    """Raise on (or zero, with ``"skip"``) differences that are not finite or beyond ``limit``, the largest value of
+    the parameters' dtype (a gradient entry that would overflow to infinity there)."""
+    bad = ~(values.abs() <= limit)  # NaN fails the comparison too: one pass for NaN, infinity and overflow
     n_bad = int(bad.sum())
     if n_bad == 0:
         return values, 0
     if nonfinite == "raise":
         first = int(bad.nonzero()[0])
+        if bool(torch.isfinite(values[first])):  # the error path only
+            raise NonFiniteLossError(
+                f"The finite differences of {n_bad} perturbation(s) of {where} are finite but overflow the "
+                f"parameters' dtype (first at position {first}: {float(values[first]):.3g}, beyond {limit:.3g}): "
+                "the losses are too large for a gradient in that dtype. Scale the loss down (a mean instead of a "
+                "sum, or divide it by a constant)."
+            )
         raise NonFiniteLossError(
             f"The oracle returned {n_bad} non-finite loss(es) for perturbations of {where} (first at position "
             f"{first}). Lower `mu`, or pass nonfinite='skip' to drop such differences with a warning."
         )
-    warnings.warn(f"Skipped {n_bad} non-finite finite difference(s) for {where}.", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"Skipped {n_bad} non-finite (or overflowing) finite difference(s) for {where}.", RuntimeWarning,
+                  stacklevel=3)
     return torch.where(bad, torch.zeros_like(values), values), n_bad
 
 
@@ -220,8 +231,8 @@ def cge(
             diff = loss_difference(plus, f0) / mu
         else:
             diff = loss_difference(plus, minus) / (2 * mu)
+        diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}", torch.finfo(value.dtype).max)
         diff = diff.to(value.dtype)
-        diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}")
         skipped += n_bad
         grads[name].view(-1)[index] = diff
     return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped, seconds=seconds)
@@ -276,6 +287,17 @@ def _directions(
     return dirs
 
 
+def direction_chunk(oracle: Oracle, params: Mapping[str, Tensor], chunk: int, copies: int) -> int:
+    """Directions per batch of a randomized estimate: at most ``chunk``, and no more than ``oracle.memory_budget``
+    holds at ``copies`` parameter-sized tensors per direction (:func:`~dz_lightning.query.points_per_chunk`).
+
+    The default budget is the CPU one on every device: the chunk orders the random draws, so it must not follow a
+    GPU's free memory (which can differ between DDP ranks and runs).
+    """
+    per_direction = copies * sum(p.numel() * p.element_size() for p in params.values())
+    return min(chunk, query.points_per_chunk(torch.device("cpu"), oracle.memory_budget, per_direction))
+
+
 def rge(
     oracle: Oracle,
     params: Mapping[str, Tensor],
@@ -312,7 +334,10 @@ def rge(
             generator, parameters on CUDA), a device generator is derived from it once per call
             (:func:`device_generator`).
         masks: optional bool masks; directions are zero outside them (``d`` counts only masked-in entries).
-        chunk: directions generated and evaluated per batch (bounds memory).
+        chunk: most directions generated and evaluated per batch. Fewer when ``oracle.memory_budget`` (its
+            default: 1 GiB) cannot hold ``chunk`` of them: each takes about 4 parameter-sized tensors (6 with
+            central differences), the one chunking rule :func:`~dz_lightning.query.points_per_chunk`. The chunk
+            decides the order of the random draws, so it never depends on the device's free memory.
         nonfinite: ``"raise"`` or ``"skip"`` directions whose loss is not finite.
 
     Returns:
@@ -339,6 +364,10 @@ def rge(
     skipped = 0
     generators = {p.device: None for p in params.values()}
     generators = {device: device_generator(generator, device) for device in generators}
+    # per direction: u, mu * u, the point, and the batched forward's copy of the point's weights (measured:
+    # benchmarks/rge_memory.py); central differences hold the minus points too
+    chunk = direction_chunk(oracle, params, chunk, 4 if difference == "forward" else 6)
+    limit = min(torch.finfo(p.dtype).max for p in params.values())
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = _directions(params, masks, k, distribution, generators)
@@ -351,7 +380,7 @@ def rge(
         else:
             minus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) - mu * u for n, u in dirs.items()})
             coeff = loss_difference(plus, minus) / (2 * mu)
-        coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}")
+        coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}", limit)
         skipped += n_bad
         for name, u in dirs.items():
             c = coeff.to(u.device, u.dtype)

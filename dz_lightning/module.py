@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -145,6 +145,7 @@ class ZOModule(L.LightningModule):
         self.max_batch, self.memory_budget, self.delta_dtype = max_batch, memory_budget, delta_dtype
         self.steps_undone = 0
         self.zo_masks: dict[str, Tensor] | None = None
+        self._restored_mask_density: float | None = None  # a resumed checkpoint's, checked in on_train_start
         self.queries_total = 0
         self.last_estimate: Estimate | None = None
         self.last_timing: StepTiming | None = None
@@ -218,6 +219,20 @@ class ZOModule(L.LightningModule):
         return build_optimizers(self.parameters(), self.optimizer_fn, self.scheduler_fn, self.scheduler_interval)
 
     def on_train_start(self) -> None:
+        # the callbacks' on_train_start (which hands over masks) ran before this hook
+        density, self._restored_mask_density = self._restored_mask_density, None
+        if density is not None and self.zo_masks is None:
+            raise ValueError(
+                f"The checkpoint {self.trainer.ckpt_path} was trained with gradient masks (density {density:.3g}: "
+                "set by a callback such as ZOGraSP), but nothing set `zo_masks` in this run, which would estimate "
+                f"every coordinate (about {1 / max(density, 1e-12):.3g}x the queries per step of the masked weights). "
+                "Resume with the same callback (e.g. the same config, or `--trainer.callbacks+=ZOGraSP` with its "
+                "settings), or start a new run from the weights to train densely."
+            )
+        if self.max_queries is not None and self.queries_total >= self.max_queries:
+            rank_zero_warn(f"max_queries={self.max_queries} is already spent ({self.queries_total} queries at "
+                           f"{self.trainer.ckpt_path}): not training. Raise max_queries to continue this run.")
+            self.trainer.should_stop = True
         if self.trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(self.trainer.train_dataloader)):
             raise ValueError(
                 "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
@@ -262,6 +277,9 @@ class ZOModule(L.LightningModule):
         self.queries_total += est.queries
         self.zo_log.step(self, est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
         if self.max_queries is not None and self.queries_total >= self.max_queries:
+            if not self.trainer.should_stop:
+                rank_zero_info(f"max_queries={self.max_queries} reached ({self.queries_total} queries spent, the "
+                               f"last step {est.queries}): stopping after step {self.trainer.global_step}.")
             self.trainer.should_stop = True
         return torch.tensor(est.loss)
 
@@ -272,6 +290,7 @@ class ZOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dz_lightning"] = {"generator_state": self._generator.get_state(),
                                       "queries_total": self.queries_total,
+                                      "mask_density": _density(self.zo_masks),
                                       "cost_table": None if self.zo_cost_table is None
                                       else self.zo_cost_table.state_dict()}
 
@@ -284,6 +303,7 @@ class ZOModule(L.LightningModule):
             return
         self._generator.set_state(state["generator_state"])
         self.queries_total = int(state["queries_total"])
+        self._restored_mask_density = state.get("mask_density")
         # every rank loads the same file, so the resumed split is the same on all of them
         table = state.get("cost_table")
         self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
@@ -393,3 +413,11 @@ def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, di
     check_positive_float("gradient_clip_val", gradient_clip_val, allow_none=True)
     check_choice("nonfinite", nonfinite, ("raise", "skip"))
     check_positive_int("max_queries", max_queries, allow_none=True)
+
+
+def _density(masks: Mapping[str, Tensor] | None) -> float | None:
+    """Fraction of the masked tensors' coordinates the masks keep (``None``: no masks). Once per checkpoint."""
+    if masks is None:
+        return None
+    total = sum(m.numel() for m in masks.values())
+    return float(sum(int(m.sum()) for m in masks.values()) / max(total, 1))

@@ -11,6 +11,8 @@ a module at K parameter points as one batched computation.
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -19,7 +21,7 @@ from torch.func import functional_call
 
 from dz_lightning import query, reuse
 from dz_lightning.fallback import FullForwards, parameter_values, vmap_points
-from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
+from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle, _note
 from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 __all__ = [
@@ -31,41 +33,121 @@ __all__ = [
 class FunctionOracle(Oracle):
     """An oracle around any callable ``fn(params) -> loss``: the black-box case.
 
+    ``fn`` receives copies of the parameter values, never views of them: whatever it does to its arguments (a NumPy
+    view changed in place, tensors kept for later) leaves the parameters and the estimate alone. A failing call
+    keeps its exception and traceback, with notes naming the query (which point of which call; for coordinate
+    queries, which coordinate).
+
     Args:
-        fn: called with a dict name -> tensor and returning a float or a 0-d tensor (an int is taken as a float;
-            a bool or a complex value is rejected with a ``TypeError``). It may convert the
-            tensors to NumPy, call a subprocess or a remote service: nothing is differentiated.
+        fn: called with a dict name -> tensor and returning a float or a 0-d tensor in float32 or float64 (an int is
+            taken as a float; a bool, a complex value, or a float16 / bfloat16 loss is rejected with a
+            ``TypeError``). It may convert the tensors to NumPy, call a subprocess or a remote service: nothing is
+            differentiated.
         batched: if ``True``, ``fn`` accepts a dict of stacked values ``(K, ...)`` for *every* parameter and
             returns ``K`` losses; otherwise it is called one point at a time.
         max_batch: most points per call when ``batched``.
+        timeout: seconds one call of ``fn`` may take (``None``: no limit). A call past it raises ``TimeoutError``
+            (after the retries); ``fn`` then runs in a daemon thread, which is left to finish on its own, as a hung
+            simulator or service cannot be stopped from Python.
+        retries: calls repeated after a ``TimeoutError`` or an ``OSError`` (e.g. ``ConnectionError``), each with
+            fresh copies of the parameters; ``queries`` counts answered points, :attr:`failed_attempts` the others.
 
     Example:
         >>> oracle = FunctionOracle(lambda p: float((p["w"].numpy() ** 2).sum()))
     """
 
     def __init__(self, fn: Callable[[dict[str, Tensor]], Tensor | float], batched: bool = False,
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, timeout: float | None = None, retries: int = 0) -> None:
         super().__init__(max_batch=max_batch)
         if not callable(fn):
             raise TypeError(f"Expected argument `fn` to be callable, but got {type(fn).__name__}.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise ValueError(f"Expected argument `timeout` to be a finite number of seconds > 0 or None, but got "
+                             f"{timeout!r}.")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"Expected argument `retries` to be an int >= 0, but got {retries!r}.")
         self.fn = fn
         self.batched = batched
+        self.timeout, self.retries = timeout, retries
+        self.failed_attempts = 0
+
+    def _call(self, arguments: Callable[[], dict[str, Tensor]]) -> object:
+        """``fn`` on fresh ``arguments()``, under the timeout, repeated up to ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._call_once(arguments())
+            except (TimeoutError, OSError) as err:
+                if attempt == self.retries:
+                    if self.retries:
+                        _note(err, f"{type(self).__name__}: the last of {attempt + 1} attempts.")
+                    raise
+                self.failed_attempts += 1
+                warnings.warn(f"{type(self).__name__}: attempt {attempt + 1} of {self.retries + 1} failed "
+                              f"({type(err).__name__}: {err}); retrying.", RuntimeWarning, stacklevel=2)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, arguments: dict[str, Tensor]) -> object:
+        if self.timeout is None:
+            with torch.no_grad():
+                return self.fn(arguments)
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():  # thread-local: set in the worker
+                    outcome.append((True, self.fn(arguments)))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append((False, err))
+
+        worker = threading.Thread(target=run, name=f"{type(self).__name__}-query", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if not outcome:
+            raise TimeoutError(f"{type(self).__name__}: the black box did not answer within timeout={self.timeout} s "
+                               "(its call is left running in a daemon thread).")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor | float:
         with torch.no_grad():
-            if self.batched:
-                return self.fn({n: v.detach().unsqueeze(0) for n, v in params.items()})  # K = 1 losses
-            return self.fn({n: v.detach() for n, v in params.items()})
+            if not self.batched:
+                return self._call(lambda: {n: v.detach().clone() for n, v in params.items()})
+            answer = self._call(lambda: {n: v.detach().unsqueeze(0).clone() for n, v in params.items()})  # K = 1
+        count = _answer_count(answer)
+        if count is not None and count != 1:
+            raise ValueError(f"{type(self).__name__}(batched=True) returned {count} losses for a batch of 1 point; "
+                             "a batched `fn` returns one loss per point, shape (K,).")
+        return answer
 
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         if not self.batched:
             return super()._losses(params, varied)
         k = next(iter(varied.values())).shape[0]
-        stacked = {
-            n: (varied[n] if n in varied else v.detach().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()
-        }
+
+        def stacked() -> dict[str, Tensor]:  # one copy of each fixed value, expanded (a view of the copy)
+            return {n: (varied[n].detach().clone() if n in varied
+                        else v.detach().clone().unsqueeze(0).expand(k, *v.shape)) for n, v in params.items()}
+
         with torch.no_grad():
-            return self.fn(stacked)  # converted by `losses`, keeping the black box's precision
+            try:
+                return self._call(stacked)  # converted by `losses`, keeping the black box's precision
+            except Exception as err:
+                _note(err, f"{type(self).__name__}: the batched black box failed on a call with {k} points varying "
+                           f"{sorted(varied)}.")
+                raise
+
+
+def _answer_count(answer: object) -> int | None:
+    """How many values a black box's answer holds (``None`` when it is not array-like: left to the conversion)."""
+    if isinstance(answer, Tensor):
+        return answer.numel()
+    if isinstance(answer, (list, tuple)):
+        return len(answer)
+    size = getattr(answer, "size", None)
+    return size if isinstance(size, int) else None
 
 
 def has_batchnorm(module: nn.Module) -> bool:

@@ -55,6 +55,27 @@ def _as_loss_tensor(value: object) -> Tensor:
     return value
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _reject_low_precision(value: Tensor, where: str) -> None:
+    """A float16 / bfloat16 loss resolves about 3 (8-bit mantissa) or 4 decimal digits: a finite difference at a
+    typical ``mu`` is below its rounding, so the estimate is zero or noise. ``ModuleOracle`` refuses such models."""
+    if value.dtype in _LOW_PRECISION:
+        raise TypeError(
+            f"The loss returned by {where} is {value.dtype}, whose relative resolution "
+            f"({torch.finfo(value.dtype).eps:.1e}) drowns the finite differences of zeroth-order estimates (a "
+            "bfloat16 loss gives an all-zero gradient). Compute and return the loss in float32 or float64."
+        )
+
+
+def _note(err: BaseException, text: str) -> None:
+    """Add ``text`` to the report of ``err`` (type and traceback kept; Python 3.11+, a no-op before)."""
+    add_note = getattr(err, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+
+
 def _as_scalar(value: object, where: str) -> Tensor:
     """Convert an oracle answer to a 0-d floating tensor of the black box's precision, checking it is a scalar.
 
@@ -71,6 +92,7 @@ def _as_scalar(value: object, where: str) -> Tensor:
         raise ValueError(
             f"The loss returned by {where} must be a scalar, but got a tensor of shape {tuple(tensor.shape)}."
         )
+    _reject_low_precision(tensor, where)
     return tensor.reshape(())
 
 
@@ -85,7 +107,11 @@ class Oracle:
     Attributes:
         queries: evaluations of the objective spent so far (one per point; see :meth:`_evaluations`).
         max_batch: largest number of points evaluated in one call; ``None`` means unlimited.
+        memory_budget: bytes that batched queries may use (``None``: :func:`~dz_lightning.query.memory_budget`'s
+            default). Estimators size their own batches of perturbed points by it too (RGE's direction chunks).
     """
+
+    memory_budget: int | None = None
 
     def __init__(self, max_batch: int | None = None) -> None:
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -103,7 +129,13 @@ class Oracle:
         Returns:
             A 0-d tensor.
         """
-        value = _as_scalar(self._loss(params), type(self).__name__)
+        try:
+            raw = self._loss(params)
+        except Exception as err:
+            _note(err, f"{type(self).__name__}.loss: the query of one point failed (in an estimator: the "
+                       "unperturbed parameters).")
+            raise
+        value = _as_scalar(raw, type(self).__name__)
         self.queries += self._evaluations(1)
         return value
 
@@ -122,7 +154,13 @@ class Oracle:
         out = []
         for start in range(0, k, chunk):
             part = {n: v[start : start + chunk] for n, v in varied.items()}
-            raw = self._losses(params, part)
+            try:
+                raw = self._losses(params, part)
+            except Exception as err:
+                if chunk < k:
+                    _note(err, f"{type(self).__name__}.losses: that call held points {start}.."
+                               f"{min(start + chunk, k) - 1} (0-based) of the {k} asked for, varying {sorted(varied)}.")
+                raise
             _reject_bool_or_complex(raw, type(self).__name__)
             try:
                 values = _as_loss_tensor(raw).reshape(-1)
@@ -134,6 +172,7 @@ class Oracle:
                 raise ValueError(
                     f"{type(self).__name__} returned {values.numel()} losses for a batch of {n_part} points."
                 )
+            _reject_low_precision(values, type(self).__name__)
             out.append(values)
             self.queries += self._evaluations(n_part)
         return torch.cat(out) if out else torch.zeros(0)
@@ -160,7 +199,14 @@ class Oracle:
             idx = index[start : start + chunk].to(base.device)
             stacked = base.detach().reshape(1, -1).repeat(idx.numel(), 1)
             stacked[torch.arange(idx.numel(), device=base.device), idx] += delta
-            out.append(self.losses(params, {name: stacked.reshape(idx.numel(), *base.shape)}))
+            try:
+                out.append(self.losses(params, {name: stacked.reshape(idx.numel(), *base.shape)}))
+            except Exception as err:
+                shown = idx[:16].tolist()  # error path only: the host read costs nothing on a good step
+                _note(err, f"{type(self).__name__}.coordinate_losses: point i of that call shifts the flat "
+                           f"coordinate coords[i] of {name!r} by {delta:+g}, with coords = {shown}"
+                           f"{' ...' if idx.numel() > 16 else ''}.")
+                raise
         return torch.cat(out) if out else torch.zeros(0, device=base.device)
 
     # ------------------------------------------------------------------------------------ for subclasses
@@ -185,7 +231,13 @@ class Oracle:
         for i in range(k):
             point = dict(params)
             point.update({n: v[i] for n, v in varied.items()})
-            values.append(_as_scalar(self._loss(point), type(self).__name__))
+            try:
+                raw = self._loss(point)
+            except Exception as err:
+                _note(err, f"{type(self).__name__}: the query of point {i} (0-based) of a call with {k} points "
+                           f"failed; that point varies {sorted(varied)}.")
+                raise
+            values.append(_as_scalar(raw, type(self).__name__))
         return torch.stack(values)
 
     @staticmethod
@@ -226,6 +278,11 @@ class DelegatingOracle(Oracle):
     def __init__(self, inner: Oracle) -> None:
         super().__init__()
         self.inner = inner
+
+    @property
+    def memory_budget(self) -> int | None:  # type: ignore[override]
+        """The wrapped oracle's budget (the memory is spent where the points are evaluated)."""
+        return self.inner.memory_budget
 
     def loss(self, params: Mapping[str, Tensor]) -> Tensor:
         with self._counting():

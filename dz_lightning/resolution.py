@@ -25,6 +25,18 @@ def _warn_once(key: tuple[str, float], message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+_DIVERGED_MU = 1.0  # a step this large is no finite difference: weights needing it have blown up
+
+
+def _diverged(needed: float, largest: float, where: str) -> str | None:
+    """The message for weights so large that only a step of ``needed`` or more would move them: a diverged run."""
+    if needed <= _DIVERGED_MU:
+        return None
+    return (f"The parameters have diverged: the largest |parameter| is {largest:.3g}{where}, so only a step of about "
+            f"{needed:.2g} or more could change it in its dtype. This is a diverged run, not a too-small mu: lower the "
+            "learning rate, clip gradients (`gradient_clip_val`), or resume from an earlier checkpoint.")
+
+
 def check_step_resolves(params: Mapping[str, Tensor], mu: float, masks: Mapping[str, Tensor] | None) -> None:
     """CGE: raise when ``theta_i + mu == theta_i`` for every estimated coordinate, warn once when for some.
 
@@ -53,8 +65,12 @@ def check_step_resolves(params: Mapping[str, Tensor], mu: float, masks: Mapping[
     if same == 0:
         return
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in params.values()})
-    advice = (f"The smallest mu that changes every coordinate is about {smallest * 1.01:.2g} (the dtype's eps times "
-              "the largest |parameter|); the default is 5e-3.")
+    biggest = max(zip(needed, params, strict=True), key=lambda t: t[0])[1]
+    diverged = _diverged(smallest, smallest / torch.finfo(params[biggest].dtype).eps, f" (in {biggest!r})")
+    if diverged is not None and same == total:
+        raise ValueError(f"{diverged} (mu={mu!r} leaves all {int(total)} estimated coordinates unchanged.)")
+    advice = diverged or (f"The smallest mu that changes every coordinate is about {smallest * 1.01:.2g} (the dtype's "
+                          "eps times the largest |parameter|); the default is 5e-3.")
     if same == total:
         raise ValueError(
             f"Expected argument `mu` to change the parameters, but mu={mu!r} is below the resolution of "
@@ -80,7 +96,10 @@ def check_directions_resolve(params: Mapping[str, Tensor], points: Mapping[str, 
     eps = max(torch.finfo(v.dtype).eps for v in params.values())
     biggest = max(float(v.detach().abs().max()) for v in params.values() if v.numel())
     scale = math.sqrt(d) if distribution == "sphere" else 1.0  # a unit-sphere direction's entries are ~ 1/sqrt(d)
-    advice = f"Use mu of at least about {eps * biggest * scale:.2g} (the default is 5e-3)."
+    diverged = _diverged(eps * biggest, biggest, "")
+    if diverged is not None and n_moved == 0:
+        raise ValueError(f"{diverged} (mu={mu!r} leaves all {k} directions unchanged.)")
+    advice = diverged or f"Use mu of at least about {eps * biggest * scale:.2g} (the default is 5e-3)."
     if n_moved == 0:
         raise ValueError(
             f"Expected argument `mu` to change the parameters, but theta + mu * u == theta for all {k} directions "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dz_lightning.estimators import loss_difference
+from dz_lightning.estimators import direction_chunk, loss_difference
 from dz_lightning.oracle import DelegatingOracle, ModuleOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
@@ -170,7 +170,8 @@ def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, m
         q: directions.
         mu: step; also the length of each tensor's share of a direction.
         generator: CPU generator of the directions.
-        chunk: directions evaluated per batched oracle call.
+        chunk: most directions evaluated per batched oracle call; fewer when ``oracle.memory_budget`` cannot hold
+            them (:func:`~dz_lightning.estimators.direction_chunk`).
 
     Returns:
         ``(estimate, queries)``: name -> tensor of ``params[name]``'s shape, and the ``q + 1`` queries spent.
@@ -183,6 +184,7 @@ def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, m
     start = oracle.queries
     f0 = oracle.loss(params)
     grads = {n: torch.zeros_like(v) for n, v in params.items()}
+    chunk = direction_chunk(oracle, params, chunk, 5)  # z, mu * z, v, the point, the forward's copy
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = {}

@@ -189,7 +189,7 @@ class StepPlan:
         base = pending.recorder.base
         generator = torch.Generator()
         generator.set_state(pending.generator_state)
-        replay = ReplayOracle(base, losses.to(base.device, base.dtype))
+        replay = ReplayOracle(base, losses.to(base.device, base.dtype), pending.recorder.memory_budget)
         return rge(replay, params, generator=generator, **self._rge_settings(pending.masks)).grads
 
 
@@ -266,11 +266,13 @@ class ReplayOracle(Oracle):
     Args:
         base: the loss at the unperturbed point (every rank evaluated it).
         values: every perturbed point's loss, in the order the estimator asks for them.
+        memory_budget: the recorded oracle's budget, so that the estimator chunks (and draws) its directions as it
+            did when recording.
     """
 
-    def __init__(self, base: Tensor, values: Tensor) -> None:
+    def __init__(self, base: Tensor, values: Tensor, memory_budget: int | None = None) -> None:
         super().__init__()
-        self.base, self.values = base, values
+        self.base, self.values, self.memory_budget = base, values, memory_budget
         self._cursor = 0
 
     def _evaluations(self, points: int) -> int:

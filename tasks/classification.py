@@ -207,7 +207,8 @@ class DigitsDataModule(L.LightningDataModule):
     by ``seed``; the training order depends only on (seed, epoch), identically on every DDP rank.
 
     Args:
-        batch_size: training batch size.
+        batch_size: training batch size. A last batch of one example (1,257 training images: batch sizes 2, 4, 8,
+            157) is dropped, as train-mode BatchNorm cannot normalize one example; any other last batch is kept.
         eval_batch_size: validation/test batch size.
         val_size: fraction of all images for validation.
         test_size: fraction of all images for testing.
@@ -271,8 +272,9 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.splits["train"]
+        # a last batch of one example breaks train-mode BatchNorm (one value per channel); it is dropped, and only it
         return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=SeededRandomSampler(len(ds), self.seed),
-                          num_workers=self.num_workers, drop_last=False)
+                                   num_workers=self.num_workers, drop_last=len(ds) % self.batch_size == 1)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.eval_batch_size, num_workers=self.num_workers)

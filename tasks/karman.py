@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dz_lightning.checkpointing import atomic_write
+from dz_lightning.checkpointing import atomic_write, zip_damage
 
 __all__ = ["CYLINDER_DIAMETER", "KarmanSolver", "generate_reference", "initial_state", "load_or_generate"]
 
@@ -181,6 +181,7 @@ def load_or_generate(cache_dir: str, train_re: list[float], test_re: list[float]
             "resolution": list(resolution), "factor": factor, "warmup": warmup, "steps": steps, "version": 2,
             "domain": [100, 200], "cylinder": [CYLINDER_X, 50, 10]}
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    check_cache_dir(cache_dir)  # before minutes of simulation, not after
     folder = Path(cache_dir) / f"karman_{key}"
     if (folder / "data.pt").exists() and (folder / "meta.json").exists():
         data, problem = _load_cached(folder, meta)
@@ -198,6 +199,19 @@ def load_or_generate(cache_dir: str, train_re: list[float], test_re: list[float]
     return data
 
 
+def check_cache_dir(cache_dir: str | Path, argument: str = "cache_dir") -> None:
+    """Raise ``ValueError`` when ``cache_dir`` cannot become a folder: it, or the nearest existing folder above it,
+    is a file."""
+    path = Path(cache_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ValueError(f"Expected argument `{argument}` to be a folder (or a path where one can be made), "
+                                 f"but {str(candidate)!r} is a file{'' if candidate == path else ' above it'}: "
+                                 f"{str(cache_dir)!r}.")
+            return
+
+
 def _load_cached(folder: Path, meta: dict) -> tuple[dict[str, Tensor] | None, str]:
     """``(data, "")`` when the cache is whole and matches ``meta``, else ``(None, what is wrong)``."""
     try:
@@ -206,6 +220,9 @@ def _load_cached(folder: Path, meta: dict) -> tuple[dict[str, Tensor] | None, st
         return None, f"its meta.json cannot be read ({err})"
     if stored != meta:
         return None, f"its meta.json {stored} does not describe this data set {meta}"
+    damage = zip_damage(folder / "data.pt")  # the zip CRCs: flipped bits that torch.load would read as values
+    if damage is not None:
+        return None, f"the file is corrupted ({damage})"
     try:
         data = torch.load(folder / "data.pt", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:

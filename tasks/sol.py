@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
+from dz_lightning.tasks.karman import KarmanSolver, check_cache_dir, load_or_generate
 from dz_lightning.tasks.sol_figures import mae_over_time_figure, rollout_mae_curve, vorticity_figure
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -110,6 +110,7 @@ class KarmanDataModule(L.LightningDataModule):
         if set(map(float, val_re)) & set(map(float, test_re)):
             raise ValueError(f"Expected validation Reynolds numbers disjoint from the test ones (the test set is "
                              f"reported once, never tuned on), but got val_re={val_re}, test_re={test_re}.")
+        check_cache_dir(cache_dir)
         self.save_hyperparameters()
         self.cache_dir, self.resolution, self.factor = cache_dir, tuple(resolution), factor
         self.train_re, self.test_re, self.val_re = list(train_re), list(test_re), list(val_re)

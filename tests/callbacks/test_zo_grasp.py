@@ -248,3 +248,35 @@ def test_two_ddp_ranks_share_ratios_and_masks(tmp_path, run_ddp):
     for m0, m1 in zip(r0["history"], r1["history"], strict=True):
         assert m0.keys() == m1.keys() and all(torch.equal(m0[n], m1[n]) for n in m0)
     assert any(not torch.equal(r0["history"][0][n], r0["history"][1][n]) for n in r0["history"][0])  # redrawn
+
+
+# ------------------------------------------------------------------- resume keeps the run's settings (issue 28)
+def _fit_once(tiny_trainer, root: Path, cb: ZOGraSP, epochs: int, ckpt: Path | None = None) -> ZOGraSP:
+    tiny_trainer(default_root_dir=str(root), max_epochs=epochs, limit_train_batches=2,
+                 callbacks=[cb, ModelCheckpoint(dirpath=root, save_last=True)]).fit(
+        _module(), DigitsDataModule(batch_size=16), ckpt_path=ckpt)
+    return cb
+
+
+def test_resume_with_another_method_is_refused(tiny_trainer, tmp_path):
+    first = _fit_once(tiny_trainer, tmp_path, ZOGraSP(sparsity=0.9, method="random"), 1)
+    assert first.ratios != {n: 0.9 for n in first.ratios}
+    with pytest.raises(ValueError, match=r"computed its layer-wise ratios with method 'random', but this callback has "
+                                         r"method 'uniform'"):
+        _fit_once(tiny_trainer, tmp_path / "b", ZOGraSP(sparsity=0.9, method="uniform"), 2, tmp_path / "last.ckpt")
+    same = _fit_once(tiny_trainer, tmp_path / "c", ZOGraSP(sparsity=0.9, method="random"), 2, tmp_path / "last.ckpt")
+    assert same.ratios == first.ratios
+
+
+def test_resume_with_another_ratios_file_is_refused_and_the_same_file_accepted(tiny_trainer, tmp_path):
+    saved = tmp_path / "lpr.json"
+    first = _fit_once(tiny_trainer, tmp_path, ZOGraSP(sparsity=0.9, method="random", save_ratios_path=str(saved)), 1)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({n: 0.9 for n in first.ratios}))
+    with pytest.raises(ValueError, match=r"other.json' holds other ratios .* than the checkpoint's ZOGraSP trained "
+                                         r"with"):
+        _fit_once(tiny_trainer, tmp_path / "b", ZOGraSP(sparsity=0.9, ratios_path=str(other)), 2,
+                  tmp_path / "last.ckpt")
+    resumed = _fit_once(tiny_trainer, tmp_path / "c", ZOGraSP(sparsity=0.9, ratios_path=str(saved)), 2,
+                        tmp_path / "last.ckpt")
+    assert resumed.ratios == first.ratios

@@ -115,3 +115,14 @@ def test_bool_and_complex_losses_are_rejected(value, kind, batched):
 def test_integer_losses_are_taken_as_floats(value):
     est = dz.cge(dz.FunctionOracle(lambda p: value), {"w": torch.zeros(2)})
     assert est.loss == 3.0 and torch.equal(est.grads["w"], torch.zeros(2))
+
+
+def test_diverged_weights_are_reported_as_divergence_not_as_a_small_mu():
+    params = {"w": torch.full((4,), 3.6e10)}  # float32 spacing at 3.6e10: 4096
+    oracle = dz.FunctionOracle(lambda p: p["w"].double().sum())
+    with pytest.raises(ValueError, match=r"diverged: the largest \|parameter\| is 3.6e\+10 \(in 'w'\).*not a too-small "
+                                         r"mu: lower the learning rate"):
+        dz.cge(oracle, params)  # was: "mu=0.005 is below the resolution of float32 ... about 4.3e+03"
+    assert oracle.queries == 0
+    with pytest.raises(ValueError, match=r"diverged.*3.6e\+10.*not a too-small mu"):
+        dz.rge(oracle, params, q=4, generator=torch.Generator().manual_seed(0))

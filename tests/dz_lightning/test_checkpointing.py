@@ -237,3 +237,161 @@ def test_intact_checkpoint_with_refused_objects_is_not_called_corrupted(tmp_path
 
 class _Custom:
     """A pickled object that ``weights_only`` loading refuses."""
+
+
+# ---------------------------------------------------------------------------- failed and killed saves (issue 28)
+_FILE_SIZE_LIMITED_SAVE = '''
+import resource, signal, sys, torch
+from dz_lightning.checkpointing import SafeCheckpointIO
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the digest fits, the new checkpoint does not
+try:
+    SafeCheckpointIO().save_checkpoint({"v": 2, "w": torch.ones(200_000)}, sys.argv[1])
+except OSError as err:
+    print("EFBIG" if err.errno == 27 else err)
+'''
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs resource limits (POSIX)")
+def test_save_past_the_file_size_limit_leaves_the_previous_checkpoint_verifiable(tmp_path):
+    import subprocess
+    import sys
+
+    io = SafeCheckpointIO()
+    path = tmp_path / "best.ckpt"
+    io.save_checkpoint({"v": 1, "w": torch.zeros(10)}, path)
+    out = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED_SAVE, str(path)], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert "EFBIG" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert io.load_checkpoint(path)["v"] == 1  # was: "corrupted or truncated checkpoint" (the digest went first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "best.ckpt.sha256"]
+
+
+def _kill_during_save(path: Path, checkpoint: dict, call: int, after: bool) -> None:
+    """Save ``checkpoint`` in a forked child that dies (``os._exit``, like SIGKILL: no cleanup) at its ``call``-th
+    ``os.replace``, before or after it."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # the child
+        real, count = os.replace, [0]
+
+        def replace(src, dst):
+            count[0] += 1
+            if count[0] == call and not after:
+                os._exit(9)
+            real(src, dst)
+            if count[0] == call:
+                os._exit(9)
+
+        os.replace = replace
+        try:
+            SafeCheckpointIO().save_checkpoint(checkpoint, path)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("call", [1, 2, 3])
+def test_a_save_killed_at_any_rename_leaves_a_checkpoint_that_loads_and_verifies(tmp_path, call, after):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"v": 1, "w": torch.zeros(1000)}, path)
+    _kill_during_save(path, {"v": 2, "w": torch.ones(1000)}, call, after)
+    loaded = io.load_checkpoint(path)  # was: the old file refused when killed between the digest and data renames
+    assert loaded["v"] in (1, 2) and torch.equal(loaded["w"], torch.full((1000,), float(loaded["v"] - 1)))
+    if call >= 2 or after:  # the digest that accepts the new file was in place: the new, complete file is used
+        assert loaded["v"] == 2
+    assert load_checkpoint(path)["v"] == loaded["v"]
+    io.save_checkpoint({"v": 3}, path)  # the next save removes what the dead writer left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+    assert io.load_checkpoint(path)["v"] == 3
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_others_kept(tmp_path):
+    for name in (".last.ckpt.abcd1234.tmp", ".best.ckpt.sha256.x_y_z_12.tmp", ".epoch=1.ckpt.k2k2k2k2.tmp"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / ".notes.txt.abcd1234.tmp").write_text("not ours")
+    SafeCheckpointIO().save_checkpoint({"v": 1}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.abcd1234.tmp", "last.ckpt", "last.ckpt.sha256"]
+
+
+def test_a_digest_written_for_a_failed_save_does_not_condemn_the_intact_file(tmp_path):
+    import os
+
+    io = SafeCheckpointIO()
+    path = tmp_path / "best.ckpt"
+    io.save_checkpoint({"v": 1, "w": torch.zeros(100)}, path)
+    # what earlier versions left after a failed save: the digest of bytes that were never written, newer than the file
+    sidecar = tmp_path / "best.ckpt.sha256"
+    sidecar.write_text(f"{'0' * 64}  best.ckpt\n")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**9))
+    with pytest.warns(UserWarning, match="zip CRCs all pass"):
+        assert io.load_checkpoint(path)["v"] == 1
+    # the same digest file, but the checkpoint changed after it: refused
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(sidecar, ns=(stat.st_atime_ns, stat.st_mtime_ns - 2 * 10**9))
+    with pytest.raises(CorruptCheckpointError, match="corrupted or truncated checkpoint"):
+        io.load_checkpoint(path)
+
+
+def test_flipped_weight_bit_without_a_digest_is_caught_by_the_zip_crc(tmp_path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "copy.ckpt"
+    w = torch.full((4096,), 0.25)
+    io.save_checkpoint({"state_dict": {"w": w}}, path)
+    (tmp_path / "copy.ckpt.sha256").unlink()
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(w[:4].numpy().tobytes()) + 4 * 2000 + 3  # the exponent byte of one weight
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], w)  # torch alone reads it
+    with pytest.raises(CorruptCheckpointError, match=r"copy.ckpt: the zip CRC of its member .*data/0"):
+        io.load_checkpoint(path)
+    with pytest.raises(CorruptCheckpointError, match="zip CRC"):
+        load_checkpoint(path)
+
+
+class _SigtermAt(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_a_plain_script_saves_and_exits_143(guarded_trainer, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        guarded_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, filename="last"), _SigtermAt()]).fit(
+            _module(), DigitsDataModule(batch_size=32))
+    assert exc.value.code == 143  # was: None, i.e. exit status 0 for a script that only calls trainer.fit
+    assert load_checkpoint(tmp_path / "interrupted.ckpt")["global_step"] == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_two_writers_of_one_checkpoint_leave_one_that_verifies(tmp_path):
+    import os
+
+    path = tmp_path / "last.ckpt"
+    pids = []
+    for writer in range(2):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for step in range(15):
+                    SafeCheckpointIO().save_checkpoint({"writer": writer, "w": torch.full((20_000,), float(step))},
+                                                       path)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    final = SafeCheckpointIO().load_checkpoint(path)  # whichever writer renamed last, its digest is the one kept
+    assert final["writer"] in (0, 1) and torch.equal(final["w"], torch.full((20_000,), 14.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]

@@ -361,3 +361,43 @@ def test_lightning_still_calls_the_private_hook_dzcli_overrides():
     calls = [init.find(f"self.{name}(") for name in ("parse_arguments", "_parse_ckpt_path", "instantiate_classes")]
     assert -1 not in calls and calls == sorted(calls), "LightningCLI.__init__ no longer calls _parse_ckpt_path " \
         "between parse_arguments and instantiate_classes"
+
+
+def test_a_negative_max_epochs_is_a_one_line_configuration_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(DIGITS), "--trainer.max_epochs", "-2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2  # was: Lightning's MisconfigurationException traceback, exit 1
+    assert "dz: configuration error: `max_epochs` must be a non-negative integer or -1. You passed in -2." in err
+    assert "Traceback" not in err
+
+
+_USER_MODULE = '''
+from dz_lightning.tasks.classification import ZOClassifier
+
+
+class MyClassifier(ZOClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.table = {"a": 1}["b" if kwargs else "a"]  # fine
+
+
+class Buggy(ZOClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.width = int("sixty-four")  # the user's bug: a ValueError in their own __init__
+'''
+
+
+def test_a_bug_in_a_users_own_init_keeps_its_traceback(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="invalid literal for int") as exc:  # was: a one-line "configuration error"
+        cli_main(["fit", "-c", str(DIGITS), *TINY, "--model", "user_models.Buggy"])
+    shown = "".join(__import__("traceback").format_exception(exc.value))  # what Python prints, causes included
+    assert 'user_models.py", line 14, in __init__' in shown
+    with pytest.raises(SystemExit) as exc:  # our own validation, reached through the user's class: one line
+        cli_main(["fit", "-c", str(DIGITS), *TINY, "--model", "user_models.Buggy", "--model.init_args.mu", "-1"])
+    assert exc.value.code == 2

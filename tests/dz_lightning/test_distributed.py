@@ -153,6 +153,26 @@ def test_recorded_rge_losses_summed_over_ranks_replay_to_the_single_process_esti
         dz.rge(ReplayOracle(recorders[0].base, losses[:4]), params, **settings)
 
 
+def test_rge_replay_chunks_its_directions_as_the_recording_under_a_memory_budget():
+    """The direction chunk orders the random draws: the replay must see the recorded oracle's budget."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    copy_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    oracle = dz.ModuleOracle(model, torch.nn.functional.cross_entropy, torch.randn(6, 4), torch.randint(0, 2, (6,)),
+                             memory_budget=2 * 4 * copy_bytes)  # 2 directions per chunk
+    settings = {"q": 7, "mu": 1e-2, "distribution": "gaussian"}
+    single = dz.rge(oracle, params, generator=torch.Generator().manual_seed(5), **settings)
+    recorder = RecordingOracle(oracle, 0, 1, 7)
+    assert recorder.memory_budget == oracle.memory_budget
+    dz.rge(recorder, params, generator=torch.Generator().manual_seed(5), **settings)
+    replay = ReplayOracle(recorder.base, recorder.payload().to(recorder.base.dtype), recorder.memory_budget)
+    replayed = dz.rge(replay, params, generator=torch.Generator().manual_seed(5), **settings)
+    assert all(torch.equal(replayed.grads[n], single.grads[n]) for n in params)
+    unbudgeted = dz.rge(ReplayOracle(recorder.base, recorder.payload().to(recorder.base.dtype)), params,
+                        generator=torch.Generator().manual_seed(5), **settings)
+    assert not all(torch.equal(unbudgeted.grads[n], single.grads[n]) for n in params)  # other draws: other gradient
+
+
 def test_all_reduce_step_without_process_group_returns_the_inputs():
     r = all_reduce_step({"w": torch.ones(2), "v": torch.zeros(1)}, 3, False, seconds={"w": 0.5}, counts={"w": 2})
     assert r.queries == 3 and not r.failed and r.losses is None

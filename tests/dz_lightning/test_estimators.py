@@ -9,6 +9,7 @@ from torch import nn
 
 import dz_lightning as dz
 from dz_lightning.models import MLP
+from dz_lightning.query import memory_budget
 
 
 def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -198,3 +199,66 @@ def test_cuda_directions_derive_from_the_cpu_generator_and_replay_exactly():
 
     a, b = run(), run()
     assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- memory_budget bounds RGE (issue 28)
+def _spied(oracle):
+    """``oracle`` wrapped so that the number of points of every ``losses`` call is recorded in ``.calls``."""
+    from dz_lightning.oracle_base import DelegatingOracle
+
+    class Spy(DelegatingOracle):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.calls: list[int] = []
+
+        def _delegate_losses(self, params, varied):
+            self.calls.append(next(iter(varied.values())).shape[0])
+            return super()._delegate_losses(params, varied)
+
+    return Spy(oracle)
+
+
+@pytest.mark.parametrize("difference", ["forward", "central"])
+@pytest.mark.parametrize("budget", [1, 2**20, 8 * 2**20, None], ids=["1B", "1MiB", "8MiB", "default"])
+def test_rge_direction_chunks_follow_the_memory_budget_on_a_wide_mlp(budget, difference):
+    torch.manual_seed(0)
+    model = MLP(64, (512, 512), 10)  # 300k weights: 1.2 MB per parameter-sized copy
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    oracle = _spied(dz.ModuleOracle(model, F.cross_entropy, x, y, memory_budget=budget))
+    params = dict(model.named_parameters())
+    copy_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    est = dz.rge(oracle, params, q=24, difference=difference, generator=torch.Generator().manual_seed(0))
+    copies = 4 if difference == "forward" else 6
+    per_call = max(oracle.calls)
+    assert sum(oracle.calls) == 24 * (1 if difference == "forward" else 2) and est.queries == sum(oracle.calls) + 1
+    allowed = memory_budget(torch.device("cpu"), budget) // (copies * copy_bytes)
+    assert per_call == min(24, max(1, allowed))  # was 24 (one chunk of up to 64) whatever the budget
+    if per_call > 1:
+        assert per_call * copies * copy_bytes <= memory_budget(torch.device("cpu"), budget)
+
+
+def test_zo_grasp_rge_direction_chunks_follow_the_memory_budget():
+    from dz_lightning.sparsity import zo_grasp_scores
+
+    torch.manual_seed(0)
+    model = MLP(64, (512, 512), 10)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    names = ["1.weight", "3.weight"]
+    copy_bytes = sum(dict(model.named_parameters())[n].numel() * 4 for n in names)
+    for budget, want in ((2**20, 1), (5 * 5 * copy_bytes, 5), (None, 16)):
+        oracle = _spied(dz.ModuleOracle(model, F.cross_entropy, x, y, memory_budget=budget))
+        zo_grasp_scores(oracle, dict(model.named_parameters()), names, q=16, generator=torch.Generator().manual_seed(0))
+        assert max(oracle.calls) == want, (budget, oracle.calls)
+
+
+def test_finite_losses_whose_differences_overflow_float32_are_named_as_such():
+    oracle = dz.FunctionOracle(lambda p: 1e301 * (1.0 + float(p["w"].double().sum())))  # finite float64 losses
+    params = {"w": torch.zeros(3)}
+    with pytest.raises(dz.NonFiniteLossError, match=r"finite but overflow the parameters' dtype .*1e\+301, beyond "
+                                                   r"3.4e\+38.*Scale the loss down"):
+        dz.cge(oracle, params)  # was: "The oracle returned 3 non-finite loss(es)"
+    with pytest.raises(dz.NonFiniteLossError, match="finite but overflow"):
+        dz.rge(oracle, params, q=4, generator=torch.Generator().manual_seed(0))  # was: an infinite gradient, no error
+    wide = {"w": torch.zeros(3, dtype=torch.float64)}
+    est = dz.cge(dz.FunctionOracle(lambda p: 1e301 * float(p["w"].sum())), wide)
+    torch.testing.assert_close(est.grads["w"], torch.full((3,), 1e301, dtype=torch.float64))  # float64 holds them

@@ -228,3 +228,40 @@ def test_estimator_settings_have_one_home_in_the_step_plan():
     est = module.zo_plan.estimate(dz.FunctionOracle(lambda p: (p["w"] ** 2).sum()), {"w": w})
     # forward differences of w**2 at step 0.25: 2w + 0.25
     torch.testing.assert_close(est.grads["w"], torch.tensor([2.25, 4.25]))
+
+
+# ------------------------------------------------------------------- resume keeps the run's settings (issue 28)
+def test_max_queries_holds_across_resumes(tiny_trainer, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt=None) -> ZOClassifier:
+        torch.manual_seed(0)
+        module = ZOClassifier(MLP(hidden=(4,)), estimator="rge", q=4, max_queries=12,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        tiny_trainer(default_root_dir=str(tmp_path), max_steps=50, limit_train_batches=3,
+                     callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(
+            module, DigitsDataModule(batch_size=16), ckpt_path=ckpt)
+        return module
+
+    first = run()
+    assert first.global_step == 3 and first.queries_total == 15  # 5 queries a step: stops once 12 are spent
+    with pytest.warns(UserWarning, match=r"max_queries=12 is already spent \(15 queries"):
+        again = run(tmp_path / "last.ckpt")
+    assert again.global_step == 3 and again.queries_total == 15  # was: one more step (20 queries) per resume
+
+
+def test_resuming_a_masked_run_without_the_mask_callback_is_refused(tiny_trainer, tmp_path):
+    from dz_lightning.callbacks.zo_grasp import ZOGraSP
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def module() -> ZOClassifier:
+        torch.manual_seed(0)
+        return ZOClassifier(MLP(hidden=(16,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+    tiny_trainer(default_root_dir=str(tmp_path), max_epochs=1, limit_train_batches=2,
+                 callbacks=[ZOGraSP(sparsity=0.9, method="uniform"), ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+                 ).fit(module(), DigitsDataModule(batch_size=16))
+    trainer = tiny_trainer(default_root_dir=str(tmp_path / "b"), max_epochs=2, limit_train_batches=2)
+    with pytest.raises(ValueError, match=r"trained with gradient masks \(density 0\.09\d+.*nothing set `zo_masks`"):
+        trainer.fit(module(), DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 2  # restored, and not a single dense step taken

@@ -240,3 +240,122 @@ def test_batched_points_through_an_in_place_residual_add_equal_one_at_a_time(nam
     loop = torch.stack([oracle.loss({name: q}) for q in points])
     # three 4-input linear layers in fp32, rounded differently in a batch; losses near 1
     torch.testing.assert_close(batched.to(loop.dtype), loop, **fp32_tolerance(terms=3 * 4, scale=1.0))
+
+
+# ------------------------------------------------------------------------------- black boxes contained (issue 28)
+def _quadratic(w: np.ndarray) -> np.ndarray:
+    """``sum((w - 0.3)^2)`` over the last axis, in float64."""
+    return ((w.astype(np.float64) - 0.3) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("estimator", ["cge", "rge"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one", "batched"])
+def test_black_box_that_changes_its_arguments_changes_neither_the_params_nor_the_estimate(estimator, batched):
+    def meddling(p):
+        a = p["w"].numpy()
+        a *= 1.0001  # in place, on what the box was given
+        p["b"].numpy()[...] = 7.0
+        return _quadratic(a.reshape(len(a), -1) if batched else a)
+
+    def polite(p):
+        return _quadratic(1.0001 * (p["w"].numpy().reshape(len(p["w"]), -1) if batched else p["w"].numpy()))
+
+    w0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    params = {"w": w0.clone(), "b": torch.zeros(2, dtype=torch.float64)}
+    run = dz.cge if estimator == "cge" else (lambda o, p: dz.rge(o, p, q=4, generator=torch.Generator().manual_seed(0)))
+    got = run(dz.FunctionOracle(meddling, batched=batched), params)
+    assert torch.equal(params["w"], w0) and torch.equal(params["b"], torch.zeros(2, dtype=torch.float64))
+    want = run(dz.FunctionOracle(polite, batched=batched), {"w": w0.clone(), "b": torch.zeros(2, dtype=torch.float64)})
+    torch.testing.assert_close(got.grads["w"], want.grads["w"], rtol=0, atol=0)
+    assert got.loss == want.loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, np.float16], ids=["fp16", "bf16", "numpy_fp16"])
+def test_low_precision_losses_are_refused(dtype):
+    params = {"w": torch.zeros(3)}
+
+    def box(p):
+        value = float((p["w"] ** 2).sum()) + 1.0
+        return np.float16(value) if dtype is np.float16 else torch.tensor(value, dtype=dtype)
+
+    name = "float16" if dtype is np.float16 else str(dtype).removeprefix("torch.")
+    with pytest.raises(TypeError, match=f"FunctionOracle is torch.{name}.*Compute and return the loss in float32"):
+        dz.cge(dz.FunctionOracle(box), params)
+    many = dz.FunctionOracle(lambda p: torch.ones(len(p["w"]), dtype=torch.float16), batched=True)
+    with pytest.raises(TypeError, match="float16.*float32 or float64"):
+        many.losses(params, {"w": torch.zeros(4, 3)})
+
+
+def test_a_failing_black_box_keeps_its_error_and_names_the_query():
+    def box(p):
+        if float(p["w"][4]) != 0.0:
+            raise ArithmeticError("simulator diverged")
+        return float(p["w"].sum())
+
+    with pytest.raises(ArithmeticError, match="simulator diverged") as exc:  # the type and message are kept
+        dz.cge(dz.FunctionOracle(box, max_batch=3), {"w": torch.zeros(8)}, mu=0.01)
+    notes = "\n".join(getattr(exc.value, "__notes__", []))
+    if hasattr(exc.value, "add_note"):  # Python 3.11+
+        assert "point 1 (0-based) of a call with 3 points" in notes
+        assert "coordinate coords[i] of 'w' by +0.01, with coords = [3, 4, 5]" in notes
+
+    def base_fails(p):
+        raise ConnectionError("service down")
+
+    with pytest.raises(ConnectionError) as exc:
+        dz.cge(dz.FunctionOracle(base_fails), {"w": torch.zeros(2)})
+    if hasattr(exc.value, "add_note"):
+        assert "the unperturbed parameters" in "\n".join(exc.value.__notes__)
+
+
+def test_a_batched_black_box_that_returns_one_loss_too_few_is_named():
+    box = dz.FunctionOracle(lambda p: _quadratic(p["w"].numpy())[:-1], batched=True)
+    with pytest.raises(ValueError, match=r"returned 0 losses for a batch of 1 point; a batched `fn` returns one "
+                                         r"loss per point, shape \(K,\)"):
+        dz.cge(box, {"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="returned 2 losses for a batch of 3 points"):
+        box.losses({"w": torch.zeros(3)}, {"w": torch.zeros(3, 3)})
+
+
+def test_a_hung_black_box_times_out_naming_the_query_and_a_flaky_one_is_retried():
+    import threading
+
+    release = threading.Event()
+    calls = []
+
+    def box(p):
+        calls.append(1)
+        if len(calls) == 3:  # the third query hangs (a simulator that never answers)
+            release.wait(10)
+        return float(p["w"].sum())
+
+    oracle = dz.FunctionOracle(box, timeout=0.2)
+    try:
+        with pytest.raises(TimeoutError, match=r"did not answer within timeout=0.2 s") as exc:
+            dz.cge(oracle, {"w": torch.zeros(4)}, mu=0.01)  # was: waits forever (no timeout existed)
+    finally:
+        release.set()
+    if hasattr(exc.value, "add_note"):
+        assert "point 1 (0-based) of a call with 4 points" in "\n".join(exc.value.__notes__)
+
+    calls.clear()
+
+    def service(p):
+        calls.append(1)
+        if len(calls) == 2:  # the second call fails once
+            raise ConnectionError("service down")
+        return float(p["w"].sum())
+
+    flaky = dz.FunctionOracle(service, retries=1)
+    with pytest.warns(RuntimeWarning, match=r"attempt 1 of 2 failed \(ConnectionError: service down\); retrying"):
+        est = dz.cge(flaky, {"w": torch.zeros(3)}, mu=0.5)
+    torch.testing.assert_close(est.grads["w"], torch.ones(3))
+    assert flaky.failed_attempts == 1 and est.queries == 4
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"timeout": 0}, "`timeout`.*> 0 or None.*0"),
+                                               ({"timeout": float("inf")}, "`timeout`.*inf"),
+                                               ({"retries": -1}, "`retries`.*>= 0.*-1")])
+def test_function_oracle_timeout_and_retries_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dz.FunctionOracle(lambda p: 0.0, **kwargs)

@@ -91,6 +91,24 @@ def test_train_accuracy_of_a_batchnorm_model_reuses_the_statistics_forward(tiny_
     assert all(torch.equal(a, b) for a, b in zip(calls, scored, strict=True))
 
 
+@pytest.mark.parametrize("batch_size", [8, 157, 16])
+def test_digits_never_ends_an_epoch_with_a_batch_of_one(batch_size, tiny_trainer):
+    from torch import nn
+
+    data = DigitsDataModule(batch_size=batch_size)
+    data.setup("fit")
+    sizes = [len(y) for _, y in data.train_dataloader()]
+    assert min(sizes) > 1 and sum(sizes) >= len(data.splits["train"]) - 1  # only a lone last example is dropped
+    if batch_size == 16:
+        assert sum(sizes) == len(data.splits["train"])  # a last batch of 9 is kept
+    if batch_size == 157:  # 1,257 = 8 x 157 + 1: the last step of an epoch would have had one example
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+        module = ZOClassifier(model, estimator="rge", q=2, optimizer=_sgd())
+        tiny_trainer(max_epochs=1).fit(module, data)  # was: "Expected more than 1 value per channel" at step 9
+        assert module.global_step == 8
+
+
 @pytest.mark.slow
 def test_zo_and_fo_learn_digits_and_test(tiny_trainer):
     results = {}

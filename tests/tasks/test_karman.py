@@ -96,6 +96,7 @@ def _fake_reference(train_re, test_re, resolution, factor, warmup, steps):
     ("nan", "NaN or infinite"),
     ("resolution", r"shape \(1, 4, 2, 4, 8\), expected \(1, 4, 2, 8, 16\)"),
     ("meta", "meta.json .* does not describe this data set"),
+    ("flip", r"corrupted \(the zip CRC of its member .*data/0"),
 ])
 def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage, reason):
     from dz_lightning.tasks import karman
@@ -115,6 +116,12 @@ def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage, 
         torch.save({**first, "train": torch.full_like(first["train"], float("nan"))}, data)
     elif damage == "resolution":
         torch.save({**first, "train": first["train"][..., ::2, ::2]}, data)
+    elif damage == "flip":  # an exponent bit of one test value: finite, 2^64 times larger; torch.load reads it
+        raw = bytearray(data.read_bytes())
+        at = bytes(raw).index(first["test"].flatten()[7:9].numpy().tobytes()) + 3
+        raw[at] ^= 0x20
+        data.write_bytes(bytes(raw))
+        assert torch.isfinite(torch.load(data, weights_only=True)["test"]).all()  # was: used as it is
     else:
         (folder / "meta.json").write_text((folder / "meta.json").read_text().replace('"steps": 3', '"steps": 4'))
     with pytest.warns(RuntimeWarning, match=rf"Rebuilding the Karman cache '.*data\.pt': .*{reason}"):
@@ -154,6 +161,23 @@ def test_sol_study_removes_its_scratch_folder_even_when_it_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="diverged"):
         sol_study.main([])
     assert roots and not roots[0].exists()
+
+
+def test_a_cache_dir_that_is_a_file_fails_before_any_simulation(tmp_path, monkeypatch):
+    from dz_lightning.tasks import karman
+    from dz_lightning.tasks.sol import KarmanDataModule
+
+    _fake_reference.runs = 0
+    monkeypatch.setattr(karman, "generate_reference", _fake_reference)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file")
+    with pytest.raises(ValueError, match=r"`cache_dir` to be a folder .*cache' is a file"):
+        KarmanDataModule(cache_dir=str(blocker))
+    with pytest.raises(ValueError, match=r"cache' is a file above it: '.*cache/karman'"):
+        KarmanDataModule(cache_dir=str(blocker / "karman"))
+    with pytest.raises(ValueError, match="is a file"):
+        karman.load_or_generate(str(blocker), [100.0], [150.0], RES, factor=2, warmup=2, steps=3)
+    assert _fake_reference.runs == 0  # was: the data generated, then NotADirectoryError
 
 
 def test_karman_data_module_batch_size_is_checked():
