@@ -198,22 +198,41 @@ _TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's t
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[int | None]:
-    """An exclusive lock on ``folder`` (its open file descriptor, or ``None`` where ``flock`` does not exist).
+    """An exclusive lock on ``folder``: its open file descriptor, or ``None`` where no lock could be taken (no
+    ``flock``, or a file system that refuses it: warned once per folder).
 
     Writers of this module in one folder take turns, so a temporary file found while holding the lock belongs to a
     writer that died; the lock goes with the process (SIGKILL included).
     """
+    if fcntl is None:
+        yield None
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         yield None
         return
     try:
-        if fcntl is not None:
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without flock (Lustre without -o flock, some FUSE mounts)
+            _warn_no_lock(folder, err)
+            yield None
+            return
         yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+_WARNED_NO_LOCK: set[str] = set()
+
+
+def _warn_no_lock(folder: Path, err: OSError) -> None:
+    if str(folder) not in _WARNED_NO_LOCK:
+        _WARNED_NO_LOCK.add(str(folder))
+        rank_zero_warn(f"Cannot lock the checkpoint folder {folder} ({type(err).__name__}: {err}): saves go on "
+                       "unlocked, so two processes must not save the same checkpoint at once, and stale temporary "
+                       "files are left in place.")
 
 
 def _is_our_temporary(name: str, path: Path) -> bool:
@@ -249,7 +268,8 @@ def _save_bytes(data: bytes | memoryview, path: Path) -> None:
     sidecar = _sidecar(path)
     new = hashlib.sha256(data).hexdigest()
     with _folder_lock(path.parent) as folder_fd:
-        _remove_stale_temporaries(path)
+        if folder_fd is not None:  # only under the lock: unlocked, a temporary may be a live writer's
+            _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -258,7 +278,9 @@ def _save_bytes(data: bytes | memoryview, path: Path) -> None:
                 os.fsync(f.fileno())
             previous: list[str] = []
             if path.is_file():  # every digest the current file may match (two after a save killed mid-way)
-                previous = [sha256_file(path)] if not sidecar.is_file() else _recorded_digests(sidecar)[:2]
+                with contextlib.suppress(OSError, ValueError):  # an unreadable digest file: hash the file itself
+                    previous = _recorded_digests(sidecar)[:2] if sidecar.is_file() else []
+                previous = previous or [sha256_file(path)]
             _atomic_write_bytes(_digest_lines(new, *[d for d in previous if d != new], name=path.name), sidecar)
             os.replace(tmp, path)
         except BaseException:

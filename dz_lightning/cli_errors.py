@@ -29,7 +29,7 @@ SUBCOMMANDS = {
     "predict": "Run inference on your data (writes predictions.pt in the run's log folder).",
 }
 # checkpoint values Lightning resolves itself (ours: "last"); anything with ":" may be a URL or a registry name
-_SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
+_SPECIAL_CKPT = {"best", "last", "hpc", "registry", "null", "None", "none", "~"}  # the last four: no checkpoint
 
 
 def _suggest(word: str, choices: list[str]) -> str:

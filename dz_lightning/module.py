@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed
+from dz_lightning import distributed, query
 from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError, StepUndo
 from dz_lightning.oracle import ModuleOracle, Oracle, has_batchnorm
@@ -196,9 +196,21 @@ class ZOModule(L.LightningModule):
         ``head``: a black box between the model and the loss (see :class:`ModuleOracle`); ``options``: other
         :class:`ModuleOracle` arguments, which take precedence over this module's (``feature_reuse``, ``max_batch``).
         """
+        model = self.model if model is None else model
         settings = {"max_batch": self.max_batch, "memory_budget": self.memory_budget, "delta_dtype": self.delta_dtype}
-        return ModuleOracle(self.model if model is None else model, loss_fn, inputs, targets, head=head,
-                            **{**settings, **options})
+        if query.has_random_dropout(model):
+            # the step's dropout masks from the module's own generator: saved in checkpoints (a resumed run draws the
+            # same masks) and the same on every rank (ranks estimate their shares under one set of masks)
+            settings["dropout_seed"] = int(torch.randint(0, 2**62, (), generator=self._generator))
+        if self._world_size() > 1:  # timed fallback choices could differ between ranks: untimed, the same on all
+            settings["fallback"] = "first_working"
+        return ModuleOracle(model, loss_fn, inputs, targets, head=head, **{**settings, **options})
+
+    def _world_size(self) -> int:
+        try:
+            return int(self.trainer.world_size)
+        except RuntimeError:  # not attached to a Trainer: one process
+            return 1
 
     def training_forward(self, batch: Any, oracle: Oracle) -> Tensor | None:
         """The step's one plain forward of the training batch, before the estimate; returns its outputs or ``None``.
@@ -221,7 +233,8 @@ class ZOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # the callbacks' on_train_start (which hands over masks) ran before this hook
         density, self._restored_mask_density = self._restored_mask_density, None
-        if density is not None and self.zo_masks is None:
+        resumed = self.trainer.ckpt_path is not None  # not load_from_checkpoint + fit: new training from weights
+        if resumed and density is not None and self.zo_masks is None:
             raise ValueError(
                 f"The checkpoint {self.trainer.ckpt_path} was trained with gradient masks (density {density:.3g}: "
                 "set by a callback such as ZOGraSP), but nothing set `zo_masks` in this run, which would estimate "
@@ -229,7 +242,7 @@ class ZOModule(L.LightningModule):
                 "Resume with the same callback (e.g. the same config, or `--trainer.callbacks+=ZOGraSP` with its "
                 "settings), or start a new run from the weights to train densely."
             )
-        if self.max_queries is not None and self.queries_total >= self.max_queries:
+        if resumed and self.max_queries is not None and self.queries_total >= self.max_queries:
             rank_zero_warn(f"max_queries={self.max_queries} is already spent ({self.queries_total} queries at "
                            f"{self.trainer.ckpt_path}): not training. Raise max_queries to continue this run.")
             self.trainer.should_stop = True

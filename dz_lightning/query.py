@@ -16,14 +16,17 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "BATCHNORMS", "DELTA_DTYPES", "check_delta_dtype", "common_random_numbers", "float64_loss", "fp32_precision",
-    "frozen_batchnorm_stats", "has_random_dropout", "low_precision_deltas", "memory_budget", "points_per_chunk",
-    "query_mode",
+    "BATCHNORMS", "DELTA_DTYPES", "MASK_DROPOUTS", "check_delta_dtype", "common_random_numbers", "float64_loss",
+    "fp32_precision", "frozen_batchnorm_stats", "has_random_dropout", "low_precision_deltas", "mask_of",
+    "memory_budget", "points_per_chunk", "query_mode",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -126,7 +129,9 @@ def check_query_dtypes(model: nn.Module) -> None:
                 )
 
 
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+MASK_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+"""Dropouts that multiply their input by a random mask (alpha dropouts also shift it)."""
+_DROPOUTS = (*MASK_DROPOUTS, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def has_random_dropout(model: nn.Module) -> bool:
@@ -134,17 +139,48 @@ def has_random_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, _DROPOUTS) and m.training and m.p > 0 for m in model.modules())
 
 
+# F.dropout draws its mask differently in a plain forward (CPU: in the input's memory layout; CUDA: a fused kernel)
+# and under vmap (contiguous bernoulli): under common random numbers every dropout draws ``mask_of`` instead
+_FEATURE_RANK = {F.dropout1d: 3, F.dropout2d: 4, F.dropout3d: 5}  # (N, C, *spatial): one draw per channel
+
+
+def mask_of(x: Tensor, p: float, feature: bool = False) -> Tensor:
+    """A dropout mask for ``x`` (``0`` or ``1 / (1 - p)``), drawn on a contiguous tensor of ``x``'s shape, or of
+    ``(N, C, 1, ...)`` for channel dropout: the same draw in a plain forward, under ``vmap`` (one mask for every
+    point) and on every device, from the same generator state."""
+    shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if feature else x.shape
+    return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)
+
+
+class _SameDropoutMasks(TorchFunctionMode):
+    """Train-mode ``F.dropout`` / ``dropout1d-3d`` as ``x * mask_of(x)`` (see :func:`mask_of`)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.dropout or func in _FEATURE_RANK:
+            x, *rest = args
+            p, training, inplace = (list(rest) + [kwargs.get(k, d) for k, d in
+                                                  (("p", 0.5), ("training", True), ("inplace", False))][len(rest):])
+            feature = func is not F.dropout
+            if training and p > 0 and (not feature or x.dim() == _FEATURE_RANK[func]):
+                mask = mask_of(x, p, feature)
+                return x.mul_(mask) if inplace else x * mask
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def common_random_numbers(seed: int | None, device: torch.device) -> Iterator[None]:
     """Every random draw inside starts from ``seed`` (on the CPU generator, and ``device``'s own on CUDA), and the
-    generators' previous states come back on exit. Queries run inside it see the same dropout masks, so a finite
-    difference of two queries measures the parameters, not the masks (common random numbers). ``None``: nothing
-    changes."""
+    generators' previous states come back on exit. Dropout draws its masks with :func:`mask_of` inside, so queries
+    run inside it see the same masks whether they run one at a time, under ``vmap`` or in the feature-reuse engine,
+    and a finite difference of two queries measures the parameters, not the masks (common random numbers).
+    ``None``: nothing changes.
+    """
     if seed is None:
         yield
         return
     cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), _SameDropoutMasks():
         torch.default_generator.manual_seed(seed)
         if cuda:
             with torch.cuda.device(device):
@@ -152,8 +188,9 @@ def common_random_numbers(seed: int | None, device: torch.device) -> Iterator[No
         yield
 
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-"""The layers with running statistics that a training forward updates (a lazy one becomes one of them)."""
+BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+"""The layers with running statistics that a training forward updates: every BatchNorm, lazy ones and subclasses
+from other libraries included (their common base is private; this is its one use)."""
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dz_lightning.query import low_precision_deltas
+from dz_lightning.query import MASK_DROPOUTS, low_precision_deltas
 from dz_lightning.reuse.differences import relu_difference
 
 __all__ = ["DROPOUTS", "NORMS", "batchable_attention", "column", "column_change", "is_channelwise", "is_linear",
@@ -26,8 +26,7 @@ ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Leak
                nn.Identity, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.CELU, nn.SELU, nn.Softsign)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-# dropouts that multiply their input by a random mask (alpha dropouts also shift it: not a mask)
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+DROPOUTS = MASK_DROPOUTS
 _LINEAR = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
            nn.AdaptiveAvgPool2d, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle)
 _PER_EXAMPLE = ELEMENTWISE + POOLS + (nn.LayerNorm, nn.GroupNorm, nn.MaxPool1d, nn.AvgPool1d, nn.Softmax,

@@ -395,3 +395,25 @@ def test_two_writers_of_one_checkpoint_leave_one_that_verifies(tmp_path):
     final = SafeCheckpointIO().load_checkpoint(path)  # whichever writer renamed last, its digest is the one kept
     assert final["writer"] in (0, 1) and torch.equal(final["w"], torch.full((20_000,), 14.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+
+
+def test_a_garbled_digest_file_does_not_stop_the_next_save(tmp_path):
+    io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"v": 1}, path)
+    (tmp_path / "last.ckpt.sha256").write_bytes(b"\xff\xfe not a digest")
+    io.save_checkpoint({"v": 2}, path)  # was: UnicodeDecodeError on every later save
+    assert io.load_checkpoint(path)["v"] == 2
+
+
+def test_a_folder_that_cannot_be_locked_saves_unlocked_and_keeps_temporaries(tmp_path, monkeypatch):
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    (tmp_path / ".last.ckpt.abcd1234.tmp").write_bytes(b"maybe a live writer's")
+    with pytest.warns(UserWarning, match="Cannot lock the checkpoint folder"):
+        SafeCheckpointIO().save_checkpoint({"v": 1}, tmp_path / "last.ckpt")
+    assert SafeCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")["v"] == 1
+    assert (tmp_path / ".last.ckpt.abcd1234.tmp").exists()  # unlocked, nobody's temporary is removed

@@ -401,3 +401,14 @@ def test_a_bug_in_a_users_own_init_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:  # our own validation, reached through the user's class: one line
         cli_main(["fit", "-c", str(DIGITS), *TINY, "--model", "user_models.Buggy", "--model.init_args.mu", "-1"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("value", ["null", "None", "~"])
+def test_a_cleared_ckpt_path_is_no_missing_file(value):
+    from dz_lightning.cli_errors import early_problem
+
+    from conftest import ROOT
+
+    config = str(ROOT / "configs/classification/digits.yaml")
+    assert early_problem(["fit", "-c", config, "--ckpt_path", value]) is None
+    assert "does not exist" in early_problem(["fit", "-c", config, "--ckpt_path", "missing.ckpt"])

@@ -178,3 +178,44 @@ def test_every_fallback_strategy_shares_the_masks(fallback):
         F.cross_entropy(model(x), y).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(est.grads[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:.*full forwards use")
+@pytest.mark.parametrize("fallback", ["vmap", "vmap_per_point", "loop"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_one_point_batched_equals_the_base_loss_in_any_layout(fallback, layout):
+    """A plain forward, a vmap call and the engine draw their masks alike (native dropout would fill a channels-last
+    activation's mask in memory order, and vmap's contiguously)."""
+    torch.manual_seed(0)
+    model, x = _DropoutNet().train(), torch.randn(4, 3, 6, 6).contiguous(memory_format=layout)
+    model = model.to(memory_format=layout)
+    y = torch.randint(0, 5, (4,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, dropout_seed=7, fallback=fallback)
+    base = oracle.loss(params)
+    torch.testing.assert_close(oracle.losses(params, {"fc.bias": params["fc.bias"][None]})[0], base,
+                               rtol=1e-5, atol=1e-6)
+    engine = dz.ModuleOracle(model, F.cross_entropy, x, y, dropout_seed=7)
+    zero = engine.coordinate_losses(params, "conv.weight", torch.tensor([0]), 0.0)[0]
+    torch.testing.assert_close(zero, base, rtol=1e-5, atol=1e-6)
+
+
+def test_a_zo_module_draws_the_step_masks_from_its_checkpointed_generator():
+    """The seed of each step's masks comes from the module's direction generator, which checkpoints carry: a resumed
+    run draws the masks the uninterrupted one would have (PyTorch's global generator is not in checkpoints)."""
+    from dz_lightning.tasks.classification import ZOClassifier
+
+    def module() -> ZOClassifier:
+        return ZOClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.5), nn.Linear(8, 10)), seed=3)
+
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    first = module()
+    first.make_oracle(batch)
+    checkpoint: dict = {}
+    first.on_save_checkpoint(checkpoint)
+    expected = [first.make_oracle(batch).dropout_seed for _ in range(2)]
+    resumed = module()
+    resumed.on_load_checkpoint(checkpoint)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert [resumed.make_oracle(batch).dropout_seed for _ in range(2)] == expected
+    assert expected[0] != expected[1]  # a new draw every step

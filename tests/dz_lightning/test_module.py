@@ -265,3 +265,9 @@ def test_resuming_a_masked_run_without_the_mask_callback_is_refused(tiny_trainer
     with pytest.raises(ValueError, match=r"trained with gradient masks \(density 0\.09\d+.*nothing set `zo_masks`"):
         trainer.fit(module(), DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "last.ckpt")
     assert trainer.global_step == 2  # restored, and not a single dense step taken
+    # the weights of that run, trained anew (load_from_checkpoint, no ckpt_path): dense training is what is asked for
+    fresh = ZOClassifier.load_from_checkpoint(tmp_path / "last.ckpt", model=MLP(hidden=(16,)),
+                                              optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = tiny_trainer(default_root_dir=str(tmp_path / "c"), max_epochs=1, limit_train_batches=2)
+    trainer.fit(fresh, DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 2
