@@ -405,9 +405,9 @@ def test_a_bug_in_a_users_own_init_keeps_its_traceback(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", ["null", "None", "~"])
 def test_a_cleared_ckpt_path_is_no_missing_file(value):
-    from dz_lightning.cli_errors import early_problem
-
     from conftest import ROOT
+
+    from dz_lightning.cli_errors import early_problem
 
     config = str(ROOT / "configs/classification/digits.yaml")
     assert early_problem(["fit", "-c", config, "--ckpt_path", value]) is None
