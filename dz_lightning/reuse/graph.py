@@ -91,7 +91,9 @@ class Graph:
     nodes: list[Node]
     output: int
     checks: list = dataclasses.field(default_factory=list)  # protocol blocks to check against their forwards
-    checked: bool = False  # the engine's self-check passed on this graph
+    # the engine's self-check on this graph, per (input shape, dtype, device type, loss): None when it passed with
+    # batched losses, False when it passed with per-query losses, or why the graph cannot be used
+    verdicts: dict[tuple, bool | str | None] = dataclasses.field(default_factory=dict)
 
     def users(self) -> list[list[int]]:
         """For each node, the nodes that read it."""

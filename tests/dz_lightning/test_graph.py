@@ -409,3 +409,36 @@ def test_default_arguments_are_traced_as_constants(train):
         got = engine.coordinate_losses(name, index, 1e-2)
         want = one_query_at_a_time(model, F.cross_entropy, x, y, name, index, 1e-2)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_failed_self_check_is_remembered_and_the_check_can_be_switched_off(monkeypatch):
+    """The self-check's verdict is kept with the traced graph per input shape: a failure sends later batches of that
+    shape straight to the fallback (no engine, no base forward), and ``self_check=False`` skips the check."""
+    model = _HostRoundTrip()
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    with pytest.warns(UserWarning, match="failed through nodes"):
+        assert build_staged(model, F.cross_entropy, x, y) is None
+    built = []
+    init = GraphEngine.__init__
+    monkeypatch.setattr(GraphEngine, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    assert build_staged(model, F.cross_entropy, x + 1, y) is None  # the same shape: the verdict stands
+    assert not built
+    assert build_staged(model, F.cross_entropy, torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))) is None
+    assert built  # another shape: checked afresh (and failed again)
+    monkeypatch.undo()
+    engine = build_staged(model, F.cross_entropy, torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)),
+                          self_check=False)
+    assert isinstance(engine, GraphEngine)  # trusted unchecked
+
+
+def test_batched_losses_weigh_ignored_targets_as_the_loss_does():
+    """A chunk's cross-entropy comes from one per-example call; targets equal to ``ignore_index`` weigh 0 and the
+    mean is over the others, as ``reduction="mean"`` takes it (no host read to find out)."""
+    torch.manual_seed(0)
+    model = _TokenMixer().double().eval()
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.tensor([1, -100, 3, -100, 0])
+    engine = build_staged(model, F.cross_entropy, x, y, self_check=False)
+    assert engine.batched_losses
+    index = torch.arange(4)
+    want = one_query_at_a_time(model, F.cross_entropy, x, y, "head.weight", index, 1e-2)
+    torch.testing.assert_close(engine.coordinate_losses("head.weight", index, 1e-2), want, rtol=1e-10, atol=1e-12)
