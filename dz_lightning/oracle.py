@@ -135,7 +135,10 @@ class ModuleOracle(Oracle):
     globally), BatchNorm running statistics never updated.
     K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
     one-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
-    the model's ``stages()``, else batched full forwards).
+    the model's ``stages()``, else batched full forwards). The feature-reuse engine is built on the first coordinate
+    query for a parameter set, never for :meth:`loss` or :meth:`losses` alone (RGE, ZO-GraSP, a plain loss); its
+    coordinate losses are reported relative to the base loss :meth:`loss` returned for the same parameters, so that a
+    finite difference ``f(theta + mu e_i) - f(theta)`` is the engine's own difference.
 
     Args:
         model: the network. Parameter names are those of ``model.named_parameters()``.
@@ -156,11 +159,16 @@ class ModuleOracle(Oracle):
             reach it as one flat ``(K * B, ...)`` batch (or, on the feature-reuse path, one ``(B, ...)`` batch per
             point), so a non-torch callable works and every image it sees is counted by it (e.g. a residual
             denoiser's black-box classifier).
+        self_check: check the feature-reuse engine the first time it meets a model structure, input shape and loss
+            (:meth:`~dz_lightning.reuse.GraphEngine.self_check`: every kind of plan runs a zero step, the batched
+            loss is compared with the loss; a few host reads, once, remembered with the traced graph, a failure
+            included). ``False`` trusts the traced graph unchecked: no host read when an engine is built.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
-                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 self_check: bool = True) -> None:
         super().__init__(max_batch=max_batch)
         if head is not None and not callable(head):
             raise TypeError(f"Expected argument `head` to be callable or None, but got {type(head).__name__}.")
@@ -171,10 +179,12 @@ class ModuleOracle(Oracle):
                              "loss over no samples is NaN. Check the data loader (drop_last, an empty split).")
         self.model, self.loss_fn, self.inputs, self.targets, self.head = model, loss_fn, inputs, targets, head
         self.memory_budget, self.feature_reuse, self.delta_dtype = memory_budget, feature_reuse, delta_dtype
+        self.self_check = self_check
         self._names = frozenset(n for n, _ in model.named_parameters())
         self._staged = None
         self._staged_key: tuple | None = None
         self._staged_unavailable = False
+        self._base: tuple[tuple, Tensor] | None = None  # (parameter key, the loss `loss` returned there)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _query_context(self) -> contextlib.AbstractContextManager[None]:
@@ -198,12 +208,11 @@ class ModuleOracle(Oracle):
     # ----------------------------------------------------------------------------------------- overrides
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
-        staged = self._staged_forward(params) if self.feature_reuse else None
-        if staged is not None:  # its cached base forward is this query; coordinate queries restart from it
-            return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
-            return self._outputs_loss(out, self.targets)
+            loss = self._outputs_loss(out, self.targets)
+        self._base = (_params_key(params), loss)  # coordinate queries at these parameters report from it
+        return loss
 
     def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss (float64) of one point's model outputs ``(B, ...)``, through the black-box head if any."""
@@ -242,27 +251,39 @@ class ModuleOracle(Oracle):
             return super().coordinate_losses(params, name, index, delta)
         with self._query_context():
             values = staged.coordinate_losses(name, index, delta)
+            if self._base is not None and _same_params(self._base[0], self._staged_key):
+                # the engine's base forward may round differently from the plain one (channels-last on CPU): the
+                # differences are the engine's, taken from the base loss this oracle reported
+                values = values + (self._base[1].to(values) - staged.base_loss().to(values))
         self.queries += int(index.numel())
         return values
 
     def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.GraphEngine | None:
         if self._staged_unavailable:
             return None
-        # the key holds the tensors themselves (identity and in-place version), so a freed tensor's memory can
-        # never be mistaken for the cached parameters
-        key = tuple((n, v, v._version) for n, v in params.items())
-        stale = self._staged_key is None or len(key) != len(self._staged_key) or any(
-            a[0] != b[0] or a[1] is not b[1] or a[2] != b[2] for a, b in zip(key, self._staged_key, strict=True))
-        if self._staged is None or stale:
+        key = _params_key(params)
+        if self._staged is None or not _same_params(key, self._staged_key):
+            self._staged = None  # its cached activations are freed before the next engine's are made
             with self._query_context():
                 self._staged = reuse.build_staged(
                     # without a head the engine sees the plain loss function (it batches known losses per chunk)
                     self.model, self.loss_fn if self.head is None else self._outputs_loss, self.inputs, self.targets,
                     dict(params), max_batch=self.max_batch, memory_budget=self.memory_budget,
-                    delta_dtype=self.delta_dtype,
+                    delta_dtype=self.delta_dtype, self_check=self.self_check,
                 )
             if self._staged is None:  # not staged (warned once per model type): full forwards from now on
                 self._staged_unavailable = True
                 return None
             self._staged_key = key
         return self._staged
+
+
+def _params_key(params: Mapping[str, Tensor]) -> tuple:
+    """The parameters as a cache key: the tensors themselves (identity and in-place version), so that a freed
+    tensor's memory can never be mistaken for the cached parameters."""
+    return tuple((n, v, v._version) for n, v in params.items())
+
+
+def _same_params(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(
+        x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b, strict=True))
