@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from dz_lightning.oracle import NonFiniteLossError, Oracle
-from dz_lightning.resolution import check_step_resolves, directions_moved, report_directions
+from dz_lightning.resolution import check_step_resolves, directions_unmoved, report_directions
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["Estimate", "cge", "device_generator", "loss_difference", "mask_coordinates", "params_device", "rge",
@@ -156,7 +156,8 @@ def _check_base_loss(f0: float) -> None:
 
 class _StepChecks:
     """What a call checks on the device while it queries, read back in one host sync at its end: the base loss,
-    the count of non-finite differences of each group (a parameter, a chunk of directions) and any extra counts."""
+    the count of non-finite differences of each group (a parameter, a chunk of directions) and any extra counts.
+    Every value read is 0 when all is well (the fake-CUDA tests answer each host read with 0)."""
 
     def __init__(self, f0: Tensor, nonfinite: str) -> None:
         self.f0, self.nonfinite = f0, nonfinite
@@ -424,13 +425,13 @@ def rge(
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     generators = {p.device: None for p in params.values()}
     generators = {device: device_generator(generator, device) for device in generators}
-    moved = None
+    unmoved = None
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = _directions(params, masks, k, distribution, generators)
         points = {n: params[n].detach().unsqueeze(0) + mu * u for n, u in dirs.items()}
         if begin == 0:  # read with the step's other checks, at the end
-            first_k, moved = k, directions_moved(params, points)
+            first_k, unmoved = k, directions_unmoved(params, points)
         plus = oracle.losses(params, points)
         if difference == "forward":
             coeff = loss_difference(plus, f0) / mu
@@ -441,6 +442,6 @@ def rge(
         for name, u in dirs.items():
             c = coeff.to(u.device, u.dtype)
             grads[name] += scale * torch.tensordot(c, u, dims=1)
-    (n_moved,) = checks.read(moved)  # the call's one host read
-    report_directions(params, int(n_moved), mu, d, first_k, distribution)
+    (n_unmoved,) = checks.read(unmoved)  # the call's one host read
+    report_directions(params, first_k - int(n_unmoved), mu, d, first_k, distribution)
     return Estimate(grads=grads, queries=oracle.queries - start, loss=checks.loss, skipped=checks.skipped())

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["check_directions_resolve", "check_step_resolves", "directions_moved", "report_directions"]
+__all__ = ["check_directions_resolve", "check_step_resolves", "directions_unmoved", "report_directions"]
 
 _WARNED_MU: set[tuple[str, float]] = set()
 
@@ -67,21 +67,21 @@ def check_step_resolves(params: Mapping[str, Tensor], mu: float, masks: Mapping[
                             f"exactly 0. {advice}")
 
 
-def directions_moved(params: Mapping[str, Tensor], points: Mapping[str, Tensor]) -> Tensor:
-    """RGE: how many of the K points differ from ``params`` in their dtype, a 0-d tensor on the parameters'
-    device (no host read: :func:`report_directions` judges the count once it is read)."""
+def directions_unmoved(params: Mapping[str, Tensor], points: Mapping[str, Tensor]) -> Tensor:
+    """RGE: how many of the K points equal ``params`` in their dtype (0 when all is well), a 0-d tensor on the
+    parameters' device (no host read: :func:`report_directions` judges the count once it is read)."""
     k = next(iter(points.values())).shape[0]
     moved = torch.zeros(k, dtype=torch.bool, device=next(iter(params.values())).device)
     for name, pts in points.items():
         moved |= (pts != params[name].detach().unsqueeze(0)).reshape(k, -1).any(1).to(moved.device)
-    return moved.sum()
+    return k - moved.sum()
 
 
 def check_directions_resolve(params: Mapping[str, Tensor], points: Mapping[str, Tensor], mu: float, d: int,
                              distribution: str) -> None:
     """RGE: raise when no direction moves the point in the parameters' dtype, warn once when some do not."""
     k = next(iter(points.values())).shape[0]
-    report_directions(params, int(directions_moved(params, points)), mu, d, k, distribution)
+    report_directions(params, k - int(directions_unmoved(params, points)), mu, d, k, distribution)
 
 
 def report_directions(params: Mapping[str, Tensor], n_moved: int, mu: float, d: int, k: int,
