@@ -257,7 +257,7 @@ def cge(
     _check_coordinates(params, coordinates)
     check_step_resolves(params, mu, masks)
     start = oracle.queries
-    f0 = oracle.loss(params)
+    f0 = oracle.coordinate_base_loss(params)  # the base of the coordinate queries that follow
     checks = _StepChecks(f0, nonfinite)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     timer = _Timer(params_device(params)) if timed else None

@@ -135,10 +135,10 @@ class ModuleOracle(Oracle):
     globally), BatchNorm running statistics never updated.
     K points are evaluated as one batched computation (``torch.func.vmap`` over ``functional_call``);
     one-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
-    the model's ``stages()``, else batched full forwards). The feature-reuse engine is built on the first coordinate
-    query for a parameter set, never for :meth:`loss` or :meth:`losses` alone (RGE, ZO-GraSP, a plain loss); its
-    coordinate losses are reported relative to the base loss :meth:`loss` returned for the same parameters, so that a
-    finite difference ``f(theta + mu e_i) - f(theta)`` is the engine's own difference.
+    the model's ``stages()``, else batched full forwards). The feature-reuse engine is built when coordinate queries
+    start (:meth:`coordinate_base_loss`, CGE's base point, answered by the engine's base forward; or the first
+    :meth:`coordinate_losses`) and kept for the parameter set; never for :meth:`loss` or :meth:`losses` (RGE,
+    ZO-GraSP, a plain loss).
 
     Args:
         model: the network. Parameter names are those of ``model.named_parameters()``.
@@ -184,7 +184,6 @@ class ModuleOracle(Oracle):
         self._staged = None
         self._staged_key: tuple | None = None
         self._staged_unavailable = False
-        self._base: tuple[tuple, Tensor] | None = None  # (parameter key, the loss `loss` returned there)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _query_context(self) -> contextlib.AbstractContextManager[None]:
@@ -210,9 +209,15 @@ class ModuleOracle(Oracle):
         self._check_names(params)
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
-            loss = self._outputs_loss(out, self.targets)
-        self._base = (_params_key(params), loss)  # coordinate queries at these parameters report from it
-        return loss
+            return self._outputs_loss(out, self.targets)
+
+    def coordinate_base_loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        self._check_names(params)
+        staged = self._staged_forward(params) if self.feature_reuse else None
+        if staged is None:
+            return self.loss(params)
+        self.queries += self._evaluations(1)  # the engine's base forward is this query
+        return staged.base_loss().reshape(())
 
     def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss (float64) of one point's model outputs ``(B, ...)``, through the black-box head if any."""
@@ -251,10 +256,6 @@ class ModuleOracle(Oracle):
             return super().coordinate_losses(params, name, index, delta)
         with self._query_context():
             values = staged.coordinate_losses(name, index, delta)
-            if self._base is not None and _same_params(self._base[0], self._staged_key):
-                # the engine's base forward may round differently from the plain one (channels-last on CPU): the
-                # differences are the engine's, taken from the base loss this oracle reported
-                values = values + (self._base[1].to(values) - staged.base_loss().to(values))
         self.queries += int(index.numel())
         return values
 

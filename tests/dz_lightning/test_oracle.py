@@ -241,7 +241,7 @@ def test_batched_points_through_an_in_place_residual_add_equal_one_at_a_time(nam
 
 def test_the_feature_reuse_engine_is_built_on_the_first_coordinate_query_only(monkeypatch):
     """A plain loss, K points, RGE and ZO-GraSP's estimates never build the engine; CGE builds it once per parameter
-    set, and its finite differences start from the base loss the oracle reported."""
+    set, at its base point (``coordinate_base_loss``), and its differences equal the plain forwards'."""
     from dz_lightning import reuse
     from dz_lightning.models import simple_cnn
     from dz_lightning.sparsity import zo_grasp_scores
@@ -264,6 +264,6 @@ def test_the_feature_reuse_engine_is_built_on_the_first_coordinate_query_only(mo
     reference = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False)
     name = next(iter(params))
     index = torch.arange(5)
-    got = oracle.coordinate_losses(params, name, index, 1e-2) - oracle.loss(params)
+    got = oracle.coordinate_losses(params, name, index, 1e-2) - oracle.coordinate_base_loss(params)
     want = reference.coordinate_losses(params, name, index, 1e-2) - reference.loss(params)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
