@@ -6,6 +6,7 @@ Both estimators talk to the objective only through an :class:`~dz_lightning.orac
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -14,13 +15,15 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dz_lightning import query
 from dz_lightning.oracle import NonFiniteLossError, Oracle
-from dz_lightning.resolution import check_directions_resolve, check_step_resolves
+from dz_lightning.resolution import check_step_resolves, directions_unmoved, report_directions
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["Estimate", "cge", "device_generator", "loss_difference", "params_device", "rge", "validate_masks"]
+__all__ = ["Estimate", "cge", "device_generator", "loss_difference", "mask_coordinates", "params_device", "rge",
+           "validate_masks"]
 
 Difference = Literal["forward", "central"]
 Distribution = Literal["gaussian", "sphere"]
@@ -38,6 +41,8 @@ class Estimate:
         skipped: number of finite differences dropped because a perturbed loss was not finite.
         seconds: name -> wall seconds spent on that parameter's queries (``cge(..., timed=True)``; empty otherwise).
             A DDP step splits coordinates by these (:class:`~dz_lightning.distributed.CostTable`).
+        finite: ``True`` when the estimator has established that every entry of ``grads`` is finite (CGE: each entry
+            is a difference it counted in its one host read); ``False`` when it has not checked.
     """
 
     grads: dict[str, Tensor]
@@ -45,6 +50,7 @@ class Estimate:
     loss: float
     skipped: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    finite: bool = False
 
 
 def _check_common(mu: float, difference: str, nonfinite: str) -> None:
@@ -84,6 +90,32 @@ def validate_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | N
             )
 
 
+# mask tensor -> (its in-place version, its coordinates): a mask is searched once per draw, not once per step
+_MASK_COORDINATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def mask_coordinates(mask: Tensor, coordinates: Tensor | None = None) -> Tensor:
+    """The flat indices of ``mask``'s ``True`` entries, ``(n,)`` int64 on its device, ascending.
+
+    Computed once per mask tensor (a ``nonzero``, the one host read a mask costs) and remembered with the tensor's
+    identity and in-place version: a mask drawn once and used for many steps is searched once, and a mask changed
+    in place is searched again.
+
+    Args:
+        mask: a bool tensor.
+        coordinates: the ascending flat indices of ``mask``'s ``True`` entries when the caller already knows them
+            (masks drawn from known indices): remembered as they are, without a search.
+    """
+    entry = _MASK_COORDINATES.get(mask)
+    if coordinates is not None:
+        entry = (mask._version, coordinates.reshape(-1).to(device=mask.device, dtype=torch.long))
+        _MASK_COORDINATES[mask] = entry
+    elif entry is None or entry[0] != mask._version:
+        entry = (mask._version, mask.reshape(-1).nonzero().reshape(-1))
+        _MASK_COORDINATES[mask] = entry
+    return entry[1]
+
+
 def params_device(params: Mapping[str, Tensor]) -> torch.device:
     """The device of the (first) parameter: where a step's small bookkeeping tensors live."""
     return next(iter(params.values())).device
@@ -115,45 +147,73 @@ def _check_coordinates(params: Mapping[str, Tensor], coordinates: Mapping[str, T
                              f"entries): {flat[(flat < 0) | (flat >= n)][:5].tolist()}.")
 
 
-def _base_loss(oracle: Oracle, params: Mapping[str, Tensor]) -> Tensor:
-    f0 = oracle.loss(params)
-    if not torch.isfinite(f0):
+def _check_base_loss(f0: float) -> None:
+    if not math.isfinite(f0):
         raise NonFiniteLossError(
-            f"The oracle returned a non-finite loss ({f0.item()}) at the unperturbed parameters; "
+            f"The oracle returned a non-finite loss ({f0}) at the unperturbed parameters; "
             "no gradient can be estimated (check the learning rate, the data and the model)."
         )
-    return f0
+
+
+class _StepChecks:
+    """What a call checks on the device while it queries, read back in one host sync at its end: the base loss,
+    the count of non-finite differences of each group (a parameter, a chunk of directions) and any extra counts.
+    Every value read is 0 when all is well (the fake-CUDA tests answer each host read with 0)."""
+
+    def __init__(self, f0: Tensor, nonfinite: str) -> None:
+        self.f0, self.nonfinite = f0, nonfinite
+        self.groups: list[tuple[str, Tensor, Tensor, float]] = []  # (where, bad count, raw differences, limit)
+        self.loss, self.counts = math.nan, []
+
+    def differences(self, values: Tensor, where: str, limit: float = math.inf) -> Tensor:
+        """``values`` with bad entries zeroed when skipping them (counted, on the device, either way): not finite,
+        or beyond ``limit``, the largest value of the gradient's dtype (an entry that would overflow there)."""
+        bad = ~(values.abs() <= limit)  # NaN fails the comparison too: one pass for NaN, infinity and overflow
+        self.groups.append((where, bad.sum(), values, limit))
+        return torch.where(bad, torch.zeros_like(values), values) if self.nonfinite == "skip" else values
+
+    def read(self, *extra: Tensor) -> list[float]:
+        """The one host read: the base loss (kept in :attr:`loss`; a non-finite one raises), the counts, and the
+        ``extra`` 0-d tensors' values (returned)."""
+        device = self.f0.device
+        parts = [self.f0.to(torch.float64).reshape(1), *(c.to(device, torch.float64).reshape(1)
+                                                          for _, c, _, _ in self.groups),
+                 *(e.to(device, torch.float64).reshape(1) for e in extra)]
+        values = torch.cat(parts).tolist()
+        self.loss, self.counts = values[0], [int(n) for n in values[1 : 1 + len(self.groups)]]
+        _check_base_loss(self.loss)
+        return values[1 + len(self.groups) :]
+
+    def skipped(self) -> int:
+        """After :meth:`read`: the skipped differences, with a warning per group; with ``nonfinite="raise"``, an
+        error naming the first group that holds a non-finite difference."""
+        skipped = 0
+        for (where, _, raw, limit), n_bad in zip(self.groups, self.counts, strict=True):
+            if n_bad == 0:
+                continue
+            if self.nonfinite == "raise":  # only on failure: which entry, and what kind of failure
+                first = int((~(raw.abs() <= limit)).nonzero()[0])
+                if bool(torch.isfinite(raw[first])):
+                    raise NonFiniteLossError(
+                        f"The finite differences of {n_bad} perturbation(s) of {where} are finite but overflow the "
+                        f"parameters' dtype (first at position {first}: {float(raw[first]):.3g}, beyond {limit:.3g}): "
+                        "the losses are too large for a gradient in that dtype. Scale the loss down (a mean instead "
+                        "of a sum, or divide it by a constant)."
+                    )
+                raise NonFiniteLossError(
+                    f"The oracle returned {n_bad} non-finite loss(es) for perturbations of {where} (first at position "
+                    f"{first}). Lower `mu`, or pass nonfinite='skip' to drop such differences with a warning."
+                )
+            warnings.warn(f"Skipped {n_bad} non-finite (or overflowing) finite difference(s) for {where}.",
+                          RuntimeWarning, stacklevel=3)
+            skipped += n_bad
+        return skipped
 
 
 def loss_difference(a: Tensor, b: Tensor) -> Tensor:
     """``a - b`` in the wider of the two loss dtypes, on ``a``'s device: never rounds a float64 loss first."""
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype) - b.to(a.device, dtype)
-
-
-def _handle_nonfinite(values: Tensor, nonfinite: str, where: str, limit: float) -> tuple[Tensor, int]:
-    """Raise on (or zero, with ``"skip"``) differences that are not finite or beyond ``limit``, the largest value of
-    the parameters' dtype (a gradient entry that would overflow to infinity there)."""
-    bad = ~(values.abs() <= limit)  # NaN fails the comparison too: one pass for NaN, infinity and overflow
-    n_bad = int(bad.sum())
-    if n_bad == 0:
-        return values, 0
-    if nonfinite == "raise":
-        first = int(bad.nonzero()[0])
-        if bool(torch.isfinite(values[first])):  # the error path only
-            raise NonFiniteLossError(
-                f"The finite differences of {n_bad} perturbation(s) of {where} are finite but overflow the "
-                f"parameters' dtype (first at position {first}: {float(values[first]):.3g}, beyond {limit:.3g}): "
-                "the losses are too large for a gradient in that dtype. Scale the loss down (a mean instead of a "
-                "sum, or divide it by a constant)."
-            )
-        raise NonFiniteLossError(
-            f"The oracle returned {n_bad} non-finite loss(es) for perturbations of {where} (first at position "
-            f"{first}). Lower `mu`, or pass nonfinite='skip' to drop such differences with a warning."
-        )
-    warnings.warn(f"Skipped {n_bad} non-finite (or overflowing) finite difference(s) for {where}.", RuntimeWarning,
-                  stacklevel=3)
-    return torch.where(bad, torch.zeros_like(values), values), n_bad
 
 
 def cge(
@@ -206,43 +266,68 @@ def cge(
     _check_coordinates(params, coordinates)
     check_step_resolves(params, mu, masks)
     start = oracle.queries
-    f0 = _base_loss(oracle, params)
+    f0 = oracle.coordinate_base_loss(params)  # the base of the coordinate queries that follow
+    checks = _StepChecks(f0, nonfinite)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    skipped = 0
-    seconds: dict[str, float] = {}
+    timer = _Timer(params_device(params)) if timed else None
     for name, value in params.items():
         if coordinates is not None:
             if name not in coordinates:
                 continue
             index = coordinates[name].to(device=value.device, dtype=torch.long).reshape(-1)
         elif masks is not None and name in masks:
-            index = masks[name].reshape(-1).nonzero().reshape(-1).to(value.device)
+            index = mask_coordinates(masks[name]).to(value.device)
         else:
             index = torch.arange(value.numel(), device=value.device)
         if index.numel() == 0:
             continue
-        start_time = _clock(value.device) if timed else 0.0
+        if timer is not None:
+            timer.start(name)
         # differences in the precision the oracle answered in (a float64 black box keeps float64 at small mu)
         plus = oracle.coordinate_losses(params, name, index, mu).to(value.device)
         minus = oracle.coordinate_losses(params, name, index, -mu).to(value.device) if difference == "central" else None
-        if timed:
-            seconds[name] = _clock(value.device) - start_time
+        if timer is not None:
+            timer.stop(name)
         if minus is None:
             diff = loss_difference(plus, f0) / mu
         else:
             diff = loss_difference(plus, minus) / (2 * mu)
-        diff, n_bad = _handle_nonfinite(diff, nonfinite, f"parameter {name!r}", torch.finfo(value.dtype).max)
-        diff = diff.to(value.dtype)
-        skipped += n_bad
-        grads[name].view(-1)[index] = diff
-    return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped, seconds=seconds)
+        limit = torch.finfo(value.dtype).max  # a difference beyond it would overflow the gradient's dtype
+        grads[name].view(-1)[index] = checks.differences(diff, f"parameter {name!r}", limit).to(value.dtype)
+    checks.read()
+    seconds = timer.seconds() if timer is not None else {}
+    # every entry of `grads` is 0 or a difference counted above: non-finite ones raised or were zeroed
+    return Estimate(grads=grads, queries=oracle.queries - start, loss=checks.loss, skipped=checks.skipped(),
+                    seconds=seconds, finite=True)
 
 
-def _clock(device: torch.device) -> float:
-    """``time.perf_counter()`` after the work queued on ``device`` (CUDA) has finished."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class _Timer:
+    """Wall seconds of each parameter's queries, read once at the end of a call: CUDA events on a CUDA device
+    (no synchronization between parameters), ``time.perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, list] = {}
+
+    def _now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self, name: str) -> None:
+        self.marks[name] = [self._now()]
+
+    def stop(self, name: str) -> None:
+        self.marks[name].append(self._now())
+
+    def seconds(self) -> dict[str, float]:
+        if not self.cuda:
+            return {n: end - begin for n, (begin, end) in self.marks.items()}
+        if self.marks:
+            next(reversed(self.marks.values()))[1].synchronize()  # the last event: every earlier one has happened
+        return {n: begin.elapsed_time(end) / 1000.0 for n, (begin, end) in self.marks.items()}
 
 
 def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -354,35 +439,37 @@ def rge(
     _check_params(params)
     validate_masks(params, masks)
     start = oracle.queries
-    f0 = _base_loss(oracle, params)
+    f0 = oracle.loss(params)
+    checks = _StepChecks(f0, nonfinite)
     if masks is None:
         d = sum(p.numel() for p in params.values())
     else:
-        d = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+        d = sum(mask_coordinates(masks[n]).numel() if n in masks else p.numel() for n, p in params.items())
     scale = (d if distribution == "sphere" else 1.0) / q
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    skipped = 0
     generators = {p.device: None for p in params.values()}
     generators = {device: device_generator(generator, device) for device in generators}
     # per direction: u, mu * u, the point, and the batched forward's copy of the point's weights (measured:
     # benchmarks/rge_memory.py); central differences hold the minus points too
     chunk = direction_chunk(oracle, params, chunk, 4 if difference == "forward" else 6)
     limit = min(torch.finfo(p.dtype).max for p in params.values())
+    unmoved = None
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = _directions(params, masks, k, distribution, generators)
         points = {n: params[n].detach().unsqueeze(0) + mu * u for n, u in dirs.items()}
-        if begin == 0:
-            check_directions_resolve(params, points, mu, d, distribution)
+        if begin == 0:  # read with the step's other checks, at the end
+            first_k, unmoved = k, directions_unmoved(params, points)
         plus = oracle.losses(params, points)
         if difference == "forward":
             coeff = loss_difference(plus, f0) / mu
         else:
             minus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) - mu * u for n, u in dirs.items()})
             coeff = loss_difference(plus, minus) / (2 * mu)
-        coeff, n_bad = _handle_nonfinite(coeff, nonfinite, f"directions {begin}..{begin + k - 1}", limit)
-        skipped += n_bad
+        coeff = checks.differences(coeff, f"directions {begin}..{begin + k - 1}", limit)
         for name, u in dirs.items():
             c = coeff.to(u.device, u.dtype)
             grads[name] += scale * torch.tensordot(c, u, dims=1)
-    return Estimate(grads=grads, queries=oracle.queries - start, loss=float(f0), skipped=skipped)
+    (n_unmoved,) = checks.read(unmoved)  # the call's one host read
+    report_directions(params, first_k - int(n_unmoved), mu, d, first_k, distribution)
+    return Estimate(grads=grads, queries=oracle.queries - start, loss=checks.loss, skipped=checks.skipped())

@@ -163,7 +163,10 @@ class ModuleOracle(Oracle):
     globally), BatchNorm running statistics never updated.
     One-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
     the model's ``stages()``); K points otherwise run as full forwards, batched with ``torch.func.vmap`` or one by
-    one, whichever :class:`~dz_lightning.fallback.FullForwards` measured fastest for the model.
+    one, whichever :class:`~dz_lightning.fallback.FullForwards` measured fastest for the model. The feature-reuse
+    engine is built when coordinate queries start (:meth:`coordinate_base_loss`, CGE's base point, answered by the
+    engine's base forward; or the first :meth:`coordinate_losses`) and kept for the parameter set; never for
+    :meth:`loss` or :meth:`losses` (RGE, ZO-GraSP, a plain loss).
 
     Args:
         model: the network. Parameter names are those of ``model.named_parameters()``.
@@ -195,12 +198,16 @@ class ModuleOracle(Oracle):
             engine (or ``feature_reuse`` is off), else takes the first that works; ``"first_working"``,
             ``"vmap"``, ``"vmap_per_point"`` or ``"loop"`` give results that do not depend on timings (pin one
             for bit-identical DDP ranks on a model without an engine).
+        self_check: check the feature-reuse engine the first time it meets a model structure, input shape and loss
+            (:meth:`~dz_lightning.reuse.GraphEngine.self_check`: every kind of plan runs a zero step, the batched
+            loss is compared with the loss; a few host reads, once, remembered with the traced graph, a failure
+            included). ``False`` trusts the traced graph unchecked: no host read when an engine is built.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
                  delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 dropout_seed: int | None = None, fallback: str = "auto") -> None:
+                 dropout_seed: int | None = None, fallback: str = "auto", self_check: bool = True) -> None:
         super().__init__(max_batch=max_batch)
         # timed choices only where the model has no feature-reuse engine (or it is off): a model with one keeps
         # batched points that do not depend on timings (DDP ranks stay bit-identical to one process)
@@ -217,6 +224,7 @@ class ModuleOracle(Oracle):
         self.dropout_seed = dropout_seed
         if dropout_seed is None and query.has_random_dropout(model):  # one draw per oracle, on the CPU: no sync
             self.dropout_seed = int(torch.randint(0, 2**62, (), generator=torch.default_generator))
+        self.self_check = self_check
         self._names = frozenset(n for n, _ in model.named_parameters())
         self._staged = None
         self._staged_key: tuple | None = None
@@ -251,12 +259,17 @@ class ModuleOracle(Oracle):
     # ----------------------------------------------------------------------------------------- overrides
     def _loss(self, params: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
-        staged = self._staged_forward(params) if self.feature_reuse else None
-        if staged is not None:  # its cached base forward is this query; coordinate queries restart from it
-            return staged.base_loss()
         with self._query_context():
             out = functional_call(self.model, self._full(params), (self.inputs,))
             return self._outputs_loss(out, self.targets)
+
+    def coordinate_base_loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        self._check_names(params)
+        staged = self._staged_forward(params) if self.feature_reuse else None
+        if staged is None:
+            return self.loss(params)
+        self.queries += self._evaluations(1)  # the engine's base forward is this query
+        return staged.base_loss().reshape(())
 
     def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss (float64) of one point's model outputs ``(B, ...)``, through the black-box head if any."""
@@ -305,21 +318,29 @@ class ModuleOracle(Oracle):
     def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.GraphEngine | None:
         if self._staged_unavailable:
             return None
-        # the key holds the tensors themselves (identity and in-place version), so a freed tensor's memory can
-        # never be mistaken for the cached parameters
-        key = tuple((n, v, v._version) for n, v in params.items())
-        stale = self._staged_key is None or len(key) != len(self._staged_key) or any(
-            a[0] != b[0] or a[1] is not b[1] or a[2] != b[2] for a, b in zip(key, self._staged_key, strict=True))
-        if self._staged is None or stale:
+        key = _params_key(params)
+        if self._staged is None or not _same_params(key, self._staged_key):
+            self._staged = None  # its cached activations are freed before the next engine's are made
             with self._query_context():
                 self._staged = reuse.build_staged(
                     # without a head the engine sees the plain loss function (it batches known losses per chunk)
                     self.model, self.loss_fn if self.head is None else self._outputs_loss, self.inputs, self.targets,
                     dict(params), max_batch=self.max_batch, memory_budget=self.memory_budget,
-                    delta_dtype=self.delta_dtype,
+                    delta_dtype=self.delta_dtype, self_check=self.self_check,
                 )
             if self._staged is None:  # not staged (warned once per model type): full forwards from now on
                 self._staged_unavailable = True
                 return None
             self._staged_key = key
         return self._staged
+
+
+def _params_key(params: Mapping[str, Tensor]) -> tuple:
+    """The parameters as a cache key: the tensors themselves (identity and in-place version), so that a freed
+    tensor's memory can never be mistaken for the cached parameters."""
+    return tuple((n, v, v._version) for n, v in params.items())
+
+
+def _same_params(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(
+        x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b, strict=True))

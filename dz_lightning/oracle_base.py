@@ -177,6 +177,18 @@ class Oracle:
             self.queries += self._evaluations(n_part)
         return torch.cat(out) if out else torch.zeros(0)
 
+    def coordinate_base_loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Loss at one point whose one-coordinate perturbations (:meth:`coordinate_losses`) follow: CGE's base point.
+
+        By default :meth:`loss`. An oracle whose coordinate queries run on an engine of their own answers it from
+        that engine (:class:`~dz_lightning.oracle.ModuleOracle`: feature reuse, built here), so that each finite
+        difference ``f(theta + mu e_i) - f(theta)`` comes from one base forward.
+
+        Returns:
+            A 0-d tensor; one query.
+        """
+        return self.loss(params)
+
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         """Losses of one-coordinate perturbations of one parameter.
 
@@ -262,7 +274,8 @@ class Oracle:
 class DelegatingOracle(Oracle):
     """Base of oracles that wrap another one: every call goes to ``inner``, queries are counted where they are spent.
 
-    The public calls (:meth:`loss`, :meth:`losses`, :meth:`coordinate_losses`) hand their points to the wrapped
+    The public calls (:meth:`loss`, :meth:`losses`, :meth:`coordinate_base_loss`, :meth:`coordinate_losses`) hand
+    their points to the wrapped
     oracle's own public calls, so its fast paths (batched points under ``vmap``, feature reuse for coordinates) stay
     in use. Subclasses change what reaches it through two hooks: :meth:`_inner_params` (the full parameter dict
     the inner oracle sees, e.g. fixed values for the parameters a wrapper leaves out) and :meth:`_delegate_losses`
@@ -291,6 +304,10 @@ class DelegatingOracle(Oracle):
     def losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         with self._counting():
             return self._delegate_losses(self._inner_params(params), varied)
+
+    def coordinate_base_loss(self, params: Mapping[str, Tensor]) -> Tensor:
+        with self._counting():
+            return self.inner.coordinate_base_loss(self._inner_params(params))
 
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         with self._counting():

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["check_directions_resolve", "check_step_resolves"]
+__all__ = ["check_directions_resolve", "check_step_resolves", "directions_unmoved", "report_directions"]
 
 _WARNED_MU: set[tuple[str, float]] = set()
 
@@ -83,14 +83,27 @@ def check_step_resolves(params: Mapping[str, Tensor], mu: float, masks: Mapping[
                             f"exactly 0. {advice}")
 
 
-def check_directions_resolve(params: Mapping[str, Tensor], points: Mapping[str, Tensor], mu: float, d: int,
-                              distribution: str) -> None:
-    """RGE: raise when no direction moves the point in the parameters' dtype, warn once when some do not."""
+def directions_unmoved(params: Mapping[str, Tensor], points: Mapping[str, Tensor]) -> Tensor:
+    """RGE: how many of the K points equal ``params`` in their dtype (0 when all is well), a 0-d tensor on the
+    parameters' device (no host read: :func:`report_directions` judges the count once it is read)."""
     k = next(iter(points.values())).shape[0]
     moved = torch.zeros(k, dtype=torch.bool, device=next(iter(params.values())).device)
     for name, pts in points.items():
         moved |= (pts != params[name].detach().unsqueeze(0)).reshape(k, -1).any(1).to(moved.device)
-    n_moved = int(moved.sum())
+    return k - moved.sum()
+
+
+def check_directions_resolve(params: Mapping[str, Tensor], points: Mapping[str, Tensor], mu: float, d: int,
+                             distribution: str) -> None:
+    """RGE: raise when no direction moves the point in the parameters' dtype, warn once when some do not."""
+    k = next(iter(points.values())).shape[0]
+    report_directions(params, k - int(directions_unmoved(params, points)), mu, d, k, distribution)
+
+
+def report_directions(params: Mapping[str, Tensor], n_moved: int, mu: float, d: int, k: int,
+                      distribution: str) -> None:
+    """RGE, given ``n_moved`` of ``k`` directions that moved the point: raise when none did, warn once when some
+    did not."""
     if n_moved == k:
         return
     eps = max(torch.finfo(v.dtype).eps for v in params.values())

@@ -185,6 +185,7 @@ def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, m
     f0 = oracle.loss(params)
     grads = {n: torch.zeros_like(v) for n, v in params.items()}
     chunk = direction_chunk(oracle, params, chunk, 5)  # z, mu * z, v, the point, the forward's copy
+    bad = (~torch.isfinite(f0)).to(torch.int64)  # non-finite losses, read once at the end (0 when all is well)
     for begin in range(0, q, chunk):
         k = min(chunk, q - begin)
         dirs = {}
@@ -194,10 +195,11 @@ def per_tensor_rge(oracle: Oracle, params: Mapping[str, Tensor], q: int = 192, m
             dirs[name] = (mu * z / (norm + 1e-8)).to(value.device)
         plus = oracle.losses(params, {n: params[n].detach().unsqueeze(0) + v for n, v in dirs.items()})
         coeff = loss_difference(plus, f0) / mu
-        if not (torch.isfinite(coeff).all() and torch.isfinite(f0)):
-            raise NonFiniteLossError("ZO-GraSP's RGE got a non-finite loss; lower `mu` or check the model and data.")
+        bad = bad + (~torch.isfinite(coeff)).sum().to(bad.device)
         for name, v in dirs.items():
             grads[name] += torch.tensordot(coeff.to(v.device, v.dtype), v, dims=1) / q
+    if int(bad):  # the call's one host read
+        raise NonFiniteLossError("ZO-GraSP's RGE got a non-finite loss; lower `mu` or check the model and data.")
     return grads, oracle.queries - start
 
 

@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from dz_lightning.estimators import mask_coordinates
+
 __all__ = ["StepLog", "Throughput"]
 
 
@@ -34,7 +36,9 @@ class StepLog:
         total = sum(p.numel() for p in params.values())
         if module.estimator == "cge":
             masks = module.zo_masks or {}
-            estimated = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+            # the masks' coordinates are searched once per mask draw (estimators.mask_coordinates): no host read here
+            estimated = sum(mask_coordinates(masks[n]).numel() if n in masks else p.numel()
+                            for n, p in params.items())
             module.log("train/grad_density", estimated / max(total, 1), on_step=True, on_epoch=False)
         module.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         module.log("train/queries", float(queries), on_step=True, on_epoch=False)

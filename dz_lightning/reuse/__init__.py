@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dz_lightning.reuse.differences import per_example_loss
 from dz_lightning.reuse.engine import GraphEngine, UnsupportedGraphError
 from dz_lightning.reuse.graph import Graph, UntraceableError, trace
 from dz_lightning.reuse.protocol import flatten_ops, from_stages, get_stages, residual_parts
@@ -75,25 +76,42 @@ def traced_graph(model: nn.Module) -> Graph:
 
 
 def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
-                 params: Mapping[str, Tensor] | None = None, **options: Any) -> GraphEngine | None:
+                 params: Mapping[str, Tensor] | None = None, *, self_check: bool = True,
+                 **options: Any) -> GraphEngine | None:
     """The feature-reuse engine for ``model``: on its traced graph, else on its ``stages()`` protocol, else
     ``None`` (with one warning per model type, naming what stopped the tracer).
 
     This is the one entry point the oracles use; the arguments are those of
     :class:`~dz_lightning.reuse.engine.GraphEngine`, less ``graph``, with ``max_batch``, ``memory_budget`` and
     ``delta_dtype`` as keyword ``options``.
+
+    Args:
+        self_check: run :meth:`~dz_lightning.reuse.engine.GraphEngine.self_check` (host reads) the first time the
+            traced graph meets an input shape, dtype, device type and loss function; its verdict is remembered,
+            a failure included (later batches go straight to the fallback, without a base forward). ``False``
+            trusts the graph without checking (the engine then makes no host read when it is built).
     """
     unknown = options.keys() - {"max_batch", "memory_budget", "delta_dtype"}
     if unknown:
         raise TypeError(f"build_staged got unexpected options {sorted(unknown)}; valid: max_batch, memory_budget, "
-                        "delta_dtype.")
+                        "delta_dtype, self_check.")
     kwargs = options
     try:
         graph = traced_graph(model)
-        engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **kwargs)
-        if not graph.checked:  # once per traced graph: every parameter's plan runs, and a zero step changes nothing
-            engine.self_check()
-            graph.checked = True
+        key = (tuple(inputs.shape), inputs.dtype, inputs.device.type, _loss_key(loss_fn))
+        verdict = graph.verdicts.get(key)
+        if isinstance(verdict, str):  # failed before on this kind of batch: no engine, no base forward
+            raise UntraceableError(verdict)
+        try:
+            engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **kwargs)
+            if self_check and key not in graph.verdicts:
+                engine.self_check()
+                graph.verdicts[key] = None if engine.batched_losses else False
+        except UnsupportedGraphError as exc:
+            graph.verdicts[key] = str(exc)
+            raise
+        if graph.verdicts.get(key) is False and engine.batched_losses:
+            engine.batched_losses = False
         return engine
     except UntraceableError as exc:  # UnsupportedGraphError included
         reason = str(exc).rstrip(".")
@@ -102,6 +120,17 @@ def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], 
         return StagedForward(model, loss_fn, inputs, targets, params, **kwargs)
     _warn_once(model, reason, "CGE runs the full forward for every query (no `stages()` either).")
     return None
+
+
+def _loss_key(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Any:
+    """What the self-check's verdict depends on of the loss: nothing for a loss without a per-example form (it is
+    called as it is), else the known function, or a loss module's type and settings (no reference to the oracle)."""
+    if per_example_loss(loss_fn) is None:
+        return None
+    if isinstance(loss_fn, nn.Module):
+        return (type(loss_fn), tuple(sorted((k, v) for k, v in vars(loss_fn).items()
+                                            if isinstance(v, (int, float, str, bool, type(None))))))
+    return loss_fn
 
 
 _WARNED: set[type] = set()

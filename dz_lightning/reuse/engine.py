@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
@@ -120,11 +121,9 @@ class GraphEngine:
             # query's difference, and f(theta + mu e_i) - f(theta) is not lost to the rounding of fp32 losses
             self._base = query.float64_loss(loss_fn, outputs, targets).reshape(())
             self._per_example = per_example_loss(loss_fn)
-            if self._per_example is not None:  # checked once: e.g. ignored targets make the mean differ
-                out = outputs.to(self._base.dtype)
-                mean = self._per_example(out, targets).reshape(out.shape[0], -1).mean(1).mean()
-                if not torch.allclose(mean, self._base, rtol=1e-6, atol=1e-9):
-                    self._per_example = None
+            # each per-example value's weight in the mean: ignored targets weigh 0 (computed on the device)
+            self._weights = (None if self._per_example is None
+                             else _example_weights(self._per_example, outputs, targets, self._base.dtype))
         self._users = graph.users()
         self._plans = {name: self._compile(name) for name in self.params}
         starts = {next(iter(plan.starts), 0): plan for plan in self._plans.values() if plan.starts}
@@ -151,16 +150,26 @@ class GraphEngine:
         return torch.cat(out) if out else self._base.new_zeros(0)
 
     def self_check(self) -> None:
-        """Run, on a zero step, every plan that holds a node recomputed by a rule that calls the user's code
-        (``vmap`` over an unknown op, an elementwise or linear function) not met in a plan checked before: each must
-        run and leave the model's output unchanged. The loss function is not called (it may hold a black box that
+        """Check the engine on this batch before it is trusted (host reads: for the first batch of a model, not per
+        step; :func:`dz_lightning.reuse.build_staged` runs it once per graph, input shape and loss).
+
+        The batched per-example loss of a known loss function must equal its value at the base point (else the
+        losses are computed one query at a time: :attr:`batched_losses` is set ``False``). Then, on a zero
+        step, every plan that holds a node recomputed by a rule that calls the user's code (``vmap`` over an unknown
+        op, an elementwise or linear function) not met in a plan checked before must run and leave the model's
+        output unchanged. A loss function without a per-example form is not called (it may hold a black box that
         counts what it sees).
 
         Raises:
             UnsupportedGraphError: naming the parameter, and the error or the output change, when one does not.
         """
-        seen: set[tuple[int, str]] = set()
         outputs = self.values[self.graph.output]
+        if self._per_example is not None:  # the batched loss of a chunk equals loss_fn's value at the base
+            with query_mode(self.model, self.inputs.device):
+                batched = self._losses(torch.zeros_like(outputs).unsqueeze(0))[0]
+            if not torch.allclose(batched, self._base, rtol=1e-6, atol=1e-9):
+                self.batched_losses = False
+        seen: set[tuple[int, str]] = set()
         for name, plan in self._plans.items():
             calls = {(i, rule.__name__) for i, rule, _ in plan.steps if rule.__name__ in rules.USER_CODE_RULES}
             if calls <= seen:
@@ -184,6 +193,20 @@ class GraphEngine:
                 raise UnsupportedGraphError(f"a zero step of {name!r} changed the outputs by up to "
                                             f"{float(d.abs().max()):.3g} (random or stateful ops recomputed by "
                                             f"{', '.join(suspects[-3:])}); its nodes: {self.rules(name)}")
+
+    @property
+    def batched_losses(self) -> bool:
+        """Whether a chunk's losses come from one per-example call of a known loss (else one call per query).
+        Set it to ``False`` to call ``loss_fn`` once per query (the self-check does when the two disagree)."""
+        return self._per_example is not None
+
+    @batched_losses.setter
+    def batched_losses(self, value: bool) -> None:
+        if not value:
+            self._per_example = self._weights = None
+        elif self._per_example is None:
+            raise ValueError(f"{self.loss_fn!r} has no per-example form the engine knows; its losses are computed "
+                             "one query at a time.")
 
     def rules(self, name: str) -> list[tuple[str, str]]:
         """``(node name, rule name)`` of every node that a perturbation of ``name`` recomputes, in order."""
@@ -372,8 +395,9 @@ class GraphEngine:
         """``loss_fn`` at the cached outputs plus each query's difference ``d`` ``(k, B, ...)``, shape ``(k,)``.
 
         A mean-reduced cross-entropy, MSE or L1 loss runs once for the whole chunk (``reduction="none"`` on the flat
-        ``k * B`` batch, then a mean per query). Any other ``loss_fn`` is called once per query: it may hold a black
-        box that must see, and count, every example (``vmap`` would hide the query dimension from it).
+        ``k * B`` batch, then a weighted sum per query: the mean over the targets that count). Any other ``loss_fn``
+        is called once per query: it may hold a black box that must see, and count, every example (``vmap`` would
+        hide the query dimension from it).
         """
         outputs = self.values[self.graph.output].to(self._base.dtype) + d.to(self._base.dtype)
         per_example = self._per_example
@@ -382,7 +406,21 @@ class GraphEngine:
         k, b = outputs.shape[:2]
         targets = self.targets.expand(k, *self.targets.shape).reshape(k * b, *self.targets.shape[1:])
         values = per_example(outputs.reshape(k * b, *outputs.shape[2:]), targets)
-        return values.reshape(k, -1).mean(1)
+        return (values.reshape(k, -1) * self._weights).sum(1)
+
+
+def _example_weights(per_example: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor,
+                     dtype: torch.dtype) -> Tensor:
+    """Each per-example value's weight in one query's mean loss, flat ``(n,)``: ``1 / n``, except for a
+    cross-entropy with class-index targets, where targets equal to ``ignore_index`` weigh 0 and the others
+    ``1 / (targets that count)`` (as ``reduction="mean"`` divides). No host read."""
+    shape = per_example(outputs[:1].to(dtype), targets[:1]).shape[1:]
+    n = targets.shape[0] * shape.numel()
+    func = getattr(per_example, "func", None)
+    if func is F.cross_entropy and not targets.is_floating_point():
+        counts = targets != per_example.keywords.get("ignore_index", -100)
+        return counts.reshape(-1).to(dtype) / counts.sum().to(dtype)
+    return torch.full((n,), 1.0 / n, dtype=dtype, device=outputs.device)
 
 
 def _is_tensors(value: Any) -> bool:

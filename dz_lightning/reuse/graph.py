@@ -12,6 +12,7 @@ The same propagation runs on either, so a model built both ways takes the same c
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 import os
 import traceback
@@ -91,7 +92,9 @@ class Graph:
     nodes: list[Node]
     output: int
     checks: list = dataclasses.field(default_factory=list)  # protocol blocks to check against their forwards
-    checked: bool = False  # the engine's self-check passed on this graph
+    # the engine's self-check on this graph, per (input shape, dtype, device type, loss): None when it passed with
+    # batched losses, False when it passed with per-query losses, or why the graph cannot be used
+    verdicts: dict[tuple, bool | str | None] = dataclasses.field(default_factory=dict)
 
     def users(self) -> list[list[int]]:
         """For each node, the nodes that read it."""
@@ -135,7 +138,9 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None
     """The IR of ``model`` from ``torch.fx.symbolic_trace`` (modules of ``torch.nn`` stay single nodes).
 
     Args:
-        model: the network; its forward must take one tensor (further arguments need defaults).
+        model: the network; its forward must take one tensor (further arguments need defaults). The oracles call
+            ``model(inputs)``, so every further argument is traced as the constant it defaults to (``torch.fx``
+            ``concrete_args``): a branch on it (``if return_interval:``) is resolved as in those calls.
         leaf: optional extra test ``(module, qualified_name) -> bool`` for modules kept as single nodes.
 
     Raises:
@@ -150,7 +155,8 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None
             return super().is_leaf_module(m, qualname) or (leaf is not None and leaf(m, qualname))
 
     try:
-        fx_graph = _Tracer().trace(model)
+        fx_graph = _Tracer().trace(model, concrete_args=_defaults(model))
+        _drop_guards(fx_graph)
     except Exception as exc:  # noqa: BLE001 - any failure of the tracer means: no traced graph
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UntraceableError(f"torch.fx could not trace {type(model).__name__}{_where(exc)}: "
@@ -201,6 +207,37 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None
     if inputs != 1 or output is None:
         raise UntraceableError(f"{type(model).__name__}.forward must take one tensor and return one tensor.")
     return Graph(_alias_inplace(nodes), output)
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def _defaults(model: nn.Module) -> dict[str, Any] | None:
+    """``name -> default`` of ``model.forward``'s arguments after the first, where each is a plain constant (the
+    oracles never pass them); ``None`` when there are none."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to specialize
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    args = [p for p in signature.parameters.values() if p.kind in kinds]
+    concrete = {p.name: p.default for p in args[1:]
+                if p.default is not inspect.Parameter.empty and isinstance(p.default, _CONSTANT_TYPES)}
+    return concrete or None
+
+
+def _drop_guards(fx_graph: Any) -> None:
+    """Remove the ``torch._assert(arg == default)`` guards fx adds for ``concrete_args``: they read no tensor and
+    would only be evaluated (as constants) in every base forward."""
+    import torch
+
+    for n in list(fx_graph.nodes):
+        if n.op == "call_function" and n.target is torch._assert and not n.users:
+            check = n.args[0]
+            fx_graph.erase_node(n)
+            if (getattr(check, "target", None) is operator.eq and not check.users
+                    and any(getattr(a, "op", None) == "placeholder" for a in check.args)):
+                fx_graph.erase_node(check)
 
 
 def _alias_inplace(nodes: list[Node]) -> list[Node]:

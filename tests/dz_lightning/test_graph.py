@@ -365,3 +365,86 @@ def test_traced_chunks_do_not_grow_with_queries_and_never_sync(model_name):
             counts[k], syncs = counts[k] + counter.ops, syncs + counter.syncs
         assert syncs == 0
     assert counts[64] <= 1.5 * counts[1], counts
+
+
+class _IntervalResNet(nn.Module):
+    """A small CIFAR-style residual network whose forward takes options the oracle never passes: a start block and
+    whether to return the intermediate features as well (a branch on a default argument, which symbolic tracing
+    cannot decide unless the argument is taken as the constant it defaults to)."""
+
+    def __init__(self, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                          nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+            for _ in range(2))
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor, starting_id: int = 0, return_interval: bool = False) -> Tensor:
+        h = self.stem(x) if starting_id == 0 else x
+        interval = []
+        for block in self.blocks[starting_id:]:
+            h = F.relu(block(h) + h)
+            interval.append(h)
+        out = self.fc(h.mean((2, 3)))
+        if return_interval:
+            return out, interval
+        return out
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_default_arguments_are_traced_as_constants(train):
+    """A forward branching on an argument the oracle does not pass gets the traced-graph engine, and its losses
+    equal the one-at-a-time loop's in float64."""
+    torch.manual_seed(0)
+    model = _IntervalResNet().double().train(train)
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    graph = trace(model)
+    assert [n.target for n in graph.nodes if n.kind == "constant"] == [0, False]
+    params = dict(model.named_parameters())
+    engine = build_staged(model, F.cross_entropy, x, y, params)
+    assert isinstance(engine, GraphEngine) and not isinstance(engine, StagedForward)
+    gen = torch.Generator().manual_seed(2)
+    for name in params:
+        index = torch.randperm(params[name].numel(), generator=gen)[:3]
+        got = engine.coordinate_losses(name, index, 1e-2)
+        want = one_query_at_a_time(model, F.cross_entropy, x, y, name, index, 1e-2)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_failed_self_check_is_remembered_and_the_check_can_be_switched_off(monkeypatch):
+    """The self-check's verdict is kept with the traced graph per input shape: a failure sends later batches of that
+    shape straight to the fallback (no engine, no base forward), and ``self_check=False`` skips the check."""
+
+    class HostRoundTrip(_HostRoundTrip):  # a type of its own: the warning comes once per model type
+        pass
+
+    model = HostRoundTrip()
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    with pytest.warns(UserWarning, match="failed in a query of"):
+        assert build_staged(model, F.cross_entropy, x, y) is None
+    built = []
+    init = GraphEngine.__init__
+    monkeypatch.setattr(GraphEngine, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    assert build_staged(model, F.cross_entropy, x + 1, y) is None  # the same shape: the verdict stands
+    assert not built
+    assert build_staged(model, F.cross_entropy, torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))) is None
+    assert built  # another shape: checked afresh (and failed again)
+    monkeypatch.undo()
+    engine = build_staged(model, F.cross_entropy, torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)),
+                          self_check=False)
+    assert isinstance(engine, GraphEngine)  # trusted unchecked
+
+
+def test_batched_losses_weigh_ignored_targets_as_the_loss_does():
+    """A chunk's cross-entropy comes from one per-example call; targets equal to ``ignore_index`` weigh 0 and the
+    mean is over the others, as ``reduction="mean"`` takes it (no host read to find out)."""
+    torch.manual_seed(0)
+    model = _TokenMixer().double().eval()
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.tensor([1, -100, 3, -100, 0])
+    engine = build_staged(model, F.cross_entropy, x, y, self_check=False)
+    assert engine.batched_losses
+    index = torch.arange(4)
+    want = one_query_at_a_time(model, F.cross_entropy, x, y, "head.weight", index, 1e-2)
+    torch.testing.assert_close(engine.coordinate_losses("head.weight", index, 1e-2), want, rtol=1e-10, atol=1e-12)

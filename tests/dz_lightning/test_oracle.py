@@ -359,3 +359,33 @@ def test_a_hung_black_box_times_out_naming_the_query_and_a_flaky_one_is_retried(
 def test_function_oracle_timeout_and_retries_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dz.FunctionOracle(lambda p: 0.0, **kwargs)
+
+
+def test_the_feature_reuse_engine_is_built_on_the_first_coordinate_query_only(monkeypatch):
+    """A plain loss, K points, RGE and ZO-GraSP's estimates never build the engine; CGE builds it once per parameter
+    set, at its base point (``coordinate_base_loss``), and its differences equal the plain forwards'."""
+    from dz_lightning import reuse
+    from dz_lightning.models import simple_cnn
+    from dz_lightning.sparsity import zo_grasp_scores
+
+    torch.manual_seed(0)
+    model = simple_cnn(depth=2, channels=4).eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    built = []
+    build = reuse.build_staged
+    monkeypatch.setattr(reuse, "build_staged", lambda *a, **k: built.append(1) or build(*a, **k))
+    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y)
+    params = dict(model.named_parameters())
+    oracle.loss(params)
+    dz.rge(oracle, params, q=3)
+    zo_grasp_scores(oracle, params, [n for n, p in params.items() if p.dim() > 1], q=2)
+    assert not built
+    est = dz.cge(oracle, params, masks={n: torch.rand(p.shape) < 0.1 for n, p in params.items()})
+    again = dz.cge(oracle, params, masks={n: torch.rand(p.shape) < 0.1 for n, p in params.items()})
+    assert len(built) == 1 and est.loss == again.loss
+    reference = dz.ModuleOracle(model, F.cross_entropy, x, y, feature_reuse=False)
+    name = next(iter(params))
+    index = torch.arange(5)
+    got = oracle.coordinate_losses(params, name, index, 1e-2) - oracle.coordinate_base_loss(params)
+    want = reference.coordinate_losses(params, name, index, 1e-2) - reference.loss(params)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
