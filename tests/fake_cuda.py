@@ -10,6 +10,7 @@ import collections
 import contextlib
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +21,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _READS = ("_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose")
 
 
+_ROOT = Path(__file__).resolve().parents[1].as_posix() + "/"
+_TASKS = (_ROOT + "tasks/", _ROOT + "callbacks/")  # installed (editable) as dz_lightning.tasks and .callbacks
+
+
 def _library_frame() -> str:
-    """``file:line`` of the innermost frame in the library (not in torch, not in the tests)."""
-    frames = [f for f in traceback.extract_stack() if "/dz_lightning/" in f.filename.replace("\\", "/")
-              and "/tests/" not in f.filename.replace("\\", "/")]
-    return f"{frames[-1].filename.rsplit('dz_lightning/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    """``file:line`` of the innermost frame in the library (``dz_lightning``, its tasks and callbacks: not in torch,
+    not in the tests)."""
+    where = None
+    for frame in traceback.extract_stack():
+        path = frame.filename.replace("\\", "/")
+        if path.startswith(_TASKS):
+            where = f"{path[len(_ROOT):]}:{frame.lineno}"
+        elif "/dz_lightning/" in path and "/tests/" not in path:
+            where = f"{path.rsplit('dz_lightning/', 1)[-1]}:{frame.lineno}"
+    return where or "?"
 
 
 class _AnswerHostReads(TorchDispatchMode):
