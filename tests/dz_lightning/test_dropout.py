@@ -126,6 +126,19 @@ def test_cge_under_common_masks_is_the_gradient_at_those_masks():
         torch.testing.assert_close(mean_cge[n], mean_fo[n], rtol=1e-5, atol=1e-7)
 
 
+def _assert_cge_is_the_gradient_at_the_masks(model: nn.Module, x: Tensor, y: Tensor, **oracle_options) -> None:
+    """float64: central CGE through a ``ModuleOracle(**oracle_options)`` equals autograd's gradient of the loss with
+    the masks of its ``dropout_seed`` fixed."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    est = dz.cge(dz.ModuleOracle(model, F.cross_entropy, x, y, **oracle_options), params, mu=1e-6,
+                 difference="central")
+    model.zero_grad()
+    with common_random_numbers(oracle_options["dropout_seed"], x.device):
+        F.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(est.grads[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
 class _FunctionalDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -141,15 +154,8 @@ def test_functional_dropout_shares_masks_with_an_explicit_seed():
     (the engine's self-check sees its generic rule redraw them and falls back to full forwards)."""
     torch.manual_seed(0)
     model, x, y = _FunctionalDropout().double().train(), torch.randn(4, 5).double(), torch.randint(0, 3, (4,))
-    params = {n: p.detach() for n, p in model.named_parameters()}
     assert dz.ModuleOracle(model, F.cross_entropy, x, y).dropout_seed is None
-    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, dropout_seed=3)
-    est = dz.cge(oracle, params, mu=1e-6, difference="central")
-    model.zero_grad()
-    with common_random_numbers(3, x.device):
-        F.cross_entropy(model(x), y).backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(est.grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    _assert_cge_is_the_gradient_at_the_masks(model, x, y, dropout_seed=3)
 
 
 class _UntraceableDropout(nn.Module):
@@ -170,14 +176,7 @@ def test_every_fallback_strategy_shares_the_masks(fallback):
     """float64: CGE through each full-forward strategy (trials included) is the gradient at the base point's masks."""
     torch.manual_seed(0)
     model, x, y = _UntraceableDropout().double().train(), torch.randn(4, 5).double(), torch.randint(0, 3, (4,))
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    oracle = dz.ModuleOracle(model, F.cross_entropy, x, y, dropout_seed=11, fallback=fallback, max_batch=16)
-    est = dz.cge(oracle, params, mu=1e-6, difference="central")
-    model.zero_grad()
-    with common_random_numbers(11, x.device):
-        F.cross_entropy(model(x), y).backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(est.grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    _assert_cge_is_the_gradient_at_the_masks(model, x, y, dropout_seed=11, fallback=fallback, max_batch=16)
 
 
 @pytest.mark.filterwarnings("ignore:.*full forwards use")
