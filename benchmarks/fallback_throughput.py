@@ -6,11 +6,14 @@ evaluated, tensor by tensor as a CGE step does, by:
 
 * ``plain_loop``: one query at a time, a perturbed copy and one ``functional_call`` per coordinate (the original
   DeepZero scheme): the yardstick;
-* ``max_batch_1``: ``ModuleOracle(max_batch=1)``, one query per call through the oracle;
-* ``fallback``: the default ``ModuleOracle`` (its chunk size from the memory budget; strategy chosen by
+* ``max_batch_1``: ``ModuleOracle(max_batch=1, feature_reuse=False)``, one query per call through the oracle;
+* ``fallback``: ``ModuleOracle(feature_reuse=False)`` (its chunk size from the memory budget; strategy chosen by
   :class:`dz_lightning.fallback.FullForwards`), timed once its choices are made; ``fallback_first_step`` is the same
-  on a fresh copy of the model, the timed trials of the choice included;
-* ``chunk_<k>``: ``ModuleOracle(max_batch=k)``, for each ``--chunks`` size; ``best_chunk`` names the fastest;
+  on a fresh copy of the model, the timed trials of the choice included (``feature_reuse=False``: the fallback even
+  where the tracer reads the model, as it reads the in-place ResNet's default-argument branch since issue 23);
+* ``chunk_<k>``: ``ModuleOracle(max_batch=k, feature_reuse=False)``, for each ``--chunks`` size; ``best_chunk`` names
+  the fastest;
+* ``engine``: the default ``ModuleOracle``: the traced-graph engine where the model can be traced;
 * ``before``: what the fallback did before it chose (``vmap`` with shared inputs, per-point inputs from the first
   in-place failure on; any other ``vmap`` failure raised): ``null`` with the error where it could not run.
 
@@ -114,9 +117,13 @@ def run_model(name: str, batch: int, density: float, per_param: int, chunks: lis
     n = sum(int(i.numel()) for i in coords.values())
     methods: dict[str, Callable[[nn.Module], Tensor]] = {
         "plain_loop": lambda m: plain_loop(m, x, y, coords, mu),
-        "max_batch_1": lambda m: oracle_step(m, x, y, coords, mu, max_batch=1),
-        "fallback": lambda m: oracle_step(m, x, y, coords, mu),
-        **{f"chunk_{k}": (lambda m, k=k: oracle_step(m, x, y, coords, mu, max_batch=k)) for k in chunks},
+        # feature_reuse=False: the full-forward fallback even where the tracer can read the model (the in-place
+        # ResNet's default-argument branch is traced as a constant since issue 23); "engine" is the default oracle
+        "max_batch_1": lambda m: oracle_step(m, x, y, coords, mu, max_batch=1, feature_reuse=False),
+        "fallback": lambda m: oracle_step(m, x, y, coords, mu, feature_reuse=False),
+        **{f"chunk_{k}": (lambda m, k=k: oracle_step(m, x, y, coords, mu, max_batch=k, feature_reuse=False))
+           for k in chunks},
+        "engine": lambda m: oracle_step(m, x, y, coords, mu),
         "before": lambda m: before_step(m, x, y, coords, mu),
     }
     seconds: dict[str, list[float]] = {k: [] for k in ("fallback_first_step", *methods)}
