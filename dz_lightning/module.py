@@ -202,15 +202,9 @@ class ZOModule(L.LightningModule):
             # the step's dropout masks from the module's own generator: saved in checkpoints (a resumed run draws the
             # same masks) and the same on every rank (ranks estimate their shares under one set of masks)
             settings["dropout_seed"] = int(torch.randint(0, 2**62, (), generator=self._generator))
-        if self._world_size() > 1:  # timed fallback choices could differ between ranks: untimed, the same on all
+        if distributed.rank_and_world()[1] > 1:  # timed fallback choices could differ between ranks: untimed
             settings["fallback"] = "first_working"
         return ModuleOracle(model, loss_fn, inputs, targets, head=head, **{**settings, **options})
-
-    def _world_size(self) -> int:
-        try:
-            return int(self.trainer.world_size)
-        except RuntimeError:  # not attached to a Trainer: one process
-            return 1
 
     def training_forward(self, batch: Any, oracle: Oracle) -> Tensor | None:
         """The step's one plain forward of the training batch, before the estimate; returns its outputs or ``None``.
