@@ -19,14 +19,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dz_lightning.query import MASK_DROPOUTS, low_precision_deltas
 from dz_lightning.reuse.differences import relu_difference
 
-__all__ = ["DROPOUTS", "NORMS", "batchable_attention", "column", "column_change", "is_channelwise", "is_linear",
+__all__ = ["NORMS", "batchable_attention", "column", "column_change", "is_channelwise", "is_linear",
            "is_mixing", "is_per_example", "is_random_dropout"]
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
                nn.Identity, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.CELU, nn.SELU, nn.Softsign)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-DROPOUTS = MASK_DROPOUTS
 _LINEAR = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
            nn.AdaptiveAvgPool2d, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle)
 _PER_EXAMPLE = ELEMENTWISE + POOLS + (nn.LayerNorm, nn.GroupNorm, nn.MaxPool1d, nn.AvgPool1d, nn.Softmax,
@@ -94,7 +93,7 @@ def is_channelwise(op: nn.Module, x: Tensor) -> bool:
 
 def is_random_dropout(op: nn.Module) -> bool:
     """A dropout that draws a mask (training mode, ``p > 0``): the engine draws it once, in the base forward."""
-    return isinstance(op, DROPOUTS) and op.training and op.p > 0
+    return isinstance(op, MASK_DROPOUTS) and op.training and op.p > 0
 
 
 def is_train_norm(op: nn.Module) -> bool:
