@@ -18,6 +18,9 @@ masks ZO-SOL uses (the same ZOGraSP callback, ratio method and seed, hence the s
 method is ZO-SOL's chosen one when ZO-SOL ran in the same study, else ``--fo-sparse-ratios`` (a method, or the JSON
 of a study that chose ZO-SOL's).
 
+ZO-GraSP's (or random) layer-wise ratios depend only on the seed: they are scored in the first run of a seed and
+loaded by its other runs (``lpr_<method>_seed<seed>.json`` beside the weights), ZO-SOL's and FO-SOL sparse's alike.
+
 Every run records its process's resident memory (RSS) every ``--rss-every`` optimizer steps. Runs are resumable:
 with ``--json``, each finished run is written at once, with its corrector's weights under ``<json>.models/``; the
 same command again skips the runs already done (the settings must match). Long studies can run their methods in
@@ -60,7 +63,7 @@ METHODS = ("non", "fo_sol", "fo_sol_sparse", "zo_sol")
 SPARSE = ("fo_sol_sparse", "zo_sol")  # trained under ZOGraSP's masks
 RATIO_METHODS = ("zo_grasp", "uniform", "random")
 # settings that may differ between the processes of one study (everything else must agree to resume or merge)
-_PER_PROCESS = ("methods", "seeds")
+_PER_PROCESS = ("methods", "seeds", "zo_ratios")  # zo_ratios: ZO-SOL's own grid (FO-SOL sparse reads its choice)
 
 
 def half_decades(lo: float, hi: float) -> list[float]:
@@ -133,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-max", type=float, default=1e-2, help="highest Adam learning rate of the common grid")
     parser.add_argument("--max-extensions", type=int, default=3,
                         help="half-decades the grid may grow past an edge where the best rate lies")
-    parser.add_argument("--zo-ratios", default="zo_grasp,uniform",
+    parser.add_argument("--zo-ratios", default="uniform,zo_grasp",
                         help="ZO-SOL's layer-wise pruning ratio methods (ZOGraSP `method`), chosen on validation")
     parser.add_argument("--fo-sparse-ratios", default=None,
                         help="FO-SOL sparse's ratio method when ZO-SOL is not in this study: a ZOGraSP method, or "
@@ -207,6 +210,9 @@ def _study(argv: list[str] | None, root: str) -> dict:
                 "train_re": data.train_re, "val_re": data.val_re, "test_re": data.test_re,
                 "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
+    models = Path(f"{args.json}.models") if args.json else Path(root) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+
     def build(method: str, lr: float, ratios: str | None, seed: int) -> tuple[Any, list]:
         adam = lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
         cosine = (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, total_steps)) \
@@ -223,11 +229,14 @@ def _study(argv: list[str] | None, root: str) -> dict:
                            lr_scheduler=cosine)
         if args.sparsity == 0:
             return module, []
+        # the LPRs depend only on the seed (the initial weights, the scoring draws): scored once per seed and method,
+        # then loaded by every other run of that seed (a ZO-GraSP scoring costs hundreds of solver queries)
+        lpr = None if ratios == "uniform" else models / f"lpr_{ratios}_seed{seed}.json"
         return module, [ZOGraSP(sparsity=args.sparsity, method=ratios, resample_every_n_epochs=1,
-                                resample_every_n_steps=args.resample_steps or None, seed=seed)]
+                                resample_every_n_steps=args.resample_steps or None, seed=seed,
+                                ratios_path=str(lpr) if lpr is not None and lpr.is_file() else None,
+                                save_ratios_path=None if lpr is None else str(lpr))]
 
-    models = Path(f"{args.json}.models") if args.json else Path(root) / "models"
-    models.mkdir(parents=True, exist_ok=True)
     result = _resumed(args.json, settings) or {
         "protocol": "one half-decade lr grid for every method, extended past an edge that holds the best rate; lr "
                     "(and ZO-SOL ratios) chosen on validation MAE with the first seed, same epochs for all; test "
@@ -270,7 +279,7 @@ def _study(argv: list[str] | None, root: str) -> dict:
             record["ratios"] = ratios
             if callbacks:
                 record["lpr"] = callbacks[0].ratios
-                record["zo_grasp_queries"] = callbacks[0].queries
+                record["zo_grasp_queries"] = callbacks[0].queries  # 0 where the seed's LPRs were loaded
         if method == "zo_sol":
             record["queries"] = module.queries_total
         torch.save(module.corrector.state_dict(), weights)

@@ -48,3 +48,12 @@ def test_a_study_resumes_its_runs_and_its_processes_merge(tmp_path, capsys):
     assert set(merged["test_mae"]) == {"non", "fo_sol_sparse"} and len(merged["runs"]) == 6
     assert set(merged["ordering"]) == {"src", "non", "fo_sol_sparse"}
     assert json.loads((tmp_path / "all.json").read_text()) == merged
+
+
+def test_zo_grasp_ratios_are_scored_once_per_seed_and_loaded_by_its_other_runs(tmp_path):
+    study = sol_study.main(_args(tmp_path, "--methods", "zo_sol", "--zo-ratios", "zo_grasp", "--max-extensions", "0",
+                                 "--json", str(tmp_path / "zo.json")))
+    first, second = study["runs"].values()
+    assert first["zo_grasp_queries"] > 0 and second["zo_grasp_queries"] == 0  # loaded
+    assert first["lpr"] == second["lpr"] and first["lpr"]["4.weight"] < 1  # the zero-initialized head is not frozen
+    assert (tmp_path / "zo.json.models" / "lpr_zo_grasp_seed0.json").is_file()
