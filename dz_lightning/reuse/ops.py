@@ -233,7 +233,9 @@ def one_channel_mix(op: nn.Module, p: Mapping[str, Tensor], d: Tensor, channel: 
     w = p["weight"]
     k = d.shape[0]
     if isinstance(op, nn.Linear):
-        return d.unsqueeze(-1) * w[:, channel].transpose(0, 1).unsqueeze(1)  # (k, B, out)
+        # (k, B, out), row-major: both factors (small) are made row-major first, or the product would inherit a
+        # query-fastest layout and the next linear op would run as a batched matmul over expanded weights
+        return d.contiguous().unsqueeze(-1) * w[:, channel].transpose(0, 1).contiguous().unsqueeze(1)
     # a one-input-channel convolution as one batched matmul over the kernel taps (shifted views of the padded
     # change), far faster than a grouped conv2d on CPU; the result comes out channels-last
     b, (ho, wo) = d.shape[1], out_shape[2:]
@@ -264,8 +266,8 @@ def linear_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], d: Tenso
     else:
         d_in = d
     with low_precision_deltas(ctx.delta_tf32):
-        if isinstance(op, nn.Linear):
-            out = F.linear(d_in, weight)
+        if isinstance(op, nn.Linear):  # one matmul over all queries' rows: needs rows that fold into one matrix
+            out = F.linear(d_in if d_in.is_contiguous() else d_in.contiguous(), weight)
         elif isinstance(op, nn.ConvTranspose2d):
             out = ctx.flat(lambda flat: F.conv_transpose2d(flat, weight, None, op.stride, op.padding,
                                                            op.output_padding, op.groups, op.dilation), d_in)
