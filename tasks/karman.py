@@ -72,7 +72,7 @@ class KarmanSolver:
 
     def __init__(self, resolution: tuple[int, int] = (16, 32), dt: float = 1.0, differentiable: bool = False,
                  cg_tolerance: float = 1e-4) -> None:
-        from phi.torch.flow import ZERO_GRADIENT, Box, Obstacle, Sphere, StaggeredGrid, jit_compile
+        from phi.torch.flow import ZERO_GRADIENT, Box, Obstacle, Sphere, StaggeredGrid
 
         x, y = resolution
         if x < 4 or y != 2 * x:
@@ -89,11 +89,22 @@ class KarmanSolver:
         # One compiled step per configuration and process, shared by every solver built with it: torch.jit keeps
         # each trace alive for the whole process, so a step compiled per instance grew the memory by about 10 MB
         # with every solver (long studies and test suites build hundreds). The shared step is the first instance's.
-        key = (type(self), self.resolution, float(dt), float(cg_tolerance))
-        if key not in _COMPILED:
-            _COMPILED[key] = (jit_compile(self._step), set())  # the step, and the input signatures it has traced
-        self._jit, self._traced = _COMPILED[key]
+        self._key: tuple = (type(self), self.resolution, float(dt), float(cg_tolerance))
+        if type(torch.zeros(())) is not torch.Tensor:
+            self._key = (*self._key, id(self))  # built under a tensor mode (fake tensors): its step is its own
+        if self._key not in _COMPILED:
+            self._compile()
         _silence_phiml_notices()
+
+    def _compile(self) -> None:
+        """A fresh shared step for this configuration: the jit-compiled step and the input signatures it traced."""
+        from phi.torch.flow import jit_compile
+
+        _COMPILED[self._key] = (jit_compile(self._step), set())
+
+    @property
+    def _jit(self) -> Any:
+        return _COMPILED[self._key][0]
 
     def _step(self, u: Tensor, nu: Tensor) -> Tensor:
         from phi.torch.flow import (
@@ -134,13 +145,20 @@ class KarmanSolver:
         if self.differentiable:
             return self._step(u, nu)
         signature = (tuple(u.shape), u.dtype, u.device)
+        jit, traced = _COMPILED[self._key]
         with torch.no_grad():
-            if signature in self._traced:
-                return self._jit(u.detach(), nu.detach())
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_TRACING_NOTICE, category=FutureWarning)
-                out = self._jit(u.detach(), nu.detach())
-            self._traced.add(signature)
+            if signature in traced:
+                return jit(u.detach(), nu.detach())
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_TRACING_NOTICE, category=FutureWarning)
+                    out = jit(u.detach(), nu.detach())
+            except BaseException:
+                # a trace that failed half-way leaves phiml's cache entry for the shape broken (a KeyError on the next
+                # call of that shape, whatever the device): every solver of this configuration gets a fresh step
+                self._compile()
+                raise
+            traced.add(signature)
             return out
 
 

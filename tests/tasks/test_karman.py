@@ -227,3 +227,15 @@ def test_solvers_of_one_configuration_share_one_compiled_step_and_memory_stays_f
     assert _resident_mb() - before < 15  # was about 6 x 10 MB
     assert KarmanSolver((8, 16), cg_tolerance=1e-5)._jit is not first._jit  # another configuration, its own step
     assert KarmanSolver((16, 32))._jit is not first._jit
+
+
+def test_a_solver_built_under_fake_tensors_keeps_its_step_to_itself():
+    """Its geometry holds fake tensors: a step shared with real solvers would carry them into every later call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = KarmanSolver((8, 16), cg_tolerance=2e-4)
+    real = KarmanSolver((8, 16), cg_tolerance=2e-4)
+    assert real._jit is not fake._jit
+    u, re = 0.1 * torch.randn(2, 2, 8, 16), torch.full((2,), 150.0)
+    assert torch.isfinite(real(u, re)).all()
