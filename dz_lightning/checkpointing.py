@@ -171,12 +171,24 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    return _load_verified(path, lambda: torch.load(path, map_location=map_location, weights_only=weights_only))
+
+
+# what torch.load raises on bytes it cannot read: a damaged zip, a truncated pickle, a garbled record, storage key or
+# tensor-rebuild call (the legacy non-zip format fails with any of these when one bit flips)
+_UNREADABLE = (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+               UnicodeDecodeError, KeyError, IndexError, AssertionError, TypeError)
+
+
+def _load_verified(path: Path, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``load()`` after checking ``path`` (:func:`_verify`); a read error of bytes no digest vouches for is
+    :class:`CorruptCheckpointError`, one of bytes a digest vouches for is raised as it is (e.g. objects
+    ``weights_only`` refuses: not corruption)."""
     intact = _verify(path, complete=True)
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            UnicodeDecodeError, KeyError, IndexError) as err:
-        if intact:  # the bytes are the ones written: not corruption (e.g. objects weights_only refuses)
+        return load()
+    except _UNREADABLE as err:
+        if intact:
             raise
         raise _corrupt(path, err) from err
 
@@ -315,7 +327,6 @@ def _complete_save(path: Path, newest: str) -> bool:
     return False
 
 
-
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic checkpoint writes with a SHA-256 file beside each checkpoint, checked on load.
 
@@ -345,14 +356,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(str(path).removeprefix("file://"))
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        intact = _verify(path, complete=True)
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError,
-                ValueError) as err:
-            if intact:  # the bytes are the ones written: not corruption (e.g. objects weights_only refuses)
-                raise
-            raise _corrupt(path, err) from err
+        load = super().load_checkpoint
+        return _load_verified(path, lambda: load(path, map_location=map_location, weights_only=weights_only))
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
