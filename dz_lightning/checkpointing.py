@@ -25,6 +25,7 @@ import pickle
 import re
 import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,8 +44,8 @@ try:
 except ImportError:  # Windows: no advisory locks; writers do not take turns
     fcntl = None
 
-__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "atomic_write",
-           "load_checkpoint", "sha256_file", "zip_damage"]
+__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "StepInterrupted",
+           "atomic_write", "load_checkpoint", "sha256_file", "zip_damage"]
 
 _DIGEST_SUFFIX = ".sha256"
 
@@ -374,6 +375,14 @@ class CheckpointGuard(L.Callback):
       it (Lightning would log the failure of each save and finish with no checkpoint at all).
     * A fit stopped by SIGTERM exits with status 143 (128 + SIGTERM), in a plain script too (Lightning's own
       ``SIGTERMException`` carries no status: exit 0).
+    * In one process, SIGTERM during a training step before its optimizer step (while the step queries its oracle,
+      however long a black box takes to answer) stops the step at once with :class:`StepInterrupted`; Lightning
+      alone would wait for the step to end, forever for a black box that hangs. The step's queries are lost; the
+      weights and optimizer state are those of the last completed step (the step's one training forward may have
+      updated BatchNorm statistics and the direction generator, so resuming is not bit-identical to a run that was
+      never stopped, as after Ctrl+C). SIGTERM at any other moment, and under DDP (where every rank must stop at
+      the same step), stops the run after the current step, as in Lightning. A black box that blocks in C code
+      without returning to Python (or swallows ``BaseException``) is not stopped: give its oracle a ``timeout``.
     * When a fit stops on an exception, Ctrl+C or SIGTERM after at least one optimizer step, the current state is
       saved to ``<folder of the first ModelCheckpoint>/<filename>.ckpt`` (``last.ckpt`` and ``best.ckpt`` stay as
       they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved. Under DDP
@@ -385,15 +394,20 @@ class CheckpointGuard(L.Callback):
     Args:
         filename: name (without ``.ckpt``) of the checkpoint saved on an interrupt.
         save_on_interrupt: save that checkpoint (``False`` only checks folders and positions).
+        stop_steps_on_sigterm: stop a training step at once on SIGTERM, before its optimizer step (``False``: let
+            it finish, as Lightning does).
     """
 
-    def __init__(self, filename: str = "interrupted", save_on_interrupt: bool = True) -> None:
+    def __init__(self, filename: str = "interrupted", save_on_interrupt: bool = True,
+                 stop_steps_on_sigterm: bool = True) -> None:
         if not isinstance(filename, str) or not filename or "/" in filename or os.sep in filename:
             raise ValueError(f"Expected argument `filename` to be a plain file name, but got {filename!r}.")
         self.filename = filename
         self.save_on_interrupt = save_on_interrupt
+        self.stop_steps_on_sigterm = stop_steps_on_sigterm
         self.saved_path: str | None = None
         self._stepped = False  # a training batch ran in this process (nothing to save before that)
+        self._before_optimizer_step = False  # inside a training step, its weights not yet changed
         self._restored_groups: list[list[set[str]]] = []  # parameter-group keys of the checkpoint's optimizers
 
     @property
@@ -418,12 +432,36 @@ class CheckpointGuard(L.Callback):
                                  for s in checkpoint.get("optimizer_states", [])]
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registered its own SIGTERM handler before this hook (it only records the signal) and puts the
+        # handler it found back at teardown, which removes this one with it
+        if (self.stop_steps_on_sigterm and trainer.world_size == 1 and hasattr(signal, "SIGTERM")
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, signal.getsignal(signal.SIGTERM)))
+
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._stepped = True
+        self._before_optimizer_step = True
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self._before_optimizer_step = False
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._before_optimizer_step = False
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._before_optimizer_step = False
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._before_optimizer_step = False
         if isinstance(exception, SIGTERMException) and exception.code is None:
             # Lightning's SIGTERMException is a SystemExit without a status: a plain script would exit 0 after it
             exception.code = 128 + signal.SIGTERM
@@ -467,6 +505,33 @@ class CheckpointGuard(L.Callback):
             if getattr(callback, "dirpath", None):
                 return str(callback.dirpath)
         return str(Path(trainer.default_root_dir) / "checkpoints")
+
+
+class StepInterrupted(SIGTERMException):
+    """SIGTERM arrived inside a training step, before its optimizer step: the step was stopped (exit status 143).
+
+    A :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException` (a ``SystemExit``), so everything that
+    handles Lightning's SIGTERM handles it, and a black box's ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class _StopStepOnSigterm:
+    """SIGTERM handler: the previous one (Lightning's, which records the signal), then, inside a training step that
+    has not reached its optimizer step, :class:`StepInterrupted` (the step stops wherever it waits)."""
+
+    def __init__(self, guard: CheckpointGuard, previous: Any) -> None:
+        self.guard, self.previous = guard, previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if callable(self.previous):
+            self.previous(signum, frame)
+        if self.guard._before_optimizer_step:
+            self.guard._before_optimizer_step = False  # a second SIGTERM during the unwinding does not raise again
+            rank_zero_info("SIGTERM inside a training step: stopping it before its optimizer step.")
+            raise StepInterrupted
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, groups: list[set[str]], ckpt_path: Any) -> None:

@@ -45,3 +45,85 @@ def test_both_loaders_name_unreadable_bytes_without_a_digest_as_corruption(tmp_p
     # `dz fit --ckpt_path` showed torch's bare error instead of naming the damaged file
     with pytest.raises(CorruptCheckpointError, match=f"corrupted or truncated checkpoint {path}"):
         SafeCheckpointIO().load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------ SIGTERM during a hung query
+HUNG_BOX_SCRIPT = '''
+import sys, time
+from pathlib import Path
+
+import lightning as L
+import torch
+import dz_lightning as dz
+from dz_lightning.checkpointing import CheckpointGuard, SafeCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+root, hang_at = Path(sys.argv[1]), int(sys.argv[2])
+calls = []
+
+
+def box(params):  # a black box (a simulator) that never answers its `hang_at`-th call
+    calls.append(1)
+    if len(calls) == hang_at:
+        (root / "hung").write_text("")
+        while True:
+            time.sleep(1000)
+    return float(((params["weight"] - 0.3) ** 2).sum() + (params["bias"] ** 2).sum())
+
+
+class Boxed(dz.ZOModule):
+    def make_oracle(self, batch):
+        return dz.FunctionOracle(box)
+
+
+torch.manual_seed(0)
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(64, 1)), batch_size=4)
+trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(root), plugins=[SafeCheckpointIO()],
+                    callbacks=[CheckpointGuard(), ModelCheckpoint(dirpath=root, filename="last",
+                                                                  every_n_train_steps=1)])
+trainer.fit(Boxed(torch.nn.Linear(3, 2), estimator="cge",
+                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), data)
+'''
+
+
+def _run_until_hung(tmp_path, script: str, hang_at: int):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(tmp_path), str(hang_at)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "hung").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the black box never hung:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return proc
+
+
+def test_sigterm_while_a_black_box_hangs_saves_the_last_completed_step_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+
+    # 8 queries per CGE step (the base point, 8 coordinates, forward differences: 9): the 3rd step's 5th query hangs
+    proc = _run_until_hung(tmp_path, HUNG_BOX_SCRIPT, hang_at=2 * 9 + 5)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # was: "Received SIGTERM", then nothing until SIGKILL
+        proc.kill()
+        pytest.fail(f"SIGTERM did not stop a run whose black box hangs:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 143, out[-3000:]
+    saved = load_checkpoint(tmp_path / "interrupted.ckpt")
+    assert saved["global_step"] == 2  # the two completed steps; the third one's queries are lost
+    last = load_checkpoint(tmp_path / "last.ckpt")  # saved at the end of step 2
+    assert last["global_step"] == 2
+    assert all(torch.equal(saved["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    assert "SIGTERM inside a training step" in out
