@@ -127,3 +127,73 @@ def test_sigterm_while_a_black_box_hangs_saves_the_last_completed_step_and_exits
     assert last["global_step"] == 2
     assert all(torch.equal(saved["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
     assert "SIGTERM inside a training step" in out
+
+
+# ------------------------------------------------------------------------------ an evaluation with no batch
+EMPTY_DATA = '''
+import torch
+from dz_lightning.tasks.classification import DigitsDataModule
+
+
+class EmptyEvaluation(DigitsDataModule):
+    """Digits for training; validation and test splits with no example (a filter that matched nothing)."""
+
+    def _empty(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 64), torch.zeros(0).long()))
+
+    def val_dataloader(self):
+        return self._empty()
+
+    def test_dataloader(self):
+        return self._empty()
+'''
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate"])
+def test_an_evaluation_over_an_empty_loader_fails_in_one_line(tmp_path, monkeypatch, capsys, subcommand):
+    from pathlib import Path
+
+    from dz_lightning.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty_data.py").write_text(EMPTY_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = Path(__file__).resolve().parents[2] / "configs/classification/digits.yaml"
+    with pytest.raises(SystemExit) as exc:  # was: Lightning's warning, no metrics, exit status 0
+        cli_main([subcommand, "-c", str(config), "--data", "empty_data.EmptyEvaluation",
+                  "--trainer.enable_progress_bar", "false"])
+    assert exc.value.code == 2
+    split = "val" if subcommand == "validate" else "test"
+    err = capsys.readouterr().err
+    assert f"dz {subcommand} evaluated nothing: the {split} dataloader gave no batch" in err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------ --ckpt_path last over runs
+def _run_folder(root, version: int, when: float, files: tuple[str, ...]):
+    import os
+
+    run = root / "logs/digits" / f"version_{version}"
+    for name in files:
+        path = run / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (when, when))
+    return run
+
+
+def test_ckpt_path_last_names_a_later_run_that_left_no_checkpoint(tmp_path, recwarn):
+    from dz_lightning.cli import _find_last_checkpoint
+
+    finished = _run_folder(tmp_path, 0, 1000, ("config.yaml", "checkpoints/last.ckpt"))
+    _run_folder(tmp_path, 1, 1001, ("config_test.yaml", "metrics.csv"))  # `dz test` without a checkpoint: no run
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(tmp_path / "logs"), "name": "digits"}}
+    config = {"trainer": {"logger": logger}}
+    assert _find_last_checkpoint(config) == finished / "checkpoints/last.ckpt"
+    assert not [w for w in recwarn if "--ckpt_path last" in str(w.message)]
+    # a later fit that crashed before its first checkpoint (was: version_0 taken without a word)
+    _run_folder(tmp_path, 2, 1002, ("config.yaml", "hparams.yaml"))
+    with pytest.warns(UserWarning, match=r"using .*version_0.*last\.ckpt, but a later run, .*version_2, stopped "
+                                         r"before writing any checkpoint"):
+        assert _find_last_checkpoint(config) == finished / "checkpoints/last.ckpt"
