@@ -14,6 +14,8 @@ On top of LightningCLI:
 * every Trainer writes checkpoints atomically with a SHA-256 beside them (:class:`~dz_lightning.checkpointing.
   SafeCheckpointIO`), checks checkpoint folders before training and saves ``interrupted.ckpt`` on an exception,
   Ctrl+C or SIGTERM (:class:`~dz_lightning.checkpointing.CheckpointGuard`), then exits non-zero;
+* ``dz fit`` without ``--ckpt_path`` into a version folder that holds checkpoints already (an explicit logger
+  ``version`` used twice) is refused: its ``config.yaml`` would not describe the checkpoints beside it;
 * ``dz validate`` and ``dz test`` over a dataloader that gives no batch fail (Lightning would skip the loop and
   exit 0 with no metrics);
 * ``dz predict`` writes ``predictions.pt`` in the run's log folder unless a prediction writer is configured;
@@ -132,6 +134,9 @@ def _cli_class() -> type:
                     f"dz {subcommand}: the config and command line differ from the hyperparameters saved in "
                     f"{ckpt_path}; using the config and command line: {listed}{more}.", stacklevel=1,
                 )
+
+        def before_fit(self) -> None:
+            _refuse_a_used_run_folder(self.trainer, self.config["fit"].get("ckpt_path"))
 
         def after_validate(self) -> None:
             _refuse_an_empty_evaluation("validate", self.trainer.num_val_batches, "val")
@@ -263,6 +268,31 @@ def _later_runs_without_last(chosen: Any, folders: list[Any], runs: list[Any]) -
     left += [(p.stat().st_mtime, f"a later run stopped early and left only {p}; pass that path to use it.")
              for p in interrupted if p.is_file() and p.stat().st_mtime > since]
     return max(left)[1] if left else None
+
+
+def _refuse_a_used_run_folder(trainer: Any, ckpt_path: Any) -> None:
+    """A new fit (no ``--ckpt_path``) into a logger version folder that holds checkpoints already is an error.
+
+    That happens with an explicit ``version``: the new run would overwrite the folder's ``config.yaml`` (and
+    ``hparams.yaml``) while ``last.ckpt`` beside them stays the earlier run's until the new run writes its own, and
+    ``best.ckpt`` compares scores of two runs.
+    """
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if ckpt_path or not trainer.loggers or not isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return
+    folder = Path(trainer.loggers[0].log_dir)
+    saved = sorted(p.name for p in (folder / "checkpoints").glob("*.ckpt"))
+    if saved:
+        listed = ", ".join(saved[:3]) + (", ..." if len(saved) > 3 else "")
+        resume = folder / "checkpoints" / ("last.ckpt" if "last.ckpt" in saved else saved[0])
+        raise ConfigurationError(
+            f"dz fit: the run folder {folder} already holds an earlier run's checkpoints ({listed}); a new run there "
+            f"would leave a config.yaml that does not describe them. Resume that run with --ckpt_path {resume}, or "
+            "give the logger another version (or none, for the next free one)."
+        )
 
 
 def _refuse_an_empty_evaluation(subcommand: str, batches: list[int | float], split: str) -> None:

@@ -197,3 +197,32 @@ def test_ckpt_path_last_names_a_later_run_that_left_no_checkpoint(tmp_path, recw
     with pytest.warns(UserWarning, match=r"using .*version_0.*last\.ckpt, but a later run, .*version_2, stopped "
                                          r"before writing any checkpoint"):
         assert _find_last_checkpoint(config) == finished / "checkpoints/last.ckpt"
+
+
+# ------------------------------------------------------------------------------- two runs, one explicit version
+def test_a_new_fit_into_a_version_folder_with_checkpoints_is_refused(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from dz_lightning.cli import build_cli, cli_main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[2] / "configs/classification/digits.yaml"
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--model.init_args.model.init_args.hidden", "[4]", "--trainer.logger.init_args.version", "shared"]
+    first = build_cli(["fit", "-c", str(config), *tiny])
+    run = Path(first.trainer.log_dir)
+    assert run.name == "shared" and (run / "checkpoints/last.ckpt").is_file()
+    with pytest.raises(SystemExit) as exc:  # was: trained, overwriting config.yaml beside the first run's last.ckpt
+        cli_main(["fit", "-c", str(config), *tiny, "--model.init_args.mu", "0.02"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the run folder {run} already holds an earlier run's checkpoints" in err
+    assert f"--ckpt_path {run / 'checkpoints/last.ckpt'}" in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["mu"] != 0.02
+    # resuming the run in its folder is what the message offers, and it runs
+    resumed = build_cli(["fit", "-c", str(config), *tiny, "--trainer.max_epochs", "2",
+                         "--ckpt_path", str(run / "checkpoints/last.ckpt")])
+    assert resumed.trainer.global_step == 4 and Path(resumed.trainer.log_dir) == run
