@@ -381,12 +381,18 @@ class CheckpointGuard(L.Callback):
       weights and optimizer state are those of the last completed step (the step's one training forward may have
       updated BatchNorm statistics and the direction generator, so resuming is not bit-identical to a run that was
       never stopped, as after Ctrl+C). SIGTERM at any other moment, and under DDP (where every rank must stop at
-      the same step), stops the run after the current step, as in Lightning. A black box that blocks in C code
-      without returning to Python (or swallows ``BaseException``) is not stopped: give its oracle a ``timeout``.
+      the same step), stops the run after the current step. A black box that blocks in C code without returning to
+      Python (or swallows ``BaseException``) is not stopped: give its oracle a ``timeout``.
+    * Under DDP, Ctrl+C (SIGINT) and SIGTERM on any rank stop every rank before the same next step: each rank
+      records the signal, and before each training step the ranks agree (one all-reduce of one number) whether one
+      of them got one. Then the interrupt checkpoint is saved and the run exits as in one process (1 after Ctrl+C,
+      143 after SIGTERM). A second Ctrl+C on a rank stops it at once, without a checkpoint (for a step that hangs).
+      The signal may reach one rank or all of them (a scheduler's SIGTERM to every process, Ctrl+C in a terminal).
+      A signal during the last step ends nothing early: the fit finishes normally.
     * When a fit stops on an exception, Ctrl+C or SIGTERM after at least one optimizer step, the current state is
       saved to ``<folder of the first ModelCheckpoint>/<filename>.ckpt`` (``last.ckpt`` and ``best.ckpt`` stay as
       they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved. Under DDP
-      only SIGTERM saves (Lightning stops every rank at the same step; saving needs all of them).
+      only the signals above save (saving needs every rank at the same step); another exception does not.
     * Every checkpoint records how many batches of the current epoch are done, so a
       :class:`~dz_lightning.sampling.ResumableDataLoader` continues with the batch after them, also when the
       checkpoint was saved while a batch was in flight.
@@ -408,6 +414,8 @@ class CheckpointGuard(L.Callback):
         self.saved_path: str | None = None
         self._stepped = False  # a training batch ran in this process (nothing to save before that)
         self._before_optimizer_step = False  # inside a training step, its weights not yet changed
+        self._stop_signal = 0  # under DDP: the SIGINT or SIGTERM this rank received (0: none)
+        self._stop_together = False  # under DDP: the ranks agree before each step whether to stop
         self._restored_groups: list[list[set[str]]] = []  # parameter-group keys of the checkpoint's optimizers
 
     @property
@@ -435,15 +443,37 @@ class CheckpointGuard(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning registered its own SIGTERM handler before this hook (it only records the signal) and puts the
         # handler it found back at teardown, which removes this one with it
-        if (self.stop_steps_on_sigterm and trainer.world_size == 1 and hasattr(signal, "SIGTERM")
-                and threading.current_thread() is threading.main_thread()):
-            signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, signal.getsignal(signal.SIGTERM)))
+        self._stop_signal, self._stop_together = 0, False
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+            return
+        if trainer.world_size == 1:
+            if self.stop_steps_on_sigterm:
+                signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, signal.getsignal(signal.SIGTERM)))
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            # instead of Lightning's SIGTERM handler, whose broadcast inside the handler hangs when every rank gets
+            # the signal (rank 0 forwards it, so another rank broadcasts twice), and of Ctrl+C's KeyboardInterrupt,
+            # which stops each rank wherever it is (no rank can save then)
+            self._stop_together = True
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _StopRanksTogether(self))
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if self._stop_together:
+            self._stop_ranks_together(trainer)
         self._stepped = True
         self._before_optimizer_step = True
+
+    def _stop_ranks_together(self, trainer: L.Trainer) -> None:
+        """Raise on every rank at once when one of them received SIGINT or SIGTERM (one all-reduce, one host read)."""
+        signum = torch.tensor([self._stop_signal], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        received = int(signum.item())
+        if received == signal.SIGTERM:
+            raise SIGTERMException(128 + signal.SIGTERM)
+        if received == signal.SIGINT:
+            raise _RanksInterrupted
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -467,8 +497,9 @@ class CheckpointGuard(L.Callback):
             exception.code = 128 + signal.SIGTERM
         if not self.save_on_interrupt or not self._stepped or trainer.global_step == 0:
             return
-        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
-            # saving is collective (a barrier); only SIGTERM is known to stop every rank at the same step
+        self._stop_together = False
+        if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, _RanksInterrupted)):
+            # saving is collective (a barrier); only a signal is known to stop every rank at the same step
             rank_zero_warn(f"Not saving an interrupt checkpoint after {type(exception).__name__} under DDP: another "
                            "rank may not reach the save. Resume from the last checkpoint.")
             return
@@ -483,8 +514,9 @@ class CheckpointGuard(L.Callback):
             rank_zero_warn(f"Could not save {path} after {type(exception).__name__}: {err}")
             return
         self.saved_path = str(path)
-        rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {path} "
-                       f"(resume with --ckpt_path {path}).")
+        cause = ("SIGTERM" if isinstance(exception, SIGTERMException)
+                 else "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else type(exception).__name__)
+        rank_zero_info(f"{cause} at step {trainer.global_step}: saved {path} (resume with --ckpt_path {path}).")
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -532,6 +564,32 @@ class _StopStepOnSigterm:
             self.guard._before_optimizer_step = False  # a second SIGTERM during the unwinding does not raise again
             rank_zero_info("SIGTERM inside a training step: stopping it before its optimizer step.")
             raise StepInterrupted
+
+
+class _RanksInterrupted(KeyboardInterrupt):
+    """Ctrl+C under DDP, raised on every rank before the same training step (Lightning handles it as Ctrl+C)."""
+
+
+class _StopRanksTogether:
+    """SIGINT and SIGTERM handler under DDP: record the signal; the ranks stop together before the next step.
+
+    No collective runs in the handler (the all-reduce before each step tells the other ranks). A second SIGINT
+    raises ``KeyboardInterrupt`` at once, without a checkpoint: the way out of a step that never ends.
+    """
+
+    def __init__(self, guard: CheckpointGuard) -> None:
+        self.guard = guard
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.guard._stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        first = self.guard._stop_signal == 0
+        self.guard._stop_signal = max(self.guard._stop_signal, int(signum))
+        if first:
+            name = signal.Signals(signum).name
+            rank_zero_info(f"{name} received: every rank stops before its next training step and the interrupt "
+                           "checkpoint is saved" + (" (Ctrl+C again: stop at once, no checkpoint)."
+                                                    if signum == signal.SIGINT else "."))
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, groups: list[set[str]], ckpt_path: Any) -> None:
