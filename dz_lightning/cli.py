@@ -284,10 +284,13 @@ def _refuse_a_used_run_folder(trainer: Any, ckpt_path: Any) -> None:
     if ckpt_path or not trainer.loggers or not isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
         return
     folder = Path(trainer.loggers[0].log_dir)
-    saved = sorted(p.name for p in (folder / "checkpoints").glob("*.ckpt"))
-    if saved:
+    files = [p for p in (folder / "checkpoints").glob("*.ckpt") if p.is_file()]
+    if files:
+        saved = sorted(p.name for p in files)
         listed = ", ".join(saved[:3]) + (", ..." if len(saved) > 3 else "")
-        resume = folder / "checkpoints" / ("last.ckpt" if "last.ckpt" in saved else saved[0])
+        # the newest state of that run: its last or interrupt checkpoint (best.ckpt may be epochs behind)
+        resumable = [p for p in files if p.name.startswith(("last", "interrupted"))] or files
+        resume = max(resumable, key=lambda p: p.stat().st_mtime)
         raise ConfigurationError(
             f"dz fit: the run folder {folder} already holds an earlier run's checkpoints ({listed}); a new run there "
             f"would leave a config.yaml that does not describe them. Resume that run with --ckpt_path {resume}, or "
