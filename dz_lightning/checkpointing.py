@@ -376,8 +376,9 @@ class CheckpointGuard(L.Callback):
     * A fit stopped by SIGTERM exits with status 143 (128 + SIGTERM), in a plain script too (Lightning's own
       ``SIGTERMException`` carries no status: exit 0).
     * In one process, SIGTERM during a training step before its optimizer step (while the step queries its oracle,
-      however long a black box takes to answer) stops the step at once with :class:`StepInterrupted`; Lightning
-      alone would wait for the step to end, forever for a black box that hangs. The step's queries are lost; the
+      however long a black box takes to answer), or during a validation, test or predict batch, stops the step at
+      once with :class:`StepInterrupted`; Lightning alone would wait for the step to end, forever for a black box
+      that hangs. The step's queries are lost; the
       weights and optimizer state are those of the last completed step (the step's one training forward may have
       updated BatchNorm statistics and the direction generator, so resuming is not bit-identical to a run that was
       never stopped, as after Ctrl+C). SIGTERM at any other moment, and under DDP (where every rank must stop at
@@ -400,8 +401,8 @@ class CheckpointGuard(L.Callback):
     Args:
         filename: name (without ``.ckpt``) of the checkpoint saved on an interrupt.
         save_on_interrupt: save that checkpoint (``False`` only checks folders and positions).
-        stop_steps_on_sigterm: stop a training step at once on SIGTERM, before its optimizer step (``False``: let
-            it finish, as Lightning does).
+        stop_steps_on_sigterm: stop a training step (before its optimizer step) or an evaluation batch at once on
+            SIGTERM in one process (``False``: let it finish, as Lightning does).
     """
 
     def __init__(self, filename: str = "interrupted", save_on_interrupt: bool = True,
@@ -413,7 +414,7 @@ class CheckpointGuard(L.Callback):
         self.stop_steps_on_sigterm = stop_steps_on_sigterm
         self.saved_path: str | None = None
         self._stepped = False  # a training batch ran in this process (nothing to save before that)
-        self._before_optimizer_step = False  # inside a training step, its weights not yet changed
+        self._interruptible = False  # inside a training step before its optimizer step, or an evaluation batch
         self._stop_signal = 0  # under DDP: the SIGINT or SIGTERM this rank received (0: none)
         self._stop_together = False  # under DDP: the ranks agree before each step whether to stop
         self._restored_groups: list[list[set[str]]] = []  # parameter-group keys of the checkpoint's optimizers
@@ -447,8 +448,7 @@ class CheckpointGuard(L.Callback):
         if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
             return
         if trainer.world_size == 1:
-            if self.stop_steps_on_sigterm:
-                signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, signal.getsignal(signal.SIGTERM)))
+            self._stop_steps_on_sigterm(trainer)
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             # instead of Lightning's SIGTERM handler, whose broadcast inside the handler hangs when every rank gets
             # the signal (rank 0 forwards it, so another rank broadcasts twice), and of Ctrl+C's KeyboardInterrupt,
@@ -457,13 +457,63 @@ class CheckpointGuard(L.Callback):
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, _StopRanksTogether(self))
 
+    def _stop_steps_on_sigterm(self, trainer: L.Trainer) -> None:
+        """In one process, put :class:`_StopStepOnSigterm` before the SIGTERM handler (once per run)."""
+        handler = signal.getsignal(signal.SIGTERM)
+        if (self.stop_steps_on_sigterm and trainer.world_size == 1 and hasattr(signal, "SIGTERM")
+                and threading.current_thread() is threading.main_thread()
+                and not isinstance(handler, _StopStepOnSigterm)):
+            signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, handler))
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_steps_on_sigterm(trainer)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_steps_on_sigterm(trainer)
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_steps_on_sigterm(trainer)
+
+    @override
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = True
+
+    @override
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = False
+
+    @override
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._interruptible = True
+
+    @override
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = False
+
+    @override
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._interruptible = True
+
+    @override
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = False
+
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._stop_together:
             self._stop_ranks_together(trainer)
         self._stepped = True
-        self._before_optimizer_step = True
+        self._interruptible = True
 
     def _stop_ranks_together(self, trainer: L.Trainer) -> None:
         """Raise on every rank at once when one of them received SIGINT or SIGTERM (one all-reduce, one host read)."""
@@ -476,22 +526,22 @@ class CheckpointGuard(L.Callback):
             raise _RanksInterrupted
 
     @override
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+    def on_interruptible(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        self._before_optimizer_step = False
+        self._interruptible = False
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._before_optimizer_step = False
+        self._interruptible = False
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._before_optimizer_step = False
+        self._interruptible = False
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._before_optimizer_step = False
+        self._interruptible = False
         if isinstance(exception, SIGTERMException) and exception.code is None:
             # Lightning's SIGTERMException is a SystemExit without a status: a plain script would exit 0 after it
             exception.code = 128 + signal.SIGTERM
@@ -552,7 +602,8 @@ class StepInterrupted(SIGTERMException):
 
 class _StopStepOnSigterm:
     """SIGTERM handler: the previous one (Lightning's, which records the signal), then, inside a training step that
-    has not reached its optimizer step, :class:`StepInterrupted` (the step stops wherever it waits)."""
+    has not reached its optimizer step or inside an evaluation batch, :class:`StepInterrupted` (the step stops
+    wherever it waits)."""
 
     def __init__(self, guard: CheckpointGuard, previous: Any) -> None:
         self.guard, self.previous = guard, previous
@@ -560,9 +611,9 @@ class _StopStepOnSigterm:
     def __call__(self, signum: int, frame: Any) -> None:
         if callable(self.previous):
             self.previous(signum, frame)
-        if self.guard._before_optimizer_step:
-            self.guard._before_optimizer_step = False  # a second SIGTERM during the unwinding does not raise again
-            rank_zero_info("SIGTERM inside a training step: stopping it before its optimizer step.")
+        if self.guard._interruptible:
+            self.guard._interruptible = False  # a second SIGTERM during the unwinding does not raise again
+            rank_zero_info("SIGTERM inside a step: stopping it at once (a training step before it changes a weight).")
             raise StepInterrupted
 
 

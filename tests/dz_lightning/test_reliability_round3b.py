@@ -75,6 +75,9 @@ class Boxed(dz.ZOModule):
     def make_oracle(self, batch):
         return dz.FunctionOracle(box)
 
+    def test_step(self, batch, batch_idx):  # e.g. a certification that queries the black box
+        self.log("test/loss", box({n: p.detach() for n, p in self.model.named_parameters()}))
+
 
 torch.manual_seed(0)
 data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(64, 1)), batch_size=4)
@@ -82,12 +85,15 @@ trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progre
                     enable_model_summary=False, default_root_dir=str(root), plugins=[SafeCheckpointIO()],
                     callbacks=[CheckpointGuard(), ModelCheckpoint(dirpath=root, filename="last",
                                                                   every_n_train_steps=1)])
-trainer.fit(Boxed(torch.nn.Linear(3, 2), estimator="cge",
-                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), data)
+module = Boxed(torch.nn.Linear(3, 2), estimator="cge", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+if sys.argv[3] == "fit":
+    trainer.fit(module, data)
+else:
+    trainer.test(module, data)
 '''
 
 
-def _run_until_hung(tmp_path, script: str, hang_at: int):
+def _run_until_hung(tmp_path, script: str, hang_at: int, stage: str = "fit"):
     import os
     import subprocess
     import sys
@@ -96,7 +102,7 @@ def _run_until_hung(tmp_path, script: str, hang_at: int):
 
     (tmp_path / "script.py").write_text(script)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(tmp_path), str(hang_at)],
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(tmp_path), str(hang_at), stage],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 240
     while not (tmp_path / "hung").exists():
@@ -126,7 +132,7 @@ def test_sigterm_while_a_black_box_hangs_saves_the_last_completed_step_and_exits
     last = load_checkpoint(tmp_path / "last.ckpt")  # saved at the end of step 2
     assert last["global_step"] == 2
     assert all(torch.equal(saved["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
-    assert "SIGTERM inside a training step" in out
+    assert "SIGTERM inside a step: stopping it at once" in out
 
 
 # ------------------------------------------------------------------------------ an evaluation with no batch
@@ -289,3 +295,18 @@ def test_a_signal_under_ddp_stops_every_rank_at_one_step_and_saves(tmp_path, ddp
     assert proc.returncode == status, out[-3000:]
     saved = load_checkpoint(tmp_path / "checkpoints" / "interrupted.ckpt")
     assert saved["global_step"] == 3  # the step that was running when the signal came finished, on both ranks
+
+
+def test_sigterm_while_a_black_box_hangs_in_a_test_batch_exits_143(tmp_path):
+    import signal
+    import subprocess
+
+    proc = _run_until_hung(tmp_path, HUNG_BOX_SCRIPT, hang_at=3, stage="test")
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # was: Lightning checks for SIGTERM only between test batches
+        proc.kill()
+        pytest.fail(f"SIGTERM did not stop a test whose black box hangs:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 143, out[-3000:]
+    assert not (tmp_path / "interrupted.ckpt").exists()  # nothing trained, nothing to save
