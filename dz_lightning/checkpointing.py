@@ -25,6 +25,7 @@ import pickle
 import re
 import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,8 +44,8 @@ try:
 except ImportError:  # Windows: no advisory locks; writers do not take turns
     fcntl = None
 
-__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "atomic_write",
-           "load_checkpoint", "sha256_file", "zip_damage"]
+__all__ = ["CheckpointFolderError", "CheckpointGuard", "CorruptCheckpointError", "SafeCheckpointIO", "StepInterrupted",
+           "atomic_write", "load_checkpoint", "sha256_file", "zip_damage"]
 
 _DIGEST_SUFFIX = ".sha256"
 
@@ -171,12 +172,24 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    return _load_verified(path, lambda: torch.load(path, map_location=map_location, weights_only=weights_only))
+
+
+# what torch.load raises on bytes it cannot read: a damaged zip, a truncated pickle, a garbled record, storage key or
+# tensor-rebuild call (the legacy non-zip format fails with any of these when one bit flips)
+_UNREADABLE = (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+               UnicodeDecodeError, KeyError, IndexError, AssertionError, TypeError)
+
+
+def _load_verified(path: Path, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``load()`` after checking ``path`` (:func:`_verify`); a read error of bytes no digest vouches for is
+    :class:`CorruptCheckpointError`, one of bytes a digest vouches for is raised as it is (e.g. objects
+    ``weights_only`` refuses: not corruption)."""
     intact = _verify(path, complete=True)
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            UnicodeDecodeError, KeyError, IndexError) as err:
-        if intact:  # the bytes are the ones written: not corruption (e.g. objects weights_only refuses)
+        return load()
+    except _UNREADABLE as err:
+        if intact:
             raise
         raise _corrupt(path, err) from err
 
@@ -315,7 +328,6 @@ def _complete_save(path: Path, newest: str) -> bool:
     return False
 
 
-
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic checkpoint writes with a SHA-256 file beside each checkpoint, checked on load.
 
@@ -345,14 +357,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(str(path).removeprefix("file://"))
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        intact = _verify(path, complete=True)
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError,
-                ValueError) as err:
-            if intact:  # the bytes are the ones written: not corruption (e.g. objects weights_only refuses)
-                raise
-            raise _corrupt(path, err) from err
+        load = super().load_checkpoint
+        return _load_verified(path, lambda: load(path, map_location=map_location, weights_only=weights_only))
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
@@ -369,10 +375,25 @@ class CheckpointGuard(L.Callback):
       it (Lightning would log the failure of each save and finish with no checkpoint at all).
     * A fit stopped by SIGTERM exits with status 143 (128 + SIGTERM), in a plain script too (Lightning's own
       ``SIGTERMException`` carries no status: exit 0).
+    * In one process, SIGTERM during a training step before its optimizer step (while the step queries its oracle,
+      however long a black box takes to answer), or during a validation, test or predict batch, stops the step at
+      once with :class:`StepInterrupted`; Lightning alone would wait for the step to end, forever for a black box
+      that hangs. The step's queries are lost; the
+      weights and optimizer state are those of the last completed step (the step's one training forward may have
+      updated BatchNorm statistics and the direction generator, so resuming is not bit-identical to a run that was
+      never stopped, as after Ctrl+C). SIGTERM at any other moment, and under DDP (where every rank must stop at
+      the same step), stops the run after the current step. A black box that blocks in C code without returning to
+      Python (or swallows ``BaseException``) is not stopped: give its oracle a ``timeout``.
+    * Under DDP, Ctrl+C (SIGINT) and SIGTERM on any rank stop every rank before the same next step: each rank
+      records the signal, and before each training step the ranks agree (one all-reduce of one number) whether one
+      of them got one. Then the interrupt checkpoint is saved and the run exits as in one process (1 after Ctrl+C,
+      143 after SIGTERM). A second Ctrl+C on a rank stops it at once, without a checkpoint (for a step that hangs).
+      The signal may reach one rank or all of them (a scheduler's SIGTERM to every process, Ctrl+C in a terminal).
+      A signal during the last step ends nothing early: the fit finishes normally.
     * When a fit stops on an exception, Ctrl+C or SIGTERM after at least one optimizer step, the current state is
       saved to ``<folder of the first ModelCheckpoint>/<filename>.ckpt`` (``last.ckpt`` and ``best.ckpt`` stay as
       they were); resume with ``--ckpt_path`` on that file. Weights that are not finite are not saved. Under DDP
-      only SIGTERM saves (Lightning stops every rank at the same step; saving needs all of them).
+      only the signals above save (saving needs every rank at the same step); another exception does not.
     * Every checkpoint records how many batches of the current epoch are done, so a
       :class:`~dz_lightning.sampling.ResumableDataLoader` continues with the batch after them, also when the
       checkpoint was saved while a batch was in flight.
@@ -380,15 +401,22 @@ class CheckpointGuard(L.Callback):
     Args:
         filename: name (without ``.ckpt``) of the checkpoint saved on an interrupt.
         save_on_interrupt: save that checkpoint (``False`` only checks folders and positions).
+        stop_steps_on_sigterm: stop a training step (before its optimizer step) or an evaluation batch at once on
+            SIGTERM in one process (``False``: let it finish, as Lightning does).
     """
 
-    def __init__(self, filename: str = "interrupted", save_on_interrupt: bool = True) -> None:
+    def __init__(self, filename: str = "interrupted", save_on_interrupt: bool = True,
+                 stop_steps_on_sigterm: bool = True) -> None:
         if not isinstance(filename, str) or not filename or "/" in filename or os.sep in filename:
             raise ValueError(f"Expected argument `filename` to be a plain file name, but got {filename!r}.")
         self.filename = filename
         self.save_on_interrupt = save_on_interrupt
+        self.stop_steps_on_sigterm = stop_steps_on_sigterm
         self.saved_path: str | None = None
         self._stepped = False  # a training batch ran in this process (nothing to save before that)
+        self._interruptible = False  # inside a training step before its optimizer step, or an evaluation batch
+        self._stop_signal = 0  # under DDP: the SIGINT or SIGTERM this rank received (0: none)
+        self._stop_together = False  # under DDP: the ranks agree before each step whether to stop
         self._restored_groups: list[list[set[str]]] = []  # parameter-group keys of the checkpoint's optimizers
 
     @property
@@ -413,19 +441,115 @@ class CheckpointGuard(L.Callback):
                                  for s in checkpoint.get("optimizer_states", [])]
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registered its own SIGTERM handler before this hook (it only records the signal) and puts the
+        # handler it found back at teardown, which removes this one with it
+        self._stop_signal, self._stop_together = 0, False
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+            return
+        if trainer.world_size == 1:
+            self._stop_steps_on_sigterm(trainer)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            # instead of Lightning's SIGTERM handler, whose broadcast inside the handler hangs when every rank gets
+            # the signal (rank 0 forwards it, so another rank broadcasts twice), and of Ctrl+C's KeyboardInterrupt,
+            # which stops each rank wherever it is (no rank can save then)
+            self._stop_together = True
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _StopRanksTogether(self))
+
+    def _stop_steps_on_sigterm(self, trainer: L.Trainer) -> None:
+        """In one process, put :class:`_StopStepOnSigterm` before the SIGTERM handler (once per run)."""
+        handler = signal.getsignal(signal.SIGTERM)
+        if (self.stop_steps_on_sigterm and trainer.world_size == 1 and hasattr(signal, "SIGTERM")
+                and threading.current_thread() is threading.main_thread()
+                and not isinstance(handler, _StopStepOnSigterm)):
+            signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, handler))
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_steps_on_sigterm(trainer)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_steps_on_sigterm(trainer)
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_steps_on_sigterm(trainer)
+
+    @override
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = True
+
+    @override
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = False
+
+    @override
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._interruptible = True
+
+    @override
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = False
+
+    @override
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._interruptible = True
+
+    @override
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._interruptible = False
+
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if self._stop_together:
+            self._stop_ranks_together(trainer)
         self._stepped = True
+        self._interruptible = True
+
+    def _stop_ranks_together(self, trainer: L.Trainer) -> None:
+        """Raise on every rank at once when one of them received SIGINT or SIGTERM (one all-reduce, one host read)."""
+        signum = torch.tensor([self._stop_signal], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        received = int(signum.item())
+        if received == signal.SIGTERM:
+            raise SIGTERMException(128 + signal.SIGTERM)
+        if received == signal.SIGINT:
+            raise _RanksInterrupted
+
+    @override
+    def on_interruptible(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self._interruptible = False
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._interruptible = False
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._interruptible = False
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._interruptible = False
         if isinstance(exception, SIGTERMException) and exception.code is None:
             # Lightning's SIGTERMException is a SystemExit without a status: a plain script would exit 0 after it
             exception.code = 128 + signal.SIGTERM
         if not self.save_on_interrupt or not self._stepped or trainer.global_step == 0:
             return
-        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
-            # saving is collective (a barrier); only SIGTERM is known to stop every rank at the same step
+        self._stop_together = False
+        if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, _RanksInterrupted)):
+            # saving is collective (a barrier); only a signal is known to stop every rank at the same step
             rank_zero_warn(f"Not saving an interrupt checkpoint after {type(exception).__name__} under DDP: another "
                            "rank may not reach the save. Resume from the last checkpoint.")
             return
@@ -440,8 +564,9 @@ class CheckpointGuard(L.Callback):
             rank_zero_warn(f"Could not save {path} after {type(exception).__name__}: {err}")
             return
         self.saved_path = str(path)
-        rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {path} "
-                       f"(resume with --ckpt_path {path}).")
+        cause = ("SIGTERM" if isinstance(exception, SIGTERMException)
+                 else "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else type(exception).__name__)
+        rank_zero_info(f"{cause} at step {trainer.global_step}: saved {path} (resume with --ckpt_path {path}).")
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -462,6 +587,60 @@ class CheckpointGuard(L.Callback):
             if getattr(callback, "dirpath", None):
                 return str(callback.dirpath)
         return str(Path(trainer.default_root_dir) / "checkpoints")
+
+
+class StepInterrupted(SIGTERMException):
+    """SIGTERM arrived inside a training step, before its optimizer step: the step was stopped (exit status 143).
+
+    A :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException` (a ``SystemExit``), so everything that
+    handles Lightning's SIGTERM handles it, and a black box's ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class _StopStepOnSigterm:
+    """SIGTERM handler: the previous one (Lightning's, which records the signal), then, inside a training step that
+    has not reached its optimizer step or inside an evaluation batch, :class:`StepInterrupted` (the step stops
+    wherever it waits)."""
+
+    def __init__(self, guard: CheckpointGuard, previous: Any) -> None:
+        self.guard, self.previous = guard, previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if callable(self.previous):
+            self.previous(signum, frame)
+        if self.guard._interruptible:
+            self.guard._interruptible = False  # a second SIGTERM during the unwinding does not raise again
+            rank_zero_info("SIGTERM inside a step: stopping it at once (a training step before it changes a weight).")
+            raise StepInterrupted
+
+
+class _RanksInterrupted(KeyboardInterrupt):
+    """Ctrl+C under DDP, raised on every rank before the same training step (Lightning handles it as Ctrl+C)."""
+
+
+class _StopRanksTogether:
+    """SIGINT and SIGTERM handler under DDP: record the signal; the ranks stop together before the next step.
+
+    No collective runs in the handler (the all-reduce before each step tells the other ranks). A second SIGINT
+    raises ``KeyboardInterrupt`` at once, without a checkpoint: the way out of a step that never ends.
+    """
+
+    def __init__(self, guard: CheckpointGuard) -> None:
+        self.guard = guard
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.guard._stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        first = self.guard._stop_signal == 0
+        self.guard._stop_signal = max(self.guard._stop_signal, int(signum))
+        if first:
+            name = signal.Signals(signum).name
+            rank_zero_info(f"{name} received: every rank stops before its next training step and the interrupt "
+                           "checkpoint is saved" + (" (Ctrl+C again: stop at once, no checkpoint)."
+                                                    if signum == signal.SIGINT else "."))
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, groups: list[set[str]], ckpt_path: Any) -> None:

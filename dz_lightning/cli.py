@@ -5,7 +5,8 @@ On top of LightningCLI:
 * short class names of our task modules, data modules and callbacks work (``--model ZOClassifier``,
   ``--trainer.callbacks+=ZOGraSP``), and ``dz fit --help`` lists them; ``dz --version``;
 * ``--zo_grasp.*`` configures the ZO-GraSP callback (``--zo_grasp.sparsity 0.8``);
-* ``--ckpt_path last`` is the newest ``last.ckpt`` of the config's runs (the run just trained);
+* ``--ckpt_path last`` is the newest ``last.ckpt`` of the config's runs (the run just trained); when a later run
+  stopped before writing one (it left only ``interrupted.ckpt``, or no checkpoint at all), a warning names that run;
 * ``validate``, ``test`` and ``predict`` with ``--ckpt_path`` log into the version folder of the run that wrote the
   checkpoint (their config as ``config_<subcommand>.yaml`` beside fit's ``config.yaml``);
 * the config and the command line win over a checkpoint's saved hyperparameters (LightningCLI would silently apply
@@ -13,6 +14,10 @@ On top of LightningCLI:
 * every Trainer writes checkpoints atomically with a SHA-256 beside them (:class:`~dz_lightning.checkpointing.
   SafeCheckpointIO`), checks checkpoint folders before training and saves ``interrupted.ckpt`` on an exception,
   Ctrl+C or SIGTERM (:class:`~dz_lightning.checkpointing.CheckpointGuard`), then exits non-zero;
+* ``dz fit`` without ``--ckpt_path`` into a version folder that holds checkpoints already (an explicit logger
+  ``version`` used twice) is refused: its ``config.yaml`` would not describe the checkpoints beside it;
+* ``dz validate`` and ``dz test`` over a dataloader that gives no batch fail (Lightning would skip the loop and
+  exit 0 with no metrics);
 * ``dz predict`` writes ``predictions.pt`` in the run's log folder unless a prediction writer is configured;
 * a configuration error prints its message, not a traceback (exit status 2); an error raised in a user's own class
   keeps its traceback; an unknown option names the nearest valid one, and a missing config or checkpoint file or an
@@ -130,6 +135,15 @@ def _cli_class() -> type:
                     f"{ckpt_path}; using the config and command line: {listed}{more}.", stacklevel=1,
                 )
 
+        def before_fit(self) -> None:
+            _refuse_a_used_run_folder(self.trainer, self.config["fit"].get("ckpt_path"))
+
+        def after_validate(self) -> None:
+            _refuse_an_empty_evaluation("validate", self.trainer.num_val_batches, "val")
+
+        def after_test(self) -> None:
+            _refuse_an_empty_evaluation("test", self.trainer.num_test_batches, "test")
+
         def instantiate_classes(self) -> None:
             from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -224,16 +238,74 @@ def _find_last_checkpoint(config: Any) -> Any:
         raise ConfigurationError(f"--ckpt_path last: no last checkpoint found (searched {searched}); run `dz fit` "
                                  "with this config first, or give the checkpoint's path.")
     chosen = max(candidates, key=lambda p: p.stat().st_mtime)
-    # a later run that stopped before writing last.ckpt left only its interrupt checkpoint: say so, never pick silently
-    newer = [p for f in folders for p in f.glob("interrupted*.ckpt")]
-    newer += [p for r in runs for p in r.glob("version_*/checkpoints/interrupted*.ckpt")]
-    newer = [p for p in newer if p.is_file() and p.stat().st_mtime > chosen.stat().st_mtime]
-    if newer:
+    later = _later_runs_without_last(chosen, folders, runs)
+    if later:
         from lightning.pytorch.utilities import rank_zero_warn
 
-        rank_zero_warn(f"--ckpt_path last: using {chosen}, but a later run stopped early and left only "
-                       f"{max(newer, key=lambda p: p.stat().st_mtime)}; pass that path to use it.", stacklevel=1)
+        rank_zero_warn(f"--ckpt_path last: using {chosen}, but {later}", stacklevel=1)
     return chosen
+
+
+def _later_runs_without_last(chosen: Any, folders: list[Any], runs: list[Any]) -> str | None:
+    """What a run started after ``chosen`` was written left instead of a ``last*.ckpt`` (``None``: no such run).
+
+    A run is a logger version folder: later when its ``config.yaml`` (written by ``dz fit`` before the first step) or
+    an interrupt checkpoint in it is newer than ``chosen``. In a fixed checkpoint folder, a newer interrupt checkpoint
+    is such a run.
+    """
+    since = chosen.stat().st_mtime
+    left: list[tuple[float, str]] = []  # (when, what it left)
+    interrupted = [p for f in folders for p in f.glob("interrupted*.ckpt")]
+    for run in (v for r in runs for v in r.glob("version_*") if v.is_dir()):
+        if any(p.is_file() for p in run.glob("checkpoints/last*.ckpt")):
+            continue
+        stopped = [p for p in run.glob("checkpoints/interrupted*.ckpt") if p.is_file()]
+        if stopped:
+            interrupted += stopped
+        elif (run / "config.yaml").is_file() and (run / "config.yaml").stat().st_mtime > since:
+            left.append(((run / "config.yaml").stat().st_mtime, f"a later run, {run}, stopped before writing any "
+                         "checkpoint (pass a path to choose a run yourself)."))
+    left += [(p.stat().st_mtime, f"a later run stopped early and left only {p}; pass that path to use it.")
+             for p in interrupted if p.is_file() and p.stat().st_mtime > since]
+    return max(left)[1] if left else None
+
+
+def _refuse_a_used_run_folder(trainer: Any, ckpt_path: Any) -> None:
+    """A new fit (no ``--ckpt_path``) into a logger version folder that holds checkpoints already is an error.
+
+    That happens with an explicit ``version``: the new run would overwrite the folder's ``config.yaml`` (and
+    ``hparams.yaml``) while ``last.ckpt`` beside them stays the earlier run's until the new run writes its own, and
+    ``best.ckpt`` compares scores of two runs.
+    """
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if ckpt_path or not trainer.loggers or not isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return
+    folder = Path(trainer.loggers[0].log_dir)
+    files = [p for p in (folder / "checkpoints").glob("*.ckpt") if p.is_file()]
+    if files:
+        saved = sorted(p.name for p in files)
+        listed = ", ".join(saved[:3]) + (", ..." if len(saved) > 3 else "")
+        # the newest state of that run: its last or interrupt checkpoint (best.ckpt may be epochs behind)
+        resumable = [p for p in files if p.name.startswith(("last", "interrupted"))] or files
+        resume = max(resumable, key=lambda p: p.stat().st_mtime)
+        raise ConfigurationError(
+            f"dz fit: the run folder {folder} already holds an earlier run's checkpoints ({listed}); a new run there "
+            f"would leave a config.yaml that does not describe them. Resume that run with --ckpt_path {resume}, or "
+            "give the logger another version (or none, for the next free one)."
+        )
+
+
+def _refuse_an_empty_evaluation(subcommand: str, batches: list[int | float], split: str) -> None:
+    """An evaluation that ran no batch is an error: Lightning only warns and ``dz`` would exit 0 with no metrics."""
+    if not any(batches):
+        raise ConfigurationError(
+            f"dz {subcommand} evaluated nothing: the {split} dataloader gave no batch (an empty {split} split or "
+            f"dataset, or --trainer.limit_{split}_batches 0). Check the data module's {split} split; no metrics "
+            "were computed."
+        )
 
 
 def _log_into_the_run_of(ckpt_path: str, config: Any) -> None:
