@@ -27,8 +27,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from dz_lightning.reuse.differences import per_example_loss
-from dz_lightning.reuse.engine import GraphEngine, UnsupportedGraphError
+from dz_lightning.reuse.engine import GraphEngine
 from dz_lightning.reuse.graph import Graph, UntraceableError, trace
+from dz_lightning.reuse.plan import UnsupportedGraphError
 from dz_lightning.reuse.protocol import flatten_ops, from_stages, get_stages, residual_parts
 
 __all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_staged", "flatten_ops",

@@ -197,7 +197,7 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
         if not is_train_norm(op):
             return d * (w * torch.rsqrt(op.running_var[channel].view(shape) + op.eps))
         dims = tuple(range(1, d.dim()))
-        centered, var_eps = ctx.channel_stats(x, op.eps)
+        centered, var_eps = _channel_stats(ctx, x, op.eps)
         xc, var_eps = ctx.channels_of(("centered", x), centered, channel), var_eps[channel].view(shape)
         scale = w * torch.rsqrt(var_eps)
         dc = d - d.mean(dims, keepdim=True)
@@ -215,6 +215,16 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
     if isinstance(op, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return channel_values(op, p, d, channel)
     return channel_values(op, p, ctx.channels(x, channel) + d, channel) - ctx.channels(y, channel)
+
+
+def _channel_stats(ctx: Any, j: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Cached node ``j``'s value centered per channel, and its per-channel variance plus ``eps`` ``(C,)``."""
+    def make() -> tuple[Tensor, Tensor]:
+        x = ctx.values[j]
+        dims = (0, *range(2, x.dim()))
+        centered = x - x.mean(dims, keepdim=True)
+        return centered, (centered * centered).mean(dims) + eps
+    return ctx.cache(("stats", j, eps), make)
 
 
 def relu_channel_difference(ctx: Any, x: int, d: Tensor, channel: Tensor) -> Tensor:

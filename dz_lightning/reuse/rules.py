@@ -32,21 +32,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import dz_lightning.reuse.ops as ops
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.reuse.graph import Node, Ref
+from dz_lightning.reuse.selection import Change, Site, register
 
-__all__ = ["USER_CODE_RULES", "Change", "Rule", "full", "op_key"]
+__all__ = ["call_with", "full"]
 
-# rules that call a node's own code (any op, under vmap or on a flat batch) rather than the engine's kernels
-USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_rule", "elementwise_channel_rule",
-                             "flat_rule", "linear_rule", "flat_module_rule"})
-
-Change = tuple[Tensor, Tensor | None]
-Rule = Callable[..., Change]
+CHAN, FULL, ANY = {"chan"}, {"full"}, {"chan", "full"}
 
 # what a function/method node computes, by its target: the keys the rules and their selection test
 ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
@@ -73,6 +69,55 @@ def op_key(node: Node) -> Any:
     return node.target if node.kind in ("function", "method") else None
 
 
+# ----------------------------------------------------------------------------------------------- predicates
+def _start_input(site: Site) -> Tensor | None:
+    """The cached tensor input of a module reading the perturbed weight or bias; ``None`` for any other start."""
+    node = site.node
+    x = site.values[node.args[0].index] if node.args and isinstance(node.args[0], Ref) else None
+    return x if node.kind == "module" and isinstance(x, Tensor) and site.local in ("weight", "bias") else None
+
+
+def _module(test: Callable[[nn.Module, Tensor], bool]) -> Callable[[Site], bool]:
+    """A predicate: a module node with one changed tensor input ``x`` and ``test(module, x)``."""
+    return lambda site: site.one_module_input() and test(site.node.target, site.values[site.refs[0]])
+
+
+def _elementwise(site: Site) -> bool:
+    """An elementwise function of one changed tensor, the output of its shape (so it never writes into a cached
+    tensor: in-place is fine)."""
+    return (site.key in ELEMENTWISE_FUNCTIONS and site.changes_first()
+            and site.value.shape == site.values[site.refs[0]].shape)
+
+
+def _binary(keys: set) -> Callable[[Site], bool]:
+    """A predicate: a function of two positional arguments in ``keys``, no keyword arguments."""
+    return lambda site: site.key in keys and len(site.node.args) == 2 and not site.node.kwargs
+
+
+def _scales(site: Site) -> bool:
+    """A product with a constant or a quotient by one: one changed operand of the output's shape, no cached tensor."""
+    a, b = site.node.args
+    cached = any(isinstance(v, Ref) and isinstance(site.values[v.index], Tensor) and v.index not in site.changed
+                 for v in (a, b))
+    return (len(site.changed) == 1 and site.shapes_match() and not cached
+            and (site.key in MUL or isinstance(a, Ref) and a.index in site.changed))
+
+
+def _cat_dim(site: Site) -> int | None:
+    """The dimension of a concatenation of a list of tensors, ``None`` if not one (or written in place)."""
+    node = site.node
+    if site.key not in CAT or node.inplace or not isinstance(node.args[0], (list, tuple)):
+        return None
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim % site.value.dim() if isinstance(dim, int) else None
+
+
+def _linear_function(site: Site) -> bool:
+    """A function linear in its one changed tensor argument (not written in place)."""
+    return (site.key is not None and not site.node.inplace and site.changes_first()
+            and (site.key in LINEAR_FUNCTIONS or ops.is_linear_pad(site.node)))
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def full(ctx: Any, j: int, state: Change) -> Tensor:
     """A state at node ``j`` as a whole difference ``(k, *values[j].shape)``."""
@@ -94,6 +139,7 @@ def _operand(ctx: Any, v: Any, states: dict[int, Change]) -> tuple[Any, Tensor |
 
 
 # ----------------------------------------------------------------------------------------------- start rules
+@register(precedence=10, accepts={"start"}, gives="full", match=lambda site: site.node.kind == "param")
 def param_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A parameter read directly: its own change, one-hot per query."""
     value = ctx.values[i]
@@ -102,6 +148,8 @@ def param_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return d.reshape(-1, *value.shape), None
 
 
+@register(precedence=20, accepts={"start"}, gives="chan",
+          match=lambda site: (x := _start_input(site)) is not None and ops.column_change(site.node.target, x))
 def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A Conv/Linear weight or bias coordinate: ``delta`` times one input column, in one output channel."""
     node = ctx.graph.nodes[i]
@@ -110,6 +158,9 @@ def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return q.delta * col, channel
 
 
+@register(precedence=30, accepts={"start"}, gives="chan",
+          match=lambda site: (x := _start_input(site)) is not None and isinstance(site.node.target, ops.NORMS)
+          and x.dim() >= 2)
 def norm_affine_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``d(w * xhat + b) = delta * xhat`` (weight) or ``delta`` (bias), in one channel."""
     node = ctx.graph.nodes[i]
@@ -119,10 +170,12 @@ def norm_affine_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Ch
 
 
 # ----------------------------------------------------------------------------------------------- one-channel rules
+@register(precedence=100, accepts=ANY, gives="same", match=lambda site: site.node.identity)
 def pass_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return states[ctx.graph.nodes[i].args[0].index]
 
 
+@register(precedence=210, accepts=CHAN, gives="chan", match=_module(ops.is_channelwise))
 def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A channel-wise module on a one-channel change: the change stays in its channel."""
     node = ctx.graph.nodes[i]
@@ -131,6 +184,7 @@ def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ops.channel_difference(ctx, node.target, ctx.node_params(i), x, i, h, channel), channel
 
 
+@register(precedence=200, accepts=ANY, gives="same", match=_module(lambda op, x: ops.is_random_dropout(op)))
 def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode dropout under common random numbers: the mask drawn in the base forward scales the change, which
     stays where it is (one channel included)."""
@@ -141,6 +195,7 @@ def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return h * ctx.channels_of(("dropout", i), mask, channel), channel
 
 
+@register(precedence=300, accepts=CHAN, gives="chan", match=_elementwise, user_code=True)
 def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """An elementwise function on a one-channel change: ``f(x_c + d) - f(x)_c`` in that channel (ReLU from the
     change itself)."""
@@ -154,6 +209,7 @@ def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any
     return ctx.call(i, args, kwargs) - ctx.channels(i, channel), channel
 
 
+@register(precedence=320, accepts=FULL, gives="full", match=_elementwise, user_code=True)
 def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """An elementwise function on whole differences: ``f(x + d) - f(x)``, all queries at once."""
     node = ctx.graph.nodes[i]
@@ -163,6 +219,7 @@ def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ctx.call(i, args, kwargs) - ctx.values[i], None
 
 
+@register(precedence=220, accepts=CHAN, gives="full", match=_module(ops.is_mixing))
 def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A mixing module on a one-input-channel change: a one-input-channel convolution (bias cancels)."""
     node = ctx.graph.nodes[i]
@@ -170,6 +227,9 @@ def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ops.one_channel_mix(node.target, ctx.node_params(i), h, channel, ctx.values[i].shape), None
 
 
+@register(precedence=400, accepts=ANY, gives="same",
+          match=lambda site: _binary(ADD | SUB)(site) and len(site.changed) == 1 and site.shapes_match())
+@register(precedence=410, accepts=ANY, gives="full", match=_binary(ADD | SUB))
 def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``a + b`` / ``a - b``: one changed operand of the output's shape keeps its state (one channel included)."""
     node = ctx.graph.nodes[i]
@@ -188,6 +248,7 @@ def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return total.expand(total.shape[0], *out.shape) if total.shape[1:] != out.shape else total, None
 
 
+@register(precedence=420, accepts=ANY, gives="same", match=lambda site: _binary(MUL | DIV)(site) and _scales(site))
 def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A product with (or a quotient by) a constant: the change is scaled, in its channel."""
     node = ctx.graph.nodes[i]
@@ -198,6 +259,7 @@ def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return (h / c if op_key(node) in DIV else h * c), channel
 
 
+@register(precedence=430, accepts=ANY, gives="full", match=_binary(MUL))
 def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``(a + da)(b + db) - ab = da b + (a + da) db``, with cached tensors or constants for unchanged operands."""
     node = ctx.graph.nodes[i]
@@ -212,6 +274,7 @@ def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return da * b + (a + da) * db, None
 
 
+@register(precedence=500, accepts=CHAN, gives="chan", match=lambda site: _cat_dim(site) == 1 and len(site.changed) == 1)
 def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A channel concatenation with one input changed in one channel: that channel, shifted."""
     node = ctx.graph.nodes[i]
@@ -224,6 +287,7 @@ def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     raise AssertionError("no changed input")  # pragma: no cover - selected only with one changed input
 
 
+@register(precedence=510, accepts=ANY, gives="full", match=lambda site: _cat_dim(site) is not None)
 def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A concatenation: the changed inputs' differences beside zeros for the cached ones."""
     node = ctx.graph.nodes[i]
@@ -238,6 +302,9 @@ def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 
 # ----------------------------------------------------------------------------------------------- whole-difference rules
+@register(precedence=230, accepts=ANY, gives="full", user_code=True,
+          match=lambda site: _module(lambda op, x: True)(site)
+          and bool(site.node.linear or (site.node.linear is None and ops.is_linear(site.node.target))))
 def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A module linear in its input: it acts on the difference alone (the bias cancels), in ``delta_dtype``."""
     node = ctx.graph.nodes[i]
@@ -249,6 +316,8 @@ def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ops.linear_difference(ctx, op, ctx.node_params(i), d), None
 
 
+@register(precedence=240, accepts=ANY, gives="full",
+          match=_module(lambda op, x: isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4)))
 def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode BatchNorm, each query with its own statistics, from the cached base
     (:func:`~dz_lightning.reuse.differences.batch_norm_difference`)."""
@@ -258,11 +327,16 @@ def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return batch_norm_difference(base, full(ctx, j, states[j])), None
 
 
+@register(precedence=250, accepts=ANY, gives="full", match=_module(lambda op, x: isinstance(op, nn.ReLU)))
+@register(precedence=310, accepts=FULL, gives="full",
+          match=lambda site: _elementwise(site) and site.key in RELU and not site.node.kwargs)
 def relu_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     j = ctx.graph.nodes[i].args[0].index
     return relu_difference(*ctx.relu_base(j), full(ctx, j, states[j])), None
 
 
+@register(precedence=260, accepts=ANY, gives="full", user_code=True,
+          match=lambda site: _module(lambda op, x: ops.is_per_example(op))(site) and site.node.linear is None)
 def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A per-example module (no batch statistics) on one flat ``k * B`` batch: ``f(x + d) - f(x)``."""
     node = ctx.graph.nodes[i]
@@ -275,6 +349,7 @@ def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ctx.flat(lambda flat: torch.func.functional_call(op, params, (flat,)), h) - y, None
 
 
+@register(precedence=600, accepts=ANY, gives="full", match=_linear_function, user_code=True)
 def vmap_linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A function linear in its one tensor argument (view, flatten, slicing, zero padding, average pooling): it
     runs on the difference, per query under ``vmap``."""
@@ -282,6 +357,8 @@ def vmap_linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ctx.run_batched(i, {j: full(ctx, j, states[j])}), None
 
 
+@register(precedence=10_000, accepts={"chan", "full", "parts", "start"}, gives="full", user_code=True,
+          returns=("tensor", "tuple"))
 def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Any node: ``f(changed inputs, cached others) - f(cached)`` per query under ``vmap`` (with the perturbed
     parameter stacked per query when the perturbation starts here)."""
@@ -298,6 +375,8 @@ def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return out - ctx.values[i], None
 
 
+@register(precedence=50, accepts={"chan", "full", "parts"}, gives="parts", user_code=True, returns=("tuple",),
+          match=lambda site: _batch_first_attention(site.node))
 def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A module without batch statistics whose tensor arguments all lead with the batch: one call on flat ``k * B``
     batches (cached arguments repeated per query)."""
@@ -316,6 +395,9 @@ def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return tuple(None if v is None else o.reshape(k, *v.shape) - v for o, v in zip(out, y, strict=True)), None
 
 
+@register(precedence=90, accepts={"parts"}, gives="full",
+          match=lambda site: site.key is operator.getitem and isinstance(site.node.args[1], int)
+          and len(site.changed) == 1)
 def item_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Element ``n`` of a changed tuple: its difference."""
     node = ctx.graph.nodes[i]
@@ -334,3 +416,11 @@ def call_with(node: Node, leaves_of: Callable[[Any], Any]) -> tuple[tuple, dict]
     leaves, spec = tree_flatten((list(node.args), node.kwargs))
     args, kwargs = tree_unflatten([leaves_of(v) if isinstance(v, Ref) else v for v in leaves], spec)
     return tuple(args), kwargs
+
+
+def _batch_first_attention(node: Node) -> bool:
+    """Batch-first ``nn.MultiheadAttention`` without masks: on a flat ``k * B`` batch (vmap has no batching rule for
+    CPU flash attention)."""
+    op = node.target
+    return (node.kind == "module" and isinstance(op, nn.MultiheadAttention) and op.batch_first
+            and len(node.args) == 3 and set(node.kwargs) <= {"need_weights"})

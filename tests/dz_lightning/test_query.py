@@ -130,8 +130,9 @@ def test_staged_chunk_sizes_are_fixed_at_construction():
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     staged = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
     again = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
-    assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes)
-    assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == (3,) * len(staged.ops)
+    assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes.values())
+    assert set(staged.chunk_sizes) == {name for name, _ in model.named_parameters()}
+    assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == dict.fromkeys(staged.chunk_sizes, 3)
 
 
 def test_points_per_chunk_is_one_rule_for_every_engine():
