@@ -327,6 +327,15 @@ def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return batch_norm_difference(base, full(ctx, j, states[j])), None
 
 
+@register(precedence=305, accepts=ANY, gives="same",
+          match=lambda site: site.key in (torch.square, "square") and site.changes_first() and not site.node.kwargs)
+def square_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """``(x + d)^2 - x^2 = d (2x + d)``: from the change itself (no rounding of ``x + d``), in its channel."""
+    j = ctx.graph.nodes[i].args[0].index
+    h, channel = states[j]
+    return h * (2 * (ctx.values[j] if channel is None else ctx.channels(j, channel)) + h), channel
+
+
 @register(precedence=250, accepts=ANY, gives="full", match=_module(lambda op, x: isinstance(op, nn.ReLU)))
 @register(precedence=310, accepts=FULL, gives="full",
           match=lambda site: _elementwise(site) and site.key in RELU and not site.node.kwargs)

@@ -83,6 +83,19 @@ class _Functional(nn.Module):
         return self.fc(self.drop(h.reshape(h.shape[0], -1)))
 
 
+class _Squares(nn.Module):
+    """``torch.square`` on one-channel changes (after a convolution) and ``Tensor.square`` on whole differences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 64, 8)
+        self.fc2 = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(torch.square(self.conv(x)).flatten(1)).square())
+
+
 def _through_the_host(x: Tensor) -> Tensor:
     """A traced leaf that vmap cannot batch (``tolist``)."""
     return torch.tensor(x.tolist(), dtype=x.dtype)
@@ -117,6 +130,7 @@ MODELS = {
     "layernorm_gelu": (_TokenMixer, (3, 16, 16), F.cross_entropy),
     "attention": (_Attention, (3, 16, 16), F.cross_entropy),
     "functional": (_Functional, (3, 8, 8), F.cross_entropy),
+    "squares": (_Squares, (3, 8, 8), F.cross_entropy),
 }
 _HEAVY = {"tv_resnet18", "tv_mobilenet_v3_small"}
 
@@ -246,6 +260,12 @@ def test_one_channel_rules_follow_the_graph():
     # products with constants keep the change (the parameter read directly starts as a one-hot change)
     assert dict(engine.rules("scale"))["scale"] == "param_rule"
     assert dict(engine.rules("gate.1.weight"))["mul"] == "product_rule"
+
+
+def test_a_square_keeps_a_change_in_one_channel():
+    engine = build_staged(_Squares(), F.cross_entropy, *_data((3, 8, 8), F.cross_entropy))
+    assert [r for _, r in engine.rules("conv.weight")[:3]] == ["column_start", "square_rule", "vmap_linear_rule"]
+    assert [r for _, r in engine.rules("fc1.weight")] == ["column_start", "square_rule", "channel_mix_rule"]
 
 
 def test_unet_skips_keep_a_change_in_one_channel():
