@@ -96,31 +96,39 @@ def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], 
     if unknown:
         raise TypeError(f"build_staged got unexpected options {sorted(unknown)}; valid: max_batch, memory_budget, "
                         "delta_dtype, self_check.")
-    kwargs = options
     try:
-        graph = traced_graph(model)
-        key = (tuple(inputs.shape), inputs.dtype, inputs.device.type, _loss_key(loss_fn))
-        verdict = graph.verdicts.get(key)
-        if isinstance(verdict, str):  # failed before on this kind of batch: no engine, no base forward
-            raise UntraceableError(verdict)
-        try:
-            engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **kwargs)
-            if self_check and key not in graph.verdicts:
-                engine.self_check()
-                graph.verdicts[key] = None if engine.batched_losses else False
-        except UnsupportedGraphError as exc:
-            graph.verdicts[key] = str(exc)
-            raise
-        if graph.verdicts.get(key) is False and engine.batched_losses:
-            engine.batched_losses = False
-        return engine
+        return _traced_engine(model, loss_fn, inputs, targets, params, self_check, options)
     except UntraceableError as exc:  # UnsupportedGraphError included
         reason = str(exc).rstrip(".")
     if get_stages(model) is not None:
         _warn_once(model, reason, "Feature reuse uses its `stages()` protocol instead.")
-        return StagedForward(model, loss_fn, inputs, targets, params, **kwargs)
+        return StagedForward(model, loss_fn, inputs, targets, params, **options)
     _warn_once(model, reason, "CGE runs the full forward for every query (no `stages()` either).")
     return None
+
+
+def _traced_engine(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+                   params: Mapping[str, Tensor] | None, self_check: bool, options: dict[str, Any]) -> GraphEngine:
+    """The engine on ``model``'s traced graph, self-checked once per kind of batch (the verdict kept on the graph).
+
+    Raises:
+        UntraceableError: the model cannot be traced, or the engine failed on this kind of batch, now or before.
+    """
+    graph = traced_graph(model)
+    key = (tuple(inputs.shape), inputs.dtype, inputs.device.type, _loss_key(loss_fn))
+    verdict = graph.verdicts.get(key)
+    if isinstance(verdict, str):  # failed before on this kind of batch: no engine, no base forward
+        raise UntraceableError(verdict)
+    try:
+        engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **options)
+        if self_check and key not in graph.verdicts:
+            engine.self_check()
+            graph.verdicts[key] = None if engine.batched_losses else False
+    except UnsupportedGraphError as exc:
+        graph.verdicts[key] = str(exc)
+        raise
+    engine.batched_losses = engine.batched_losses and graph.verdicts.get(key) is not False
+    return engine
 
 
 def _loss_key(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Any:

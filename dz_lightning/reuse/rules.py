@@ -33,11 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import dz_lightning.reuse.ops as ops
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
-from dz_lightning.reuse.graph import Node, Ref
+from dz_lightning.reuse.graph import Node, Ref, map_refs
 from dz_lightning.reuse.selection import Change, Site, register
 
 __all__ = ["call_with", "full"]
@@ -422,9 +421,8 @@ def _changed_value(ctx: Any, j: int, state: Change) -> Any:
 
 def call_with(node: Node, leaves_of: Callable[[Any], Any]) -> tuple[tuple, dict]:
     """``node``'s args and kwargs with every :class:`Ref` replaced by ``leaves_of(ref)``."""
-    leaves, spec = tree_flatten((list(node.args), node.kwargs))
-    args, kwargs = tree_unflatten([leaves_of(v) if isinstance(v, Ref) else v for v in leaves], spec)
-    return tuple(args), kwargs
+    args, kwargs = map_refs((node.args, node.kwargs), leaves_of)
+    return tuple(args), dict(kwargs)
 
 
 def _batch_first_attention(node: Node) -> bool:
