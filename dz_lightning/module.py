@@ -17,7 +17,7 @@ from dz_lightning import distributed, query
 from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError, StepUndo
 from dz_lightning.oracle import ModuleOracle, Oracle, has_batchnorm
-from dz_lightning.step import StepPlan, StepTiming
+from dz_lightning.step import StepPlan, StepShare, StepTiming
 from dz_lightning.step_logging import StepLog
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
@@ -50,7 +50,7 @@ class ZOModule(L.LightningModule):
        :class:`~dz_lightning.step.StepPlan` (CGE coordinates split by measured cost, RGE points round-robin; it
        takes the estimator settings below when the module is built);
     3. ``zo_plan.reduce``: one all-reduce gives every rank the full estimate (with one process it returns its
-       input), identical on all ranks;
+       input), identical on all ranks; :meth:`process_estimate` may post-process it (the same on every rank);
     4. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
     The module follows :class:`~dz_lightning.trainable.ZOTrainable`, the protocol the bundled callbacks check.
@@ -257,14 +257,21 @@ class ZOModule(L.LightningModule):
                 "optimizer step through its gradient scaler)."
             )
 
-    def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> Estimate:
+    def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> StepShare | Estimate:
         """This rank's share of the step's estimate (with one process: the estimate), from :attr:`zo_plan`.
 
-        A subclass may override it. Under DDP the grads it returns are then taken as partial gradients and summed
-        over the ranks (so an override that does not split the work across ranks must return ``grads / world``);
-        returning ``super().estimate(...)`` unchanged keeps the plan's exact split (and exact distributed RGE).
+        A subclass may override it to compute its share in its own way: returning ``super().estimate(...)`` keeps the
+        plan's exact split (and exact distributed RGE); an :class:`~dz_lightning.Estimate` it returns (or
+        ``StepShare(estimate)``) is a partial estimate whose grads are summed over the ranks under DDP (an override
+        that does not split the work across ranks must return ``grads / world``). The share is opaque: to scale,
+        clip or otherwise post-process the estimate, override :meth:`process_estimate`, which sees the reduced one.
         """
         return self.zo_plan.estimate(oracle, params, self.zo_masks)
+
+    def process_estimate(self, estimate: Estimate) -> Estimate:
+        """The step's reduced estimate (identical on every rank) before it is written to ``p.grad``; a subclass may
+        return a post-processed one (scaled, clipped, ...). The default returns it unchanged."""
+        return estimate
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The paper's step: oracle, this rank's estimate, one all-reduce, ``p.grad``, optimizer step, log."""
@@ -276,8 +283,10 @@ class ZOModule(L.LightningModule):
             share, error = self.estimate(oracle, params), None
         except Exception as err:  # noqa: BLE001 - re-raised by `reduce`, after the collective every rank joins
             share, error = None, err
+        if isinstance(share, Estimate):  # a subclass's own partial estimate
+            share = StepShare(share)
         est, self.last_timing = self.zo_plan.reduce(params, share, error, queries=oracle.queries)
-        self.last_estimate = est
+        self.last_estimate = est = self.process_estimate(est)
         for name, p in params.items():
             p.grad = est.grads[name].to(p.dtype)
         self._optimizer_step()
