@@ -25,6 +25,7 @@ import dz_lightning.reuse.check as check
 import dz_lightning.reuse.ops as ops
 import dz_lightning.reuse.rules as rules
 from dz_lightning import query
+from dz_lightning.oracle_base import coordinate_points
 from dz_lightning.query import query_mode
 from dz_lightning.reuse.differences import per_example_loss
 from dz_lightning.reuse.graph import Graph
@@ -211,10 +212,7 @@ class GraphEngine:
         batched = [changed[j] for j in order]
         if local is not None:
             base = self.node_params(i)[local] if self.nodes[i].kind == "module" else self.params[local]
-            k = q.index.numel()
-            stacked = base.detach().reshape(1, -1).repeat(k, 1)
-            stacked[torch.arange(k, device=stacked.device), q.index] += q.delta
-            batched.append(stacked.reshape(k, *base.shape))
+            batched.append(coordinate_points(base, q.index, q.delta))
 
         def one(*vs: Tensor) -> Tensor:
             own = dict(zip(order, vs, strict=False))

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dz_lightning.query import MASK_DROPOUTS, low_precision_deltas
-from dz_lightning.reuse.differences import relu_difference
+from dz_lightning.reuse.differences import batch_norm_channel_difference, relu_difference
 
 __all__ = ["NORMS", "batchable_attention", "column", "column_change", "is_channelwise", "is_linear",
            "is_mixing", "is_per_example", "is_random_dropout"]
@@ -196,14 +196,9 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
         w = p["weight"][channel].view(shape) if "weight" in p else 1.0
         if not is_train_norm(op):
             return d * (w * torch.rsqrt(op.running_var[channel].view(shape) + op.eps))
-        dims = tuple(range(1, d.dim()))
         centered, var_eps = _channel_stats(ctx, x, op.eps)
         xc, var_eps = ctx.channels_of(("centered", x), centered, channel), var_eps[channel].view(shape)
-        scale = w * torch.rsqrt(var_eps)
-        dc = d - d.mean(dims, keepdim=True)
-        dv = 2 * (xc * dc).mean(dims, keepdim=True) + (dc * dc).mean(dims, keepdim=True)
-        ds = scale * torch.expm1(-0.5 * torch.log1p(dv / var_eps))
-        return torch.addcmul(xc * ds, dc, scale + ds)
+        return batch_norm_channel_difference(xc, var_eps, w * torch.rsqrt(var_eps), d)
     if isinstance(op, nn.ReLU):
         return relu_channel_difference(ctx, x, d, channel)
     if isinstance(op, (nn.Identity, nn.Dropout)):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dz_lightning.reuse.ops as ops
+from dz_lightning.oracle_base import coordinate_points
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.reuse.graph import Node, Ref, map_refs
 from dz_lightning.reuse.selection import Change, Site, register
@@ -141,10 +142,7 @@ def _operand(ctx: Any, v: Any, states: dict[int, Change]) -> tuple[Any, Tensor |
 @register(precedence=10, accepts={"start"}, gives="full", match=lambda site: site.node.kind == "param")
 def param_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A parameter read directly: its own change, one-hot per query."""
-    value = ctx.values[i]
-    d = value.new_zeros((q.index.numel(), value.numel()))
-    d[torch.arange(q.index.numel(), device=d.device), q.index] = q.delta
-    return d.reshape(-1, *value.shape), None
+    return coordinate_points(torch.zeros_like(ctx.values[i]), q.index, q.delta), None
 
 
 @register(precedence=20, accepts={"start"}, gives="chan",
