@@ -26,7 +26,7 @@ from dz_lightning.query import frozen_batchnorm_stats, query_mode
 
 __all__ = [
     "DelegatingOracle", "FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats",
-    "has_batchnorm", "parameter_values", "query_mode", "vmap_points",
+    "has_batchnorm", "parameter_values", "query_mode", "vmap_points", "white_box_oracle",
 ]
 
 
@@ -344,3 +344,22 @@ def _params_key(params: Mapping[str, Tensor]) -> tuple:
 def _same_params(a: tuple | None, b: tuple | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
         x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b, strict=True))
+
+
+def white_box_oracle(oracle: Oracle, probe: str, remedy: str) -> ModuleOracle:
+    """``oracle`` as the white-box :class:`ModuleOracle` that a first-order ``probe`` differentiates
+    (``loss_fn(model(inputs), targets)``), or an error naming ``probe`` and ``remedy``.
+
+    Raises:
+        TypeError: ``oracle`` is not a :class:`ModuleOracle` (a black box).
+        ValueError: it has a black-box ``head``: the loss ZO estimates runs through the head, which a first-order
+            probe cannot differentiate (it would differentiate another loss).
+    """
+    if not isinstance(oracle, ModuleOracle):
+        raise TypeError(f"{probe} needs a white-box ModuleOracle, but make_oracle returned a {type(oracle).__name__}; "
+                        f"{remedy}")
+    if oracle.head is not None:
+        raise ValueError(f"{probe} differentiates loss_fn(model(inputs)), but this ModuleOracle has a black-box "
+                         f"`head` between the model and the loss (head={oracle.head!r}), so that is not the loss ZO "
+                         f"estimates; {remedy}")
+    return oracle
