@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
-from dz_lightning.oracle import frozen_batchnorm_stats, white_box_oracle
+from dz_lightning.oracle import white_box_oracle
+from dz_lightning.query import frozen_batchnorm_stats
 from dz_lightning.trainable import ZOTrainable
 from dz_lightning.validation import check_positive_int
 

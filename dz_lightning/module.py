@@ -13,10 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed, query
+from dz_lightning import distributed, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
 from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError, StepUndo
-from dz_lightning.oracle import ModuleOracle, Oracle, has_batchnorm
+from dz_lightning.oracle import ModuleOracle, has_batchnorm
+from dz_lightning.oracle_base import Oracle
 from dz_lightning.step import StepPlan, StepShare, StepTiming
 from dz_lightning.step_logging import StepLog
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
@@ -76,7 +77,7 @@ class ZOModule(L.LightningModule):
         gradient_clip_val: clip the estimated gradient to this global 2-norm; ``None`` disables.
         max_batch: most perturbed points per batched oracle call; ``None`` derives it from ``memory_budget``.
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
-        delta_dtype: arithmetic of the staged engine's linear ops on a perturbation's difference from the cached
+        delta_dtype: arithmetic of the graph engine's linear ops on a perturbation's difference from the cached
             base: ``"float32"`` (default), ``"bfloat16"`` (error relative to the difference; faster convolutions on
             CPUs with AVX512-BF16 and on GPUs) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the
             losses stay fp32/float64 whatever this says.
@@ -141,7 +142,7 @@ class ZOModule(L.LightningModule):
         self.seed = seed
         self.optimizer_fn, self.scheduler_fn, self.scheduler_interval = optimizer, lr_scheduler, scheduler_interval
         self.gradient_clip_val, self.nonfinite_step, self.max_queries = gradient_clip_val, nonfinite_step, max_queries
-        # batched queries: points per call, memory and the staged engine's arithmetic
+        # batched queries: points per call, memory and the graph engine's arithmetic
         self.max_batch, self.memory_budget, self.delta_dtype = max_batch, memory_budget, delta_dtype
         self.steps_undone = 0
         self.zo_masks: dict[str, Tensor] | None = None

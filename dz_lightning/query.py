@@ -299,7 +299,7 @@ def points_per_chunk(device: torch.device, budget: int | None, bytes_per_point: 
     return max(1, int(k))
 
 
-# arithmetic of a perturbation's differences in the staged engine (the base forward is always fp32)
+# arithmetic of a perturbation's differences in the graph engine (the base forward is always fp32)
 DELTA_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "tf32": None}
 
 

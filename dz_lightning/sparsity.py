@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from dz_lightning.estimators import direction_chunk, loss_difference
-from dz_lightning.oracle import DelegatingOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
+from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
+from dz_lightning.query import frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
 __all__ = [

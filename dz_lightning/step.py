@@ -27,7 +27,8 @@ from torch import Tensor
 from dz_lightning import distributed
 from dz_lightning.distributed import CostTable, RankFailedError
 from dz_lightning.estimators import Estimate, cge, mask_coordinates, params_device, rge, validate_masks
-from dz_lightning.oracle import DelegatingOracle, ModuleOracle, Oracle
+from dz_lightning.oracle import ModuleOracle
+from dz_lightning.oracle_base import DelegatingOracle, Oracle
 
 __all__ = ["RecordingOracle", "ReplayOracle", "StepPlan", "StepShare", "StepTiming"]
 

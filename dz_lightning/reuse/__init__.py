@@ -1,6 +1,6 @@
-"""Feature reuse: the entry point of the staged engine for the oracles.
+"""Feature reuse: the entry point of the graph engine for the oracles.
 
-:func:`build_staged` gives any model an engine that caches every activation of one base forward and recomputes,
+:func:`build_graph_engine` gives any model an engine that caches every activation of one base forward and recomputes,
 for each perturbed coordinate, only what the perturbation changes, as a difference from the cache
 (:class:`~dz_lightning.reuse.engine.GraphEngine`). The model's graph comes from ``torch.fx`` tracing
 (:func:`dz_lightning.reuse.graph.trace`); a model that cannot be traced but defines ``stages()`` (or is an
@@ -32,9 +32,8 @@ from dz_lightning.reuse.graph import Graph, UntraceableError, trace
 from dz_lightning.reuse.plan import UnsupportedGraphError
 from dz_lightning.reuse.protocol import flatten_ops, from_stages, get_stages, residual_parts
 
-__all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_staged", "flatten_ops",
-           "get_stages", "residual_parts",
-           "traced_graph"]
+__all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_graph_engine",
+           "flatten_ops", "get_stages", "residual_parts", "traced_graph"]
 
 
 class StagedForward(GraphEngine):
@@ -76,7 +75,7 @@ def traced_graph(model: nn.Module) -> Graph:
     return graphs[key]
 
 
-def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+def build_graph_engine(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  params: Mapping[str, Tensor] | None = None, *, self_check: bool = True,
                  **options: Any) -> GraphEngine | None:
     """The feature-reuse engine for ``model``: on its traced graph, else on its ``stages()`` protocol, else
@@ -94,8 +93,8 @@ def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], 
     """
     unknown = options.keys() - {"max_batch", "memory_budget", "delta_dtype"}
     if unknown:
-        raise TypeError(f"build_staged got unexpected options {sorted(unknown)}; valid: max_batch, memory_budget, "
-                        "delta_dtype, self_check.")
+        raise TypeError(f"build_graph_engine got unexpected options {sorted(unknown)}; valid: max_batch, "
+                        "memory_budget, delta_dtype, self_check.")
     try:
         return _traced_engine(model, loss_fn, inputs, targets, params, self_check, options)
     except UntraceableError as exc:  # UnsupportedGraphError included

@@ -1,6 +1,6 @@
 """Differences through nonlinear ops, computed from the change itself.
 
-The staged engine (:mod:`dz_lightning.reuse.engine`, rules in :mod:`dz_lightning.reuse.rules`) carries each
+The graph engine (:mod:`dz_lightning.reuse.engine`, rules in :mod:`dz_lightning.reuse.rules`) carries each
 query's change ``d = perturbed - base`` through the network. These helpers give an op's output change for an input
 change ``d`` in forms whose rounding error is relative to ``d`` rather than to the activations (``f(x + d) - f(x)``
 in fp32 loses ``eps * |x|``), batched over the ``k`` queries of a chunk in one call each.

@@ -126,7 +126,7 @@ class GraphEngine:
 
     def self_check(self) -> None:
         """Check the engine on this batch before it is trusted (host reads: for the first batch of a model, not per
-        step; :func:`dz_lightning.reuse.build_staged` runs it once per graph, input shape and loss).
+        step; :func:`dz_lightning.reuse.build_graph_engine` runs it once per graph, input shape and loss).
 
         The batched per-example loss of a known loss function must equal its value at the base point (else the
         losses are computed one query at a time: :attr:`batched_losses` is set ``False``). Then, on a zero

@@ -1,4 +1,4 @@
-"""The graph IR of the staged engine, and its builder from ``torch.fx`` symbolic tracing.
+"""The graph IR of the graph engine, and its builder from ``torch.fx`` symbolic tracing.
 
 A model's forward is a list of :class:`Node` s in topological order. Every node reads its inputs through
 :class:`Ref` s to earlier nodes; the engine (:mod:`dz_lightning.reuse.engine`) caches every node's value in one base

@@ -1,4 +1,4 @@
-"""Op-level math of the staged engine: which module is which, and the one-channel and difference kernels.
+"""Op-level math of the graph engine: which module is which, and the one-channel and difference kernels.
 
 Functions of modules and tensors only (no graph); :mod:`dz_lightning.reuse.rules` applies them to the nodes of a graph.
 Shapes: ``k`` queries of a chunk, a batch of ``B`` examples; a one-channel change is ``(k, B, *spatial)``.

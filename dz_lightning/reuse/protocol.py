@@ -1,4 +1,4 @@
-"""The model-side protocol of the staged engine: ``stages()`` and residual blocks, as a builder of the graph IR.
+"""The model-side protocol of the graph engine: ``stages()`` and residual blocks, as a builder of the graph IR.
 
 A staged model is an ordered list of modules whose composition is its forward: an ``nn.Sequential``'s children,
 or what its ``stages()`` method returns. Nested ``nn.Sequential`` s are flattened into ops. One block protocol

@@ -1,4 +1,4 @@
-"""Propagation rules of the staged engine: how a node's change follows from its inputs' changes.
+"""Propagation rules of the graph engine: how a node's change follows from its inputs' changes.
 
 A query's state at a node is a :data:`Change` ``(h, channel)``: with ``channel`` ``None``, ``h`` ``(k, *value.shape)``
 holds each query's difference from the cached value; otherwise only channel ``channel[i]`` (dim 1 of the value)

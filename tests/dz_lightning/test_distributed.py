@@ -304,3 +304,14 @@ def test_two_gloo_ranks_combine_to_the_single_process_gradient(run_ddp, free_por
     _, cge_diff, rge_exact, partial_diff, updates = next(
         ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")).split()
     assert float(cge_diff) <= 1e-6 and rge_exact == "1" and float(partial_diff) <= 1e-6 and updates == "1"
+
+
+def test_zo_ddp_is_a_registered_lightning_strategy():
+    import lightning as L
+
+    import dz_lightning.module  # noqa: F401 - any ZOModule import registers it
+    from dz_lightning.strategies import ZODDPStrategy
+
+    trainer = L.Trainer(strategy="zo_ddp", accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)
+    assert isinstance(trainer.strategy, ZODDPStrategy)

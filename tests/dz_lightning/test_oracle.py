@@ -372,8 +372,8 @@ def test_the_feature_reuse_engine_is_built_on_the_first_coordinate_query_only(mo
     model = simple_cnn(depth=2, channels=4).eval()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     built = []
-    build = reuse.build_staged
-    monkeypatch.setattr(reuse, "build_staged", lambda *a, **k: built.append(1) or build(*a, **k))
+    build = reuse.build_graph_engine
+    monkeypatch.setattr(reuse, "build_graph_engine", lambda *a, **k: built.append(1) or build(*a, **k))
     oracle = dz.ModuleOracle(model, F.cross_entropy, x, y)
     params = dict(model.named_parameters())
     oracle.loss(params)
