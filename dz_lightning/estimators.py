@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from dz_lightning import query
 from dz_lightning.oracle_base import NonFiniteLossError, Oracle
 from dz_lightning.resolution import check_step_resolves, directions_unmoved, report_directions
+from dz_lightning.upstream import tensor_version
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["Estimate", "cge", "device_generator", "loss_difference", "mask_coordinates", "params_device", "rge",
@@ -108,10 +109,10 @@ def mask_coordinates(mask: Tensor, coordinates: Tensor | None = None) -> Tensor:
     """
     entry = _MASK_COORDINATES.get(mask)
     if coordinates is not None:
-        entry = (mask._version, coordinates.reshape(-1).to(device=mask.device, dtype=torch.long))
+        entry = (tensor_version(mask), coordinates.reshape(-1).to(device=mask.device, dtype=torch.long))
         _MASK_COORDINATES[mask] = entry
-    elif entry is None or entry[0] != mask._version:
-        entry = (mask._version, mask.reshape(-1).nonzero().reshape(-1))
+    elif entry is None or entry[0] != tensor_version(mask):
+        entry = (tensor_version(mask), mask.reshape(-1).nonzero().reshape(-1))
         _MASK_COORDINATES[mask] = entry
     return entry[1]
 

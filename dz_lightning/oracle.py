@@ -23,6 +23,7 @@ from dz_lightning import query, reuse
 from dz_lightning.fallback import FullForwards, parameter_values
 from dz_lightning.oracle_base import Oracle, _note
 from dz_lightning.query import query_mode
+from dz_lightning.upstream import tensor_version
 
 __all__ = ["FunctionOracle", "ModuleOracle", "has_batchnorm", "white_box_oracle"]
 
@@ -335,7 +336,7 @@ class ModuleOracle(Oracle):
 def _params_key(params: Mapping[str, Tensor]) -> tuple:
     """The parameters as a cache key: the tensors themselves (identity and in-place version), so that a freed
     tensor's memory can never be mistaken for the cached parameters."""
-    return tuple((n, v, v._version) for n, v in params.items())
+    return tuple((n, v, tensor_version(v)) for n, v in params.items())
 
 
 def _same_params(a: tuple | None, b: tuple | None) -> bool:

@@ -188,9 +188,10 @@ def common_random_numbers(seed: int | None, device: torch.device) -> Iterator[No
         yield
 
 
-BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
-"""The layers with running statistics that a training forward updates: every BatchNorm, lazy ones and subclasses
-from other libraries included (their common base is private; this is its one use)."""
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+              nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+"""The layers with running statistics that a training forward updates: torch's BatchNorm classes (lazy and sync
+ones included) and their subclasses from other libraries (named, not by their private common base)."""
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 

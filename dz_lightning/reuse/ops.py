@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dz_lightning.query import MASK_DROPOUTS, low_precision_deltas
@@ -275,7 +276,8 @@ def linear_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], d: Tenso
             out = ctx.flat(lambda flat: F.conv_transpose2d(flat, weight, None, op.stride, op.padding,
                                                            op.output_padding, op.groups, op.dilation), d_in)
         else:
-            out = ctx.flat(lambda flat: op._conv_forward(flat, weight, None), d_in)
+            # the module's own convolution (padding mode included) with this weight and no bias
+            out = ctx.flat(lambda flat: functional_call(op, {"weight": weight, "bias": None}, (flat,)), d_in)
     return out.to(d.dtype)
 
 
