@@ -4,9 +4,10 @@ A query's state at a node is a :data:`Change` ``(h, channel)``: with ``channel``
 holds each query's difference from the cached value; otherwise only channel ``channel[i]`` (dim 1 of the value)
 of query i differs, and ``h`` ``(k, B, *spatial)`` holds that channel's difference. The selection
 (:mod:`dz_lightning.reuse.selection`) picks, once per parameter when the engine is built, the rule of every node
-downstream of it; a rule
-is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
-:class:`dz_lightning.reuse.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk.
+downstream of it. A rule is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
+:class:`dz_lightning.reuse.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk, registered
+where it is written (``@register``: when it applies, with predicates from :mod:`dz_lightning.reuse.predicates`, and
+its precedence). A new op is one registered function here.
 
 The rules, keyed on the node:
 
@@ -31,92 +32,33 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dz_lightning.reuse.ops as ops
 from dz_lightning.oracle_base import coordinate_points
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
 from dz_lightning.reuse.graph import Node, Ref, map_refs
-from dz_lightning.reuse.selection import Change, Site, register
+from dz_lightning.reuse.predicates import (
+    ADD,
+    DIV,
+    MUL,
+    RELU,
+    SUB,
+    batch_first_attention,
+    binary,
+    cat_dim,
+    elementwise,
+    linear_function,
+    module_with,
+    op_key,
+    scales,
+    start_input,
+)
+from dz_lightning.reuse.selection import Change, register
 
 __all__ = ["call_with", "full"]
 
 CHAN, FULL, ANY = {"chan"}, {"full"}, {"chan", "full"}
-
-# what a function/method node computes, by its target: the keys the rules and their selection test
-ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
-SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__"}
-MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
-DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
-CAT = {torch.cat, torch.concat, torch.concatenate}
-RELU = {F.relu, torch.relu, "relu", "relu_"}
-# elementwise functions of one tensor (their other arguments constants): a change stays where it is
-ELEMENTWISE_FUNCTIONS = RELU | {
-    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.leaky_relu,
-    F.elu, F.softplus, F.mish, "sigmoid", "tanh", "sigmoid_", "tanh_", "exp", "abs", torch.exp, torch.abs,
-}
-# functions of one tensor that are linear in it (the other arguments are sizes or constants)
-LINEAR_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch.mean, torch.sum, operator.neg,
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "mean", "sum",
-    "expand", "repeat", "t", "neg", "__neg__",
-}
-
-
-def op_key(node: Node) -> Any:
-    return node.target if node.kind in ("function", "method") else None
-
-
-# ----------------------------------------------------------------------------------------------- predicates
-def _start_input(site: Site) -> Tensor | None:
-    """The cached tensor input of a module reading the perturbed weight or bias; ``None`` for any other start."""
-    node = site.node
-    x = site.values[node.args[0].index] if node.args and isinstance(node.args[0], Ref) else None
-    return x if node.kind == "module" and isinstance(x, Tensor) and site.local in ("weight", "bias") else None
-
-
-def _module(test: Callable[[nn.Module, Tensor], bool]) -> Callable[[Site], bool]:
-    """A predicate: a module node with one changed tensor input ``x`` and ``test(module, x)``."""
-    return lambda site: site.one_module_input() and test(site.node.target, site.values[site.refs[0]])
-
-
-def _elementwise(site: Site) -> bool:
-    """An elementwise function of one changed tensor, the output of its shape (so it never writes into a cached
-    tensor: in-place is fine)."""
-    return (site.key in ELEMENTWISE_FUNCTIONS and site.changes_first()
-            and site.value.shape == site.values[site.refs[0]].shape)
-
-
-def _binary(keys: set) -> Callable[[Site], bool]:
-    """A predicate: a function of two positional arguments in ``keys``, no keyword arguments."""
-    return lambda site: site.key in keys and len(site.node.args) == 2 and not site.node.kwargs
-
-
-def _scales(site: Site) -> bool:
-    """A product with a constant or a quotient by one: one changed operand of the output's shape, no cached tensor."""
-    a, b = site.node.args
-    cached = any(isinstance(v, Ref) and isinstance(site.values[v.index], Tensor) and v.index not in site.changed
-                 for v in (a, b))
-    return (len(site.changed) == 1 and site.shapes_match() and not cached
-            and (site.key in MUL or isinstance(a, Ref) and a.index in site.changed))
-
-
-def _cat_dim(site: Site) -> int | None:
-    """The dimension of a concatenation of a list of tensors, ``None`` if not one (or written in place)."""
-    node = site.node
-    if site.key not in CAT or node.inplace or not isinstance(node.args[0], (list, tuple)):
-        return None
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    return dim % site.value.dim() if isinstance(dim, int) else None
-
-
-def _linear_function(site: Site) -> bool:
-    """A function linear in its one changed tensor argument (not written in place)."""
-    return (site.key is not None and not site.node.inplace and site.changes_first()
-            and (site.key in LINEAR_FUNCTIONS or ops.is_linear_pad(site.node)))
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 def full(ctx: Any, j: int, state: Change) -> Tensor:
@@ -146,7 +88,7 @@ def param_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 
 @register(precedence=20, accepts={"start"}, gives="chan",
-          match=lambda site: (x := _start_input(site)) is not None and ops.column_change(site.node.target, x))
+          match=lambda site: (x := start_input(site)) is not None and ops.column_change(site.node.target, x))
 def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A Conv/Linear weight or bias coordinate: ``delta`` times one input column, in one output channel."""
     node = ctx.graph.nodes[i]
@@ -156,7 +98,7 @@ def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 
 @register(precedence=30, accepts={"start"}, gives="chan",
-          match=lambda site: (x := _start_input(site)) is not None and isinstance(site.node.target, ops.NORMS)
+          match=lambda site: (x := start_input(site)) is not None and isinstance(site.node.target, ops.NORMS)
           and x.dim() >= 2)
 def norm_affine_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``d(w * xhat + b) = delta * xhat`` (weight) or ``delta`` (bias), in one channel."""
@@ -172,7 +114,7 @@ def pass_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return states[ctx.graph.nodes[i].args[0].index]
 
 
-@register(precedence=210, accepts=CHAN, gives="chan", match=_module(ops.is_channelwise))
+@register(precedence=210, accepts=CHAN, gives="chan", match=module_with(ops.is_channelwise))
 def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A channel-wise module on a one-channel change: the change stays in its channel."""
     node = ctx.graph.nodes[i]
@@ -181,7 +123,7 @@ def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ops.channel_difference(ctx, node.target, ctx.node_params(i), x, i, h, channel), channel
 
 
-@register(precedence=200, accepts=ANY, gives="same", match=_module(lambda op, x: ops.is_random_dropout(op)))
+@register(precedence=200, accepts=ANY, gives="same", match=module_with(lambda op, x: ops.is_random_dropout(op)))
 def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode dropout under common random numbers: the mask drawn in the base forward scales the change, which
     stays where it is (one channel included)."""
@@ -192,7 +134,7 @@ def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return h * ctx.channels_of(("dropout", i), mask, channel), channel
 
 
-@register(precedence=300, accepts=CHAN, gives="chan", match=_elementwise, user_code=True)
+@register(precedence=300, accepts=CHAN, gives="chan", match=elementwise, user_code=True)
 def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """An elementwise function on a one-channel change: ``f(x_c + d) - f(x)_c`` in that channel (ReLU from the
     change itself)."""
@@ -206,7 +148,7 @@ def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any
     return ctx.call(i, args, kwargs) - ctx.channels(i, channel), channel
 
 
-@register(precedence=320, accepts=FULL, gives="full", match=_elementwise, user_code=True)
+@register(precedence=320, accepts=FULL, gives="full", match=elementwise, user_code=True)
 def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """An elementwise function on whole differences: ``f(x + d) - f(x)``, all queries at once."""
     node = ctx.graph.nodes[i]
@@ -216,7 +158,7 @@ def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ctx.call(i, args, kwargs) - ctx.values[i], None
 
 
-@register(precedence=220, accepts=CHAN, gives="full", match=_module(ops.is_mixing))
+@register(precedence=220, accepts=CHAN, gives="full", match=module_with(ops.is_mixing))
 def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A mixing module on a one-input-channel change: a one-input-channel convolution (bias cancels)."""
     node = ctx.graph.nodes[i]
@@ -225,8 +167,8 @@ def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
 
 
 @register(precedence=400, accepts=ANY, gives="same",
-          match=lambda site: _binary(ADD | SUB)(site) and len(site.changed) == 1 and site.shapes_match())
-@register(precedence=410, accepts=ANY, gives="full", match=_binary(ADD | SUB))
+          match=lambda site: binary(ADD | SUB)(site) and len(site.changed) == 1 and site.shapes_match())
+@register(precedence=410, accepts=ANY, gives="full", match=binary(ADD | SUB))
 def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``a + b`` / ``a - b``: one changed operand of the output's shape keeps its state (one channel included)."""
     node = ctx.graph.nodes[i]
@@ -245,7 +187,7 @@ def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return total.expand(total.shape[0], *out.shape) if total.shape[1:] != out.shape else total, None
 
 
-@register(precedence=420, accepts=ANY, gives="same", match=lambda site: _binary(MUL | DIV)(site) and _scales(site))
+@register(precedence=420, accepts=ANY, gives="same", match=lambda site: binary(MUL | DIV)(site) and scales(site))
 def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A product with (or a quotient by) a constant: the change is scaled, in its channel."""
     node = ctx.graph.nodes[i]
@@ -256,7 +198,7 @@ def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return (h / c if op_key(node) in DIV else h * c), channel
 
 
-@register(precedence=430, accepts=ANY, gives="full", match=_binary(MUL))
+@register(precedence=430, accepts=ANY, gives="full", match=binary(MUL))
 def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``(a + da)(b + db) - ab = da b + (a + da) db``, with cached tensors or constants for unchanged operands."""
     node = ctx.graph.nodes[i]
@@ -271,7 +213,7 @@ def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return da * b + (a + da) * db, None
 
 
-@register(precedence=500, accepts=CHAN, gives="chan", match=lambda site: _cat_dim(site) == 1 and len(site.changed) == 1)
+@register(precedence=500, accepts=CHAN, gives="chan", match=lambda site: cat_dim(site) == 1 and len(site.changed) == 1)
 def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A channel concatenation with one input changed in one channel: that channel, shifted."""
     node = ctx.graph.nodes[i]
@@ -284,7 +226,7 @@ def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     raise AssertionError("no changed input")  # pragma: no cover - selected only with one changed input
 
 
-@register(precedence=510, accepts=ANY, gives="full", match=lambda site: _cat_dim(site) is not None)
+@register(precedence=510, accepts=ANY, gives="full", match=lambda site: cat_dim(site) is not None)
 def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A concatenation: the changed inputs' differences beside zeros for the cached ones."""
     node = ctx.graph.nodes[i]
@@ -300,7 +242,7 @@ def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 # ----------------------------------------------------------------------------------------------- whole-difference rules
 @register(precedence=230, accepts=ANY, gives="full", user_code=True,
-          match=lambda site: _module(lambda op, x: True)(site)
+          match=lambda site: module_with(lambda op, x: True)(site)
           and bool(site.node.linear or (site.node.linear is None and ops.is_linear(site.node.target))))
 def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A module linear in its input: it acts on the difference alone (the bias cancels), in ``delta_dtype``."""
@@ -314,7 +256,7 @@ def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 
 @register(precedence=240, accepts=ANY, gives="full",
-          match=_module(lambda op, x: isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4)))
+          match=module_with(lambda op, x: isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4)))
 def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode BatchNorm, each query with its own statistics, from the cached base
     (:func:`~dz_lightning.reuse.differences.batch_norm_difference`)."""
@@ -333,16 +275,16 @@ def square_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return h * (2 * (ctx.values[j] if channel is None else ctx.channels(j, channel)) + h), channel
 
 
-@register(precedence=250, accepts=ANY, gives="full", match=_module(lambda op, x: isinstance(op, nn.ReLU)))
+@register(precedence=250, accepts=ANY, gives="full", match=module_with(lambda op, x: isinstance(op, nn.ReLU)))
 @register(precedence=310, accepts=FULL, gives="full",
-          match=lambda site: _elementwise(site) and site.key in RELU and not site.node.kwargs)
+          match=lambda site: elementwise(site) and site.key in RELU and not site.node.kwargs)
 def relu_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     j = ctx.graph.nodes[i].args[0].index
     return relu_difference(*ctx.relu_base(j), full(ctx, j, states[j])), None
 
 
 @register(precedence=260, accepts=ANY, gives="full", user_code=True,
-          match=lambda site: _module(lambda op, x: ops.is_per_example(op))(site) and site.node.linear is None)
+          match=lambda site: module_with(lambda op, x: ops.is_per_example(op))(site) and site.node.linear is None)
 def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A per-example module (no batch statistics) on one flat ``k * B`` batch: ``f(x + d) - f(x)``."""
     node = ctx.graph.nodes[i]
@@ -355,7 +297,7 @@ def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ctx.flat(lambda flat: torch.func.functional_call(op, params, (flat,)), h) - y, None
 
 
-@register(precedence=600, accepts=ANY, gives="full", match=_linear_function, user_code=True)
+@register(precedence=600, accepts=ANY, gives="full", match=linear_function, user_code=True)
 def vmap_linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A function linear in its one tensor argument (view, flatten, slicing, zero padding, average pooling): it
     runs on the difference, per query under ``vmap``."""
@@ -382,7 +324,7 @@ def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 
 @register(precedence=50, accepts={"chan", "full", "parts"}, gives="parts", user_code=True, returns=("tuple",),
-          match=lambda site: _batch_first_attention(site.node))
+          match=lambda site: batch_first_attention(site.node))
 def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A module without batch statistics whose tensor arguments all lead with the batch: one call on flat ``k * B``
     batches (cached arguments repeated per query)."""
@@ -422,10 +364,3 @@ def call_with(node: Node, leaves_of: Callable[[Any], Any]) -> tuple[tuple, dict]
     args, kwargs = map_refs((node.args, node.kwargs), leaves_of)
     return tuple(args), dict(kwargs)
 
-
-def _batch_first_attention(node: Node) -> bool:
-    """Batch-first ``nn.MultiheadAttention`` without masks: on a flat ``k * B`` batch (vmap has no batching rule for
-    CPU flash attention)."""
-    op = node.target
-    return (node.kind == "module" and isinstance(op, nn.MultiheadAttention) and op.batch_first
-            and len(node.args) == 3 and set(node.kwargs) <= {"need_weights"})
