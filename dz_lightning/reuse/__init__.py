@@ -10,10 +10,13 @@ through the same propagation rules (:mod:`dz_lightning.reuse.rules`).
 
 The rooms of the package: :mod:`~dz_lightning.reuse.graph` (the IR and the fx builder),
 :mod:`~dz_lightning.reuse.protocol` (the model-side ``stages()`` / residual protocol, checked when the engine is
-built), :mod:`~dz_lightning.reuse.rules` and :mod:`~dz_lightning.reuse.ops` (the propagation rules and their
-op-level math, with :mod:`~dz_lightning.reuse.differences`), :mod:`~dz_lightning.reuse.engine` (base forward,
-compiled per-parameter plans, chunks, losses) and, outside the package, :mod:`~dz_lightning.query` (the query
-context and the memory-budget rule).
+built), :mod:`~dz_lightning.reuse.selection` (the rule registry, looked up by precedence),
+:mod:`~dz_lightning.reuse.rules` (every propagation rule with its registration; the keys and predicates they test in
+:mod:`~dz_lightning.reuse.predicates`) and :mod:`~dz_lightning.reuse.ops` (their op-level math, with
+:mod:`~dz_lightning.reuse.differences`), :mod:`~dz_lightning.reuse.plan` (per-parameter plans),
+:mod:`~dz_lightning.reuse.check` (the self-check), :mod:`~dz_lightning.reuse.engine` (base forward, the rules'
+caches, chunks, losses) and, outside the package, :mod:`~dz_lightning.query` (the query context and the
+memory-budget rule).
 """
 
 from __future__ import annotations
