@@ -78,9 +78,11 @@ class ZOModule(L.LightningModule):
         max_batch: most perturbed points per batched oracle call; ``None`` derives it from ``memory_budget``.
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
         delta_dtype: arithmetic of the graph engine's linear ops on a perturbation's difference from the cached
-            base: ``"float32"`` (default), ``"bfloat16"`` (error relative to the difference; faster convolutions on
-            CPUs with AVX512-BF16 and on GPUs) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the
-            losses stay fp32/float64 whatever this says.
+            base: ``"auto"`` (default: ``"bfloat16"`` where the device computes bf16 natively, i.e. CPUs with
+            AVX512-BF16/AMX-BF16 and GPUs with bf16 tensor cores, else ``"float32"``; the choice is logged once),
+            ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU without native bf16 it is
+            slower and warns) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the losses stay
+            fp32/float64 whatever this says.
         nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
             A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
         nonfinite_step: what to do when an optimizer step leaves a parameter or an optimizer state tensor
@@ -119,7 +121,7 @@ class ZOModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         max_batch: int | None = None,
         memory_budget: int | None = None,
-        delta_dtype: Literal["float32", "bfloat16", "tf32"] = "float32",
+        delta_dtype: Literal["auto", "float32", "bfloat16", "tf32"] = "auto",
         nonfinite: Literal["raise", "skip"] = "raise",
         nonfinite_step: Literal["raise", "skip"] = "raise",
         max_queries: int | None = None,
@@ -129,7 +131,7 @@ class ZOModule(L.LightningModule):
         _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
                               nonfinite, max_queries)
         check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
-        check_choice("delta_dtype", delta_dtype, ("float32", "bfloat16", "tf32"))
+        check_choice("delta_dtype", delta_dtype, ("auto", "float32", "bfloat16", "tf32"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])

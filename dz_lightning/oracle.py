@@ -177,8 +177,9 @@ class ModuleOracle(Oracle):
             use, fixed for the process).
         feature_reuse: use the feature-reuse engine for coordinate perturbations when the model has one (traced
             or staged).
-        delta_dtype: arithmetic of the graph engine's linear ops on perturbation differences (``"float32"``,
-            ``"bfloat16"``, ``"tf32"`` on CUDA); see :class:`~dz_lightning.reuse.GraphEngine`.
+        delta_dtype: arithmetic of the graph engine's linear ops on perturbation differences: ``"auto"`` (default:
+            bf16 where the device computes it natively, else fp32; see :func:`~dz_lightning.query.native_bf16`),
+            ``"float32"``, ``"bfloat16"``, ``"tf32"`` (CUDA); see :class:`~dz_lightning.reuse.GraphEngine`.
         head: an optional black box between the model and the loss, ``head(outputs, inputs) -> (N, ...)`` for
             outputs ``(N, ...)`` and the inputs ``(N, ...)`` they came from; the loss is then
             ``loss_fn(head(model(inputs), inputs), targets)``. It never runs under ``vmap``: K points' outputs
@@ -204,7 +205,7 @@ class ModuleOracle(Oracle):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  max_batch: int | None = None, memory_budget: int | None = None, feature_reuse: bool = True,
-                 delta_dtype: str = "float32", head: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 delta_dtype: str = "auto", head: Callable[[Tensor, Tensor], Tensor] | None = None,
                  dropout_seed: int | None = None, fallback: str = "auto", self_check: bool = True) -> None:
         super().__init__(max_batch=max_batch)
         # timed choices only where the model has no feature-reuse engine (or it is off): a model with one keeps

@@ -15,6 +15,7 @@ import json
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,10 @@ def _silence_phiml_notices() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+# (solver class, resolution, dt, cg_tolerance) -> (jit-compiled step, traced input signatures); see __init__
+_COMPILED: dict[tuple, tuple[Any, set[tuple]]] = {}
+
+
 class KarmanSolver:
     """One time step of the wake flow at a given grid, on PhiFlow's torch backend (staggered velocity inside).
 
@@ -81,8 +86,13 @@ class KarmanSolver:
                                     x=x, y=y)
         self.template = StaggeredGrid(0, ZERO_GRADIENT, bounds=self.bounds, x=x, y=y)
         self.tolerance = cg_tolerance
-        self._jit = jit_compile(self._step)
-        self._traced: set[tuple] = set()  # input signatures the jit step has been traced for
+        # One compiled step per configuration and process, shared by every solver built with it: torch.jit keeps
+        # each trace alive for the whole process, so a step compiled per instance grew the memory by about 10 MB
+        # with every solver (long studies and test suites build hundreds). The shared step is the first instance's.
+        key = (type(self), self.resolution, float(dt), float(cg_tolerance))
+        if key not in _COMPILED:
+            _COMPILED[key] = (jit_compile(self._step), set())  # the step, and the input signatures it has traced
+        self._jit, self._traced = _COMPILED[key]
         _silence_phiml_notices()
 
     def _step(self, u: Tensor, nu: Tensor) -> Tensor:

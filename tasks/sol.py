@@ -3,9 +3,10 @@
 A corrector network fixes the coarse solver's state after every step. ``ZOSOL`` trains it through ``m`` unrolled
 solver steps using loss queries only (the solver runs under ``no_grad``, jit-compiled, with every perturbation of
 a chunk simulated at once through a PhiFlow batch dimension). Baselines from the same data: ``SourceOnly`` (SRC, no
-correction), ``NONCorrector`` (NON: backprop on precomputed one-step pairs, no solver in the loop) and ``FOSOL``
-(backprop through a differentiable solver). Every module's ``test`` reports the MAE against the reference over all
-time steps of every test simulation and logs vorticity images.
+correction), ``NONCorrector`` (NON: backprop on precomputed one-step pairs, no solver in the loop), ``FOSOL``
+(backprop through a differentiable solver) and ``FOSOLSparse`` (FO-SOL's exact gradient under ZO-SOL's sparse masks:
+a control that separates the estimator from the sparsity). Every module's ``test`` reports the MAE against the
+reference over all time steps of every test simulation and logs vorticity images.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dz_lightning.oracle_base import Oracle
 from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 from dz_lightning.validation import check_positive_int
 
-__all__ = ["FOSOL", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
+__all__ = ["FOSOL", "FOSOLSparse", "KarmanDataModule", "NONCorrector", "SOLOracle", "SourceOnly", "ZOSOL"]
 
 RE_SCALE = 500.0  # the Reynolds-number input channel is re / RE_SCALE
 
@@ -347,6 +348,43 @@ class FOSOL(_BackpropSOL):
         loss = loss / (windows.shape[1] - 1)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+
+class FOSOLSparse(FOSOL):
+    """FO-SOL sparse: FO-SOL's exact gradient, masked as sparse CGE masks ZO-SOL's estimate (a control).
+
+    With a gradient-mask callback such as :class:`~dz_lightning.callbacks.zo_grasp.ZOGraSP` (the same sparsity, ratio
+    method, resampling and seed as a ZO-SOL run, hence the same masks at every step), each optimizer step gets the
+    exact gradient on the masked-in coordinates and zero elsewhere, which is what sparse CGE hands the optimizer;
+    parameters without a mask (the biases) keep their dense gradient, as under CGE. Set against FO-SOL and ZO-SOL,
+    it tells the effect of the sparsity apart from that of the finite-difference estimator. Without a mask callback
+    it trains exactly as :class:`FOSOL`.
+    """
+
+    def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32),
+                 optimizer: OptimizerCallable = torch.optim.Adam,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__(corrector, resolution, optimizer, lr_scheduler)
+        self.zo_masks: dict[str, Tensor] | None = None  # set by the mask callback (names of `zo_parameters()`)
+
+    def zo_parameters(self) -> dict[str, Tensor]:
+        """The corrector's trainable parameters, named as in :class:`ZOSOL` (relative to the corrector)."""
+        return {n: p for n, p in self.corrector.named_parameters() if p.requires_grad}
+
+    def make_oracle(self, batch: Any) -> Oracle:
+        """The same loss oracle as :class:`ZOSOL`'s (ZO-GraSP scores the layers through it)."""
+        windows, re = batch
+        return SOLOracle(self.corrector, self.solver, windows, re)
+
+    def on_after_backward(self) -> None:
+        """Mask the gradient right after backward (before any clipping and the optimizer step)."""
+        if self.zo_masks is None:
+            return
+        params = self.zo_parameters()
+        for name, mask in self.zo_masks.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.mul_(mask.to(grad.dtype))
 
 
 class SourceOnly(_SOLEvaluation, L.LightningModule):

@@ -51,6 +51,7 @@ SHRINK: dict[str, tuple[str, ...]] = {
     "defense/fo_ds_digits.yaml": (),
     "defense/zo_ds_digits.yaml": (),
     "sol/fo_sol.yaml": SOL_CORRECTOR,
+    "sol/fo_sol_sparse.yaml": SOL_CORRECTOR,
     "sol/non.yaml": SOL_CORRECTOR,
     "sol/src.yaml": ("sol_tiny_grid",),
     "sol/zo_sol.yaml": SOL_CORRECTOR,

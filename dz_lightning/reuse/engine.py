@@ -53,7 +53,8 @@ class GraphEngine:
         memory_budget: bytes the batched queries may use; ``None``: :func:`~dz_lightning.query.memory_budget`.
         delta_dtype: arithmetic of the linear ops on the differences: ``"float32"`` (default), ``"bfloat16"``
             (faster where the hardware has it; error relative to the differences, about 1e-2 of the gradient's RMS on
-            resnet20), or ``"tf32"`` (CUDA only). The base forward and nonlinear ops always run in fp32.
+            resnet20), ``"tf32"`` (CUDA only) or ``"auto"`` (bf16 where the device computes it natively, else fp32:
+            :func:`~dz_lightning.query.check_delta_dtype`). The base forward and nonlinear ops always run in fp32.
 
     Attributes:
         nodes: the graph's nodes.

@@ -160,3 +160,68 @@ def test_common_random_numbers_repeat_the_draws_and_restore_the_generator():
         torch.rand(1)
     assert not torch.equal(torch.get_rng_state(), state)
 
+
+
+@pytest.fixture
+def cpu_kind(monkeypatch):
+    """``cpu_kind(capability, flags, onednn_isa=None)``: mock the CPU that ``delta_dtype='auto'`` looks at."""
+    def mock(capability: str, flags: set[str], onednn_isa: str | None = None) -> None:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(query, "_cpu_flags", lambda: frozenset(flags))
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        if onednn_isa is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+        monkeypatch.setattr(query, "_told", set())
+    return mock
+
+
+@pytest.mark.parametrize(("capability", "flags", "isa", "chosen"), [
+    ("AVX512", {"avx512f", "amx_bf16"}, None, "bfloat16"),  # Sapphire Rapids and later: AMX
+    ("AVX512", {"avx512f", "avx512_bf16"}, None, "bfloat16"),  # Cooper Lake, Zen 4
+    ("AVX512", {"avx512f"}, None, "float32"),  # Skylake-X: AVX512 without bf16 dot products
+    ("AVX2", {"avx2", "amx_bf16"}, None, "float32"),  # ATEN_CPU_CAPABILITY=avx2 on an AMX machine
+    ("AVX512", {"avx512f", "amx_bf16"}, "AVX2", "float32"),  # oneDNN capped below bf16
+    ("AVX2", {"avx2"}, None, "float32"),  # an AVX2-only EPYC
+])
+def test_auto_delta_dtype_is_bf16_only_where_the_cpu_computes_it_natively(cpu_kind, capability, flags, isa, chosen,
+                                                                          caplog):
+    cpu_kind(capability, flags, isa)
+    with caplog.at_level("INFO", logger="dz_lightning"):
+        assert query.check_delta_dtype("auto", torch.zeros(1)) == chosen
+        assert query.check_delta_dtype("auto", torch.zeros(1)) == chosen
+    told = [r.getMessage() for r in caplog.records if "delta_dtype='auto'" in r.getMessage()]
+    assert told == [f"delta_dtype='auto' chose {chosen!r} on {capability} "
+                    f"({'native' if chosen == 'bfloat16' else 'no native'} bf16 arithmetic)."]  # logged once
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_once_with_the_cost(cpu_kind, recwarn):
+    cpu_kind("AVX2", {"avx2"})
+    with pytest.warns(UserWarning, match=r"bfloat16' on a CPU without native bf16 \(AVX2 kernels\).*0\.14x"):
+        assert query.check_delta_dtype("bfloat16", torch.zeros(1)) == "bfloat16"  # still honoured
+    recwarn.clear()
+    query.check_delta_dtype("bfloat16", torch.zeros(1))
+    assert not [w for w in recwarn if "native bf16" in str(w.message)]
+    cpu_kind("AVX512", {"amx_bf16"})
+    query.check_delta_dtype("bfloat16", torch.zeros(1))
+    assert not [w for w in recwarn if "native bf16" in str(w.message)]
+
+
+def test_auto_is_the_default_and_reaches_the_engine(cpu_kind):
+    from dz_lightning.reuse import build_graph_engine
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    assert dz.ZOModule(model).delta_dtype == "auto"
+    assert dz.ModuleOracle(model, F.cross_entropy, x, y).delta_dtype == "auto"
+    for flags, dtype in (({"amx_bf16"}, torch.bfloat16), (set(), None)):
+        cpu_kind("AVX512", flags)
+        engine = build_graph_engine(model, F.cross_entropy, x, y, delta_dtype="auto", self_check=False)
+        assert engine.delta_dtype == dtype
+
+
+def test_auto_keeps_float64_arithmetic_even_where_bf16_is_native(cpu_kind):
+    cpu_kind("AVX512", {"amx_bf16"})
+    assert query.check_delta_dtype("auto", torch.zeros(1, dtype=torch.float64)) == "float32"  # no cast at all
+    assert query.check_delta_dtype("auto", torch.zeros(1)) == "bfloat16"

@@ -202,3 +202,28 @@ def test_first_generation_says_what_where_and_once_with_a_progress_bar(tmp_path,
     with caplog.at_level(logging.INFO):
         load_or_generate(*args, factor=1, warmup=2, steps=3)
     assert not caplog.records and "5/5" not in capsys.readouterr().err  # cached: silent
+
+
+def _resident_mb() -> float:
+    import os
+    from pathlib import Path
+
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        pytest.skip("needs /proc (Linux) to read the resident memory")
+
+
+def test_solvers_of_one_configuration_share_one_compiled_step_and_memory_stays_flat():
+    """torch.jit keeps every trace for the life of the process: a step compiled per solver grew RSS ~10 MB each."""
+    u, re = 0.1 * torch.randn(2, 2, 8, 16), torch.full((2,), 150.0)
+    first = KarmanSolver((8, 16))
+    expected = first(u, re)
+    before = _resident_mb()
+    for _ in range(6):
+        solver = KarmanSolver((8, 16))
+        assert solver._jit is first._jit
+        torch.testing.assert_close(solver(u, re), expected, rtol=0, atol=0)
+    assert _resident_mb() - before < 15  # was about 6 x 10 MB
+    assert KarmanSolver((8, 16), cg_tolerance=1e-5)._jit is not first._jit  # another configuration, its own step
+    assert KarmanSolver((16, 32))._jit is not first._jit

@@ -8,7 +8,7 @@ import pytest
 import torch
 from dz_lightning.callbacks.zo_grasp import ZOGraSP
 from dz_lightning.tasks.karman import KarmanSolver, load_or_generate
-from dz_lightning.tasks.sol import FOSOL, ZOSOL, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
+from dz_lightning.tasks.sol import FOSOL, ZOSOL, FOSOLSparse, KarmanDataModule, NONCorrector, SOLOracle, SourceOnly
 
 from dz_lightning.models import SOLCorrector
 
@@ -261,3 +261,70 @@ def test_checkpoints_carry_the_corrector_once_and_the_old_layout_loads():
     checkpoint = {"state_dict": old}
     fresh.on_load_checkpoint(checkpoint)  # what Trainer(ckpt_path=...) and load_from_checkpoint call first
     assert set(checkpoint["state_dict"]) == set(state)
+
+
+class _StepRecorder(L.Callback):
+    """The masks and gradients each optimizer step uses (read just before the step)."""
+
+    def __init__(self) -> None:
+        self.masks: list[dict[str, torch.Tensor]] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.masks.append({n: m.clone() for n, m in pl_module.zo_masks.items()})
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.zo_parameters().items()})
+
+
+def test_fo_sol_sparse_masks_the_exact_gradient_as_zo_sol_masks_its_estimate(data, tiny_trainer):
+    """The control steps with ZO-SOL's own masks (same callback settings and seed): exact inside, zero outside."""
+    adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    recorders = {}
+    for name, cls in (("zo", ZOSOL), ("fo_sparse", FOSOLSparse)):
+        L.seed_everything(0, verbose=False)
+        module = cls(SOLCorrector(width=2, depth=2), resolution=RES, optimizer=adam)
+        recorders[name] = _StepRecorder()
+        grasp = ZOGraSP(sparsity=0.5, method="uniform", resample_every_n_steps=1, seed=5)
+        tiny_trainer(max_steps=3, callbacks=[grasp, recorders[name]]).fit(module, data)
+    zo, fo = recorders["zo"], recorders["fo_sparse"]
+    assert len(zo.masks) == len(fo.masks) == 3
+    first, second = fo.masks[0].values(), fo.masks[1].values()
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # redrawn every step
+    for step in range(3):
+        assert zo.masks[step].keys() == fo.masks[step].keys() == {"0.weight", "2.weight"}
+        for n, mask in fo.masks[step].items():
+            assert torch.equal(mask, zo.masks[step][n])
+            assert torch.count_nonzero(fo.grads[step][n][~mask]) == 0
+        # the zero-initialized output layer: its gradient is nonzero from the start (the first layer's once it moved)
+        assert torch.count_nonzero(fo.grads[step]["2.weight"][fo.masks[step]["2.weight"]]) > 0
+        assert torch.count_nonzero(fo.grads[step]["2.bias"]) == 2  # biases have no mask: dense, as under CGE
+
+
+def test_fo_sol_sparse_mask_zeroes_only_the_masked_out_coordinates(data):
+    """One step by hand: the masked gradient is the FO gradient times the mask, bit for bit."""
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)
+    dense, sparse = FOSOL(SOLCorrector(width=2, depth=2), RES), FOSOLSparse(SOLCorrector(width=2, depth=2), RES)
+    sparse.corrector.load_state_dict(dense.corrector.state_dict())
+    for m in (dense, sparse):
+        m.log = lambda *a, **k: None
+        m.training_step(batch, 0).backward()
+    sparse.on_after_backward()  # no masks yet: nothing changes
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(dense.parameters(), sparse.parameters(), strict=True))
+    masks = {"0.weight": torch.rand(sparse.corrector[0].weight.shape) < 0.3}
+    sparse.zo_masks = masks
+    sparse.on_after_backward()
+    torch.testing.assert_close(sparse.corrector[0].weight.grad, dense.corrector[0].weight.grad * masks["0.weight"],
+                               rtol=0, atol=0)
+    assert torch.equal(sparse.corrector[2].weight.grad, dense.corrector[2].weight.grad)
+
+
+def test_zo_grasp_on_the_sol_corrector_freezes_no_layer(data, tiny_trainer):
+    """The zero-initialized output layer scores 0 under GraSP: it gets the global ratio, with a warning."""
+    zo = ZOSOL(SOLCorrector(width=2, depth=2), resolution=RES, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    grasp = ZOGraSP(sparsity=0.75, method="zo_grasp", resample_every_n_steps=1, seed=0, samples_per_class=2, q=8)
+    with pytest.warns(UserWarning, match=r"GraSP cannot score \[.*'2.weight'\].*global ratio 0.75"):
+        tiny_trainer(max_steps=1, callbacks=[grasp]).fit(zo, data)
+    assert set(grasp.ratios) == {"0.weight", "2.weight"} and all(r < 1 for r in grasp.ratios.values())
+    assert grasp.ratios["2.weight"] == 0.75
+    assert all(m.any() for m in zo.zo_masks.values())  # every layer keeps coordinates to train
