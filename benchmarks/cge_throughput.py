@@ -60,7 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dz_lightning as dz
 from dz_lightning.models import resnet20, simple_cnn, tv_mobilenet_v3_small, tv_resnet18, unet_small
 from dz_lightning.query import fp32_precision, frozen_batchnorm_stats
-from dz_lightning.reuse import GraphEngine, StagedForward, build_staged, flatten_ops, get_stages
+from dz_lightning.reuse import GraphEngine, StagedForward, build_graph_engine, flatten_ops, get_stages
 
 _T = TypeVar("_T")
 
@@ -372,7 +372,8 @@ def run_graph_model(name: str, batch: int, device: torch.device, delta: float, m
          else torch.randint(0, 10, (batch,), generator=gen)).to(device)
     params = dict(model.named_parameters())
     kwargs = {"max_batch": max_batch}
-    makers: dict[str, Callable[[], object]] = {"graph": lambda: build_staged(model, loss_fn, x, y, params, **kwargs)}
+    makers: dict[str, Callable[[], object]] = {
+        "graph": lambda: build_graph_engine(model, loss_fn, x, y, params, **kwargs)}
     if get_stages(model) is not None:
         makers["stages"] = lambda: StagedForward(model, loss_fn, x, y, params, **kwargs)
     makers["graph"]()  # warm-up (and the trace, cached per model)
@@ -380,7 +381,7 @@ def run_graph_model(name: str, batch: int, device: torch.device, delta: float, m
     for key, make_engine in makers.items():
         engines[key], seconds[key] = _timed(make_engine, device)
     if not isinstance(engines["graph"], GraphEngine) or isinstance(engines["graph"], StagedForward):
-        raise RuntimeError(f"{name}: build_staged did not give a traced-graph engine")
+        raise RuntimeError(f"{name}: build_graph_engine did not give a traced-graph engine")
     oracle = dz.ModuleOracle(model, loss_fn, x, y, feature_reuse=False, max_batch=max_batch)
     _, seconds["full_forward"] = _timed(lambda: oracle.loss(params), device)
     max_diff, queries, batched = 0.0, 0, True

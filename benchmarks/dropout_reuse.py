@@ -41,7 +41,7 @@ def _time_cge(model, x, y, params, coords, feature_reuse: bool, repeats: int) ->
         est = dz.cge(oracle, params, coordinates=coords)
         seconds.append(time.perf_counter() - start)
         queries = est.queries
-        traced = isinstance(oracle._staged, GraphEngine)
+        traced = isinstance(oracle._engine, GraphEngine)
     return statistics.median(seconds), queries, traced
 
 

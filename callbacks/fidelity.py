@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
-from dz_lightning.oracle import ModuleOracle, frozen_batchnorm_stats
+from dz_lightning.oracle import white_box_oracle
+from dz_lightning.query import frozen_batchnorm_stats
 from dz_lightning.trainable import ZOTrainable
 from dz_lightning.validation import check_positive_int
 
@@ -48,10 +49,8 @@ class GradientFidelity(L.Callback):
             raise TypeError(f"GradientFidelity needs a module that follows dz_lightning.trainable.ZOTrainable "
                             f"(`zo_parameters()`, `zo_masks`, `make_oracle(batch)`); {type(pl_module).__name__} "
                             "does not.")
-        oracle = pl_module.make_oracle(self._batch)
-        if not isinstance(oracle, ModuleOracle):
-            raise TypeError(f"GradientFidelity needs a white-box ModuleOracle, but {type(pl_module).__name__} "
-                            f"returned a {type(oracle).__name__}; remove the probe for black-box objectives.")
+        oracle = white_box_oracle(pl_module.make_oracle(self._batch), "GradientFidelity",
+                                  "remove the probe for black-box objectives.")
         params = pl_module.zo_parameters()
         names = [n for n, p in params.items() if p.grad is not None]
         with torch.enable_grad(), frozen_batchnorm_stats(oracle.model):

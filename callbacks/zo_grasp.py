@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from dz_lightning import sparsity as sp
 from dz_lightning.figures import log_figure, lpr_figure
+from dz_lightning.oracle import white_box_oracle
 from dz_lightning.trainable import ZOTrainable
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
@@ -254,7 +255,8 @@ class ZOGraSP(L.Callback):
         x, y = sp.class_balanced_sample(trainer.train_dataloader, self.samples_per_class, self.num_classes)
         oracle = pl_module.make_oracle((x.to(device), y.to(device)))
         if self.method == "grasp":
-            white = sp.module_oracle_parts(oracle)
+            white = white_box_oracle(oracle, "method='grasp' (FO GraSP)",
+                                     "use method='zo_grasp' for black-box objectives.")
             # the oracle's model may name its weights differently from `zo_parameters()`: translate by identity
             own = {id(p): n for n, p in white.model.named_parameters()}
             if any(id(params[n]) not in own for n in self._names):

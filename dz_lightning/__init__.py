@@ -18,9 +18,9 @@ _EXPORTS = {
     "Estimate": "dz_lightning.estimators",
     "FunctionOracle": "dz_lightning.oracle",
     "ModuleOracle": "dz_lightning.oracle",
-    "NonFiniteLossError": "dz_lightning.oracle",
+    "NonFiniteLossError": "dz_lightning.oracle_base",
     "NonFiniteStepError": "dz_lightning.finite_step",
-    "Oracle": "dz_lightning.oracle",
+    "Oracle": "dz_lightning.oracle_base",
     "RankFailedError": "dz_lightning.distributed",
     "ResumableDataLoader": "dz_lightning.sampling",
     "SeededRandomSampler": "dz_lightning.sampling",
@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from dz_lightning.estimators import Estimate, cge, rge  # noqa: F401
     from dz_lightning.finite_step import NonFiniteStepError  # noqa: F401
     from dz_lightning.module import ZOModule  # noqa: F401
-    from dz_lightning.oracle import FunctionOracle, ModuleOracle, NonFiniteLossError, Oracle  # noqa: F401
+    from dz_lightning.oracle import FunctionOracle, ModuleOracle  # noqa: F401
+    from dz_lightning.oracle_base import NonFiniteLossError, Oracle  # noqa: F401
     from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler  # noqa: F401
     from dz_lightning.trainable import ZOTrainable  # noqa: F401
 

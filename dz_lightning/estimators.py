@@ -1,6 +1,6 @@
 """Zeroth-order gradient estimators: gradients from loss queries only.
 
-Both estimators talk to the objective only through an :class:`~dz_lightning.oracle.Oracle`, never call
+Both estimators talk to the objective only through an :class:`~dz_lightning.oracle_base.Oracle`, never call
 ``backward`` and never modify the tensors in ``params`` (perturbations are applied to copies).
 """
 
@@ -18,8 +18,9 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from dz_lightning import query
-from dz_lightning.oracle import NonFiniteLossError, Oracle
+from dz_lightning.oracle_base import NonFiniteLossError, Oracle
 from dz_lightning.resolution import check_step_resolves, directions_unmoved, report_directions
+from dz_lightning.upstream import tensor_version
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["Estimate", "cge", "device_generator", "loss_difference", "mask_coordinates", "params_device", "rge",
@@ -108,10 +109,10 @@ def mask_coordinates(mask: Tensor, coordinates: Tensor | None = None) -> Tensor:
     """
     entry = _MASK_COORDINATES.get(mask)
     if coordinates is not None:
-        entry = (mask._version, coordinates.reshape(-1).to(device=mask.device, dtype=torch.long))
+        entry = (tensor_version(mask), coordinates.reshape(-1).to(device=mask.device, dtype=torch.long))
         _MASK_COORDINATES[mask] = entry
-    elif entry is None or entry[0] != mask._version:
-        entry = (mask._version, mask.reshape(-1).nonzero().reshape(-1))
+    elif entry is None or entry[0] != tensor_version(mask):
+        entry = (tensor_version(mask), mask.reshape(-1).nonzero().reshape(-1))
         _MASK_COORDINATES[mask] = entry
     return entry[1]
 
@@ -388,7 +389,7 @@ def rge(
     params: Mapping[str, Tensor],
     q: int = 192,
     mu: float = 5e-3,
-    distribution: Distribution = "gaussian",
+    distribution: Distribution = "sphere",
     difference: Difference = "forward",
     generator: torch.Generator | None = None,
     masks: Mapping[str, Tensor] | None = None,
@@ -412,7 +413,7 @@ def rge(
         params: name -> value. Never modified.
         q: number of directions, >= 1.
         mu: smoothing radius, > 0.
-        distribution: ``"gaussian"`` or ``"sphere"``.
+        distribution: ``"sphere"`` (the default, as :class:`~dz_lightning.ZOModule`'s) or ``"gaussian"``.
         difference: ``"forward"`` (q + 1 queries) or ``"central"`` (2q + 1 queries).
         generator: ``torch.Generator`` for the directions (reproducibility); ``None`` uses the global RNG. The
             directions are drawn on the parameters' device: with a generator on another device (a module's CPU

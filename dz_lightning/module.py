@@ -13,11 +13,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed, query
+from dz_lightning import distributed, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
 from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError, StepUndo
-from dz_lightning.oracle import ModuleOracle, Oracle, has_batchnorm
-from dz_lightning.step import StepPlan, StepTiming
+from dz_lightning.oracle import ModuleOracle, has_batchnorm
+from dz_lightning.oracle_base import Oracle
+from dz_lightning.step import StepPlan, StepShare, StepTiming
 from dz_lightning.step_logging import StepLog
 from dz_lightning.validation import check_choice, check_positive_float, check_positive_int
 
@@ -50,7 +51,7 @@ class ZOModule(L.LightningModule):
        :class:`~dz_lightning.step.StepPlan` (CGE coordinates split by measured cost, RGE points round-robin; it
        takes the estimator settings below when the module is built);
     3. ``zo_plan.reduce``: one all-reduce gives every rank the full estimate (with one process it returns its
-       input), identical on all ranks;
+       input), identical on all ranks; :meth:`process_estimate` may post-process it (the same on every rank);
     4. the estimate is written to ``p.grad``, optionally clipped, and the optimizer and scheduler step.
 
     The module follows :class:`~dz_lightning.trainable.ZOTrainable`, the protocol the bundled callbacks check.
@@ -76,7 +77,7 @@ class ZOModule(L.LightningModule):
         gradient_clip_val: clip the estimated gradient to this global 2-norm; ``None`` disables.
         max_batch: most perturbed points per batched oracle call; ``None`` derives it from ``memory_budget``.
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
-        delta_dtype: arithmetic of the staged engine's linear ops on a perturbation's difference from the cached
+        delta_dtype: arithmetic of the graph engine's linear ops on a perturbation's difference from the cached
             base: ``"auto"`` (default: ``"bfloat16"`` where the device computes bf16 natively, i.e. CPUs with
             AVX512-BF16/AMX-BF16 and GPUs with bf16 tensor cores, else ``"float32"``; the choice is logged once),
             ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU without native bf16 it is
@@ -143,7 +144,7 @@ class ZOModule(L.LightningModule):
         self.seed = seed
         self.optimizer_fn, self.scheduler_fn, self.scheduler_interval = optimizer, lr_scheduler, scheduler_interval
         self.gradient_clip_val, self.nonfinite_step, self.max_queries = gradient_clip_val, nonfinite_step, max_queries
-        # batched queries: points per call, memory and the staged engine's arithmetic
+        # batched queries: points per call, memory and the graph engine's arithmetic
         self.max_batch, self.memory_budget, self.delta_dtype = max_batch, memory_budget, delta_dtype
         self.steps_undone = 0
         self.zo_masks: dict[str, Tensor] | None = None
@@ -259,14 +260,21 @@ class ZOModule(L.LightningModule):
                 "optimizer step through its gradient scaler)."
             )
 
-    def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> Estimate:
+    def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> StepShare | Estimate:
         """This rank's share of the step's estimate (with one process: the estimate), from :attr:`zo_plan`.
 
-        A subclass may override it. Under DDP the grads it returns are then taken as partial gradients and summed
-        over the ranks (so an override that does not split the work across ranks must return ``grads / world``);
-        returning ``super().estimate(...)`` unchanged keeps the plan's exact split (and exact distributed RGE).
+        A subclass may override it to compute its share in its own way: returning ``super().estimate(...)`` keeps the
+        plan's exact split (and exact distributed RGE); an :class:`~dz_lightning.Estimate` it returns (or
+        ``StepShare(estimate)``) is a partial estimate whose grads are summed over the ranks under DDP (an override
+        that does not split the work across ranks must return ``grads / world``). The share is opaque: to scale,
+        clip or otherwise post-process the estimate, override :meth:`process_estimate`, which sees the reduced one.
         """
         return self.zo_plan.estimate(oracle, params, self.zo_masks)
+
+    def process_estimate(self, estimate: Estimate) -> Estimate:
+        """The step's reduced estimate (identical on every rank) before it is written to ``p.grad``; a subclass may
+        return a post-processed one (scaled, clipped, ...). The default returns it unchanged."""
+        return estimate
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The paper's step: oracle, this rank's estimate, one all-reduce, ``p.grad``, optimizer step, log."""
@@ -278,8 +286,10 @@ class ZOModule(L.LightningModule):
             share, error = self.estimate(oracle, params), None
         except Exception as err:  # noqa: BLE001 - re-raised by `reduce`, after the collective every rank joins
             share, error = None, err
+        if isinstance(share, Estimate):  # a subclass's own partial estimate
+            share = StepShare(share)
         est, self.last_timing = self.zo_plan.reduce(params, share, error, queries=oracle.queries)
-        self.last_estimate = est
+        self.last_estimate = est = self.process_estimate(est)
         for name, p in params.items():
             p.grad = est.grads[name].to(p.dtype)
         self._optimizer_step()

@@ -20,14 +20,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from dz_lightning import query, reuse
-from dz_lightning.fallback import FullForwards, parameter_values, vmap_points
-from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle, _note
-from dz_lightning.query import frozen_batchnorm_stats, query_mode
+from dz_lightning.fallback import FullForwards, parameter_values
+from dz_lightning.oracle_base import Oracle, _note
+from dz_lightning.query import query_mode
+from dz_lightning.upstream import tensor_version
 
-__all__ = [
-    "DelegatingOracle", "FunctionOracle", "ModuleOracle", "NonFiniteLossError", "Oracle", "frozen_batchnorm_stats",
-    "has_batchnorm", "parameter_values", "query_mode", "vmap_points",
-]
+__all__ = ["FunctionOracle", "ModuleOracle", "has_batchnorm", "white_box_oracle"]
 
 
 class FunctionOracle(Oracle):
@@ -161,8 +159,8 @@ class ModuleOracle(Oracle):
     White box inside, black box to the estimator. Queries run in :func:`~dz_lightning.query.query_mode`: no
     autograd, fp32 arithmetic (autocast and TF32 off, even inside a mixed-precision trainer or with TF32 enabled
     globally), BatchNorm running statistics never updated.
-    One-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_staged`: the traced graph, else
-    the model's ``stages()``); K points otherwise run as full forwards, batched with ``torch.func.vmap`` or one by
+    One-coordinate perturbations use feature reuse (:func:`dz_lightning.reuse.build_graph_engine`: the traced graph,
+    else the model's ``stages()``); K points otherwise run as full forwards, batched with ``torch.func.vmap`` or one by
     one, whichever :class:`~dz_lightning.fallback.FullForwards` measured fastest for the model. The feature-reuse
     engine is built when coordinate queries start (:meth:`coordinate_base_loss`, CGE's base point, answered by the
     engine's base forward; or the first :meth:`coordinate_losses`) and kept for the parameter set; never for
@@ -179,7 +177,7 @@ class ModuleOracle(Oracle):
             use, fixed for the process).
         feature_reuse: use the feature-reuse engine for coordinate perturbations when the model has one (traced
             or staged).
-        delta_dtype: arithmetic of the staged path's linear ops on perturbation differences: ``"auto"`` (default:
+        delta_dtype: arithmetic of the graph engine's linear ops on perturbation differences: ``"auto"`` (default:
             bf16 where the device computes it natively, else fp32; see :func:`~dz_lightning.query.native_bf16`),
             ``"float32"``, ``"bfloat16"``, ``"tf32"`` (CUDA); see :class:`~dz_lightning.reuse.GraphEngine`.
         head: an optional black box between the model and the loss, ``head(outputs, inputs) -> (N, ...)`` for
@@ -227,9 +225,9 @@ class ModuleOracle(Oracle):
             self.dropout_seed = int(torch.randint(0, 2**62, (), generator=torch.default_generator))
         self.self_check = self_check
         self._names = frozenset(n for n, _ in model.named_parameters())
-        self._staged = None
-        self._staged_key: tuple | None = None
-        self._staged_unavailable = False
+        self._engine = None
+        self._engine_key: tuple | None = None
+        self._no_graph_engine = False
 
     # -------------------------------------------------------------------------------------------- helpers
     @contextlib.contextmanager
@@ -266,16 +264,16 @@ class ModuleOracle(Oracle):
 
     def coordinate_base_loss(self, params: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
-        staged = self._staged_forward(params) if self.feature_reuse else None
-        if staged is None:
+        engine = self._graph_engine(params) if self.feature_reuse else None
+        if engine is None:
             return self.loss(params)
         self.queries += self._evaluations(1)  # the engine's base forward is this query
-        return staged.base_loss().reshape(())
+        return engine.base_loss().reshape(())
 
     def _outputs_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss (float64) of one point's model outputs ``(B, ...)``, through the black-box head if any."""
         if self.head is not None:
-            # the head is a black box of the model's precision: the staged engine may hand it float64 outputs
+            # the head is a black box of the model's precision: the graph engine may hand it float64 outputs
             dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
             outputs = self.head(outputs.to(dtype) if outputs.is_floating_point() else outputs, self.inputs)
         return query.float64_loss(self.loss_fn, outputs, targets)
@@ -283,7 +281,7 @@ class ModuleOracle(Oracle):
     def _losses(self, params: Mapping[str, Tensor], varied: Mapping[str, Tensor]) -> Tensor:
         self._check_names(params)
         forwards = self._full_forwards
-        if forwards.strategy == "auto" and self.feature_reuse and not self._staged_unavailable:
+        if forwards.strategy == "auto" and self.feature_reuse and not self._no_graph_engine:
             forwards = self._first_working  # a model with an engine (or not yet known without one): no timings
         with self._query_context():
             if self.head is None:
@@ -308,40 +306,59 @@ class ModuleOracle(Oracle):
 
     def coordinate_losses(self, params: Mapping[str, Tensor], name: str, index: Tensor, delta: float) -> Tensor:
         self._check_names(params)
-        staged = self._staged_forward(params) if self.feature_reuse else None
-        if staged is None:
+        engine = self._graph_engine(params) if self.feature_reuse else None
+        if engine is None:
             return super().coordinate_losses(params, name, index, delta)
         with self._query_context():
-            values = staged.coordinate_losses(name, index, delta)
+            values = engine.coordinate_losses(name, index, delta)
         self.queries += int(index.numel())
         return values
 
-    def _staged_forward(self, params: Mapping[str, Tensor]) -> reuse.GraphEngine | None:
-        if self._staged_unavailable:
+    def _graph_engine(self, params: Mapping[str, Tensor]) -> reuse.GraphEngine | None:
+        if self._no_graph_engine:
             return None
         key = _params_key(params)
-        if self._staged is None or not _same_params(key, self._staged_key):
-            self._staged = None  # its cached activations are freed before the next engine's are made
+        if self._engine is None or not _same_params(key, self._engine_key):
+            self._engine = None  # its cached activations are freed before the next engine's are made
             with self._query_context():
-                self._staged = reuse.build_staged(
+                self._engine = reuse.build_graph_engine(
                     # without a head the engine sees the plain loss function (it batches known losses per chunk)
                     self.model, self.loss_fn if self.head is None else self._outputs_loss, self.inputs, self.targets,
                     dict(params), max_batch=self.max_batch, memory_budget=self.memory_budget,
                     delta_dtype=self.delta_dtype, self_check=self.self_check,
                 )
-            if self._staged is None:  # not staged (warned once per model type): full forwards from now on
-                self._staged_unavailable = True
+            if self._engine is None:  # no graph engine (warned once per model type): full forwards from now on
+                self._no_graph_engine = True
                 return None
-            self._staged_key = key
-        return self._staged
+            self._engine_key = key
+        return self._engine
 
 
 def _params_key(params: Mapping[str, Tensor]) -> tuple:
     """The parameters as a cache key: the tensors themselves (identity and in-place version), so that a freed
     tensor's memory can never be mistaken for the cached parameters."""
-    return tuple((n, v, v._version) for n, v in params.items())
+    return tuple((n, v, tensor_version(v)) for n, v in params.items())
 
 
 def _same_params(a: tuple | None, b: tuple | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
         x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b, strict=True))
+
+
+def white_box_oracle(oracle: Oracle, probe: str, remedy: str) -> ModuleOracle:
+    """``oracle`` as the white-box :class:`ModuleOracle` that a first-order ``probe`` differentiates
+    (``loss_fn(model(inputs), targets)``), or an error naming ``probe`` and ``remedy``.
+
+    Raises:
+        TypeError: ``oracle`` is not a :class:`ModuleOracle` (a black box).
+        ValueError: it has a black-box ``head``: the loss ZO estimates runs through the head, which a first-order
+            probe cannot differentiate (it would differentiate another loss).
+    """
+    if not isinstance(oracle, ModuleOracle):
+        raise TypeError(f"{probe} needs a white-box ModuleOracle, but make_oracle returned a {type(oracle).__name__}; "
+                        f"{remedy}")
+    if oracle.head is not None:
+        raise ValueError(f"{probe} differentiates loss_fn(model(inputs)), but this ModuleOracle has a black-box "
+                         f"`head` between the model and the loss (head={oracle.head!r}), so that is not the loss ZO "
+                         f"estimates; {remedy}")
+    return oracle

@@ -15,7 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DelegatingOracle", "NonFiniteLossError", "Oracle"]
+__all__ = ["DelegatingOracle", "NonFiniteLossError", "Oracle", "coordinate_points"]
+
+
+def coordinate_points(base: Tensor, index: Tensor, delta: float) -> Tensor:
+    """``base`` once per entry of ``index`` ``(k,)`` (on ``base``'s device), flat entry ``index[i]`` of copy ``i``
+    moved by ``delta``: shape ``(k, *base.shape)``. Zeros as ``base`` give the one-hot changes themselves."""
+    k = index.numel()
+    stacked = base.detach().reshape(1, -1).repeat(k, 1)
+    stacked[torch.arange(k, device=stacked.device), index] += delta
+    return stacked.reshape(k, *base.shape)
 
 
 class NonFiniteLossError(ValueError):
@@ -209,10 +218,8 @@ class Oracle:
         out = []
         for start in range(0, n, chunk):
             idx = index[start : start + chunk].to(base.device)
-            stacked = base.detach().reshape(1, -1).repeat(idx.numel(), 1)
-            stacked[torch.arange(idx.numel(), device=base.device), idx] += delta
             try:
-                out.append(self.losses(params, {name: stacked.reshape(idx.numel(), *base.shape)}))
+                out.append(self.losses(params, {name: coordinate_points(base, idx, delta)}))
             except Exception as err:
                 shown = idx[:16].tolist()  # error path only: the host read costs nothing on a good step
                 _note(err, f"{type(self).__name__}.coordinate_losses: point i of that call shifts the flat "

@@ -191,9 +191,10 @@ def common_random_numbers(seed: int | None, device: torch.device) -> Iterator[No
         yield
 
 
-BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
-"""The layers with running statistics that a training forward updates: every BatchNorm, lazy ones and subclasses
-from other libraries included (their common base is private; this is its one use)."""
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+              nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+"""The layers with running statistics that a training forward updates: torch's BatchNorm classes (lazy and sync
+ones included) and their subclasses from other libraries (named, not by their private common base)."""
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
@@ -302,7 +303,7 @@ def points_per_chunk(device: torch.device, budget: int | None, bytes_per_point: 
     return max(1, int(k))
 
 
-# arithmetic of a perturbation's differences in the staged engine (the base forward is always fp32)
+# arithmetic of a perturbation's differences in the graph engine (the base forward is always fp32)
 DELTA_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "tf32": None}
 DELTA_DTYPE_CHOICES = ("auto", *DELTA_DTYPES)
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first ISA with native bf16 dot products (AVX512_CORE_BF16)

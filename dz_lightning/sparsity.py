@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from dz_lightning.estimators import direction_chunk, loss_difference
-from dz_lightning.oracle import DelegatingOracle, ModuleOracle, NonFiniteLossError, Oracle, frozen_batchnorm_stats
+from dz_lightning.oracle_base import DelegatingOracle, NonFiniteLossError, Oracle
+from dz_lightning.query import frozen_batchnorm_stats
 from dz_lightning.validation import check_positive_float, check_positive_int
 
 __all__ = [
@@ -321,11 +322,3 @@ def realized_density(masks: Mapping[str, Tensor]) -> float:
     """Fraction of the masked layers' coordinates that are estimated."""
     total = sum(m.numel() for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
-
-
-def module_oracle_parts(oracle: Oracle) -> ModuleOracle:
-    """The :class:`ModuleOracle` behind ``oracle`` (FO-GraSP needs a white box), or a clear error."""
-    if not isinstance(oracle, ModuleOracle):
-        raise TypeError(f"FO GraSP needs a ModuleOracle (a white-box model), but the module returned a "
-                        f"{type(oracle).__name__}; use method='zo_grasp' for black-box objectives.")
-    return oracle

@@ -27,9 +27,10 @@ from torch import Tensor
 from dz_lightning import distributed
 from dz_lightning.distributed import CostTable, RankFailedError
 from dz_lightning.estimators import Estimate, cge, mask_coordinates, params_device, rge, validate_masks
-from dz_lightning.oracle import DelegatingOracle, ModuleOracle, Oracle
+from dz_lightning.oracle import ModuleOracle
+from dz_lightning.oracle_base import DelegatingOracle, Oracle
 
-__all__ = ["RecordingOracle", "ReplayOracle", "StepPlan", "StepTiming"]
+__all__ = ["RecordingOracle", "ReplayOracle", "StepPlan", "StepShare", "StepTiming"]
 
 
 @dataclass
@@ -47,16 +48,53 @@ class StepTiming:
     reduce_end: float
 
 
-@dataclass
-class _Pending:
-    """What :meth:`StepPlan.estimate` leaves for :meth:`StepPlan.reduce` within one step."""
+@dataclass(frozen=True)
+class _Replay:
+    """What an exact distributed RGE share needs for its replay: the recorded losses and the random state."""
 
-    estimate: Estimate
-    counts: dict[str, int] | None = None  # CGE: coordinates of each parameter on this rank
-    expected: dict[str, int] | None = None  # CGE: coordinates of each parameter in the whole step
-    recorder: RecordingOracle | None = None  # RGE: this rank's recorded losses
-    generator_state: Tensor | None = None  # RGE: the random state to replay from
-    masks: Mapping[str, Tensor] | None = None  # RGE: the masks the directions were drawn with
+    recorder: RecordingOracle
+    generator_state: Tensor
+    masks: Mapping[str, Tensor] | None
+
+
+class StepShare:
+    """This rank's share of one step's estimate, for :meth:`StepPlan.reduce` to combine over the ranks.
+
+    Opaque: before the reduction its gradient may mean nothing (an exact distributed RGE share holds recorded losses;
+    the gradient comes from replaying them), so post-processing belongs to the reduced estimate
+    (:meth:`~dz_lightning.ZOModule.process_estimate`). :meth:`StepPlan.estimate` makes the plan's own shares;
+    ``StepShare(estimate)`` makes one of an estimate whose ``grads`` are this rank's partial gradient (summed over the
+    ranks: with ``world`` ranks that each compute the whole gradient, pass ``grads / world``).
+
+    Args:
+        estimate: this rank's partial estimate.
+
+    Attributes:
+        queries: oracle evaluations this rank spent on its share.
+        loss: the loss at the unperturbed parameters on this rank.
+    """
+
+    __slots__ = ("_counts", "_estimate", "_expected", "_replay")
+
+    def __init__(self, estimate: Estimate) -> None:
+        if not isinstance(estimate, Estimate):
+            raise TypeError(f"Expected `estimate` to be an Estimate, but got {type(estimate).__name__}.")
+        self._estimate = estimate
+        self._counts: dict[str, int] | None = None  # CGE: coordinates of each parameter on this rank
+        self._expected: dict[str, int] | None = None  # CGE: coordinates of each parameter in the whole step
+        self._replay: _Replay | None = None  # exact distributed RGE
+
+    @property
+    def queries(self) -> int:
+        return self._estimate.queries
+
+    @property
+    def loss(self) -> float:
+        return self._estimate.loss
+
+    def __repr__(self) -> str:
+        kind = "rge replay" if self._replay is not None else "cge split" if self._counts is not None else "partial"
+        return f"StepShare({kind}, queries={self.queries}, loss={self.loss:.6g})"
 
 
 class StepPlan:
@@ -64,7 +102,8 @@ class StepPlan:
 
     Call :meth:`estimate` (this rank's share), then :meth:`reduce` (every rank, once per step, also after a failed
     estimate, so that no rank waits forever in the collective). The plan keeps the CGE cost table across steps
-    (:attr:`cost_table`, saved in checkpoints by the module) and the step in flight between the two calls.
+    (:attr:`cost_table`, saved in checkpoints by the module); what one step carries from :meth:`estimate` to
+    :meth:`reduce` is the :class:`StepShare` that :meth:`estimate` returns.
 
     Args:
         estimator: ``"cge"`` or ``"rge"``.
@@ -86,29 +125,28 @@ class StepPlan:
         self.difference, self.distribution, self.nonfinite = difference, distribution, nonfinite
         self.generator = generator
         self.cost_table: CostTable | None = None
-        self._pending: _Pending | None = None
 
     def estimate(self, oracle: Oracle, params: Mapping[str, Tensor],
-                 masks: Mapping[str, Tensor] | None = None) -> Estimate:
-        """This rank's share of the step's estimate (with one process: the whole estimate).
+                 masks: Mapping[str, Tensor] | None = None) -> StepShare:
+        """This rank's share of the step's estimate (with one process: the whole estimate), for :meth:`reduce`.
 
-        Under DDP a CGE share is zero outside this rank's coordinates; an RGE share's ``grads`` are meaningless (its
-        losses are recorded for :meth:`reduce`, which replays the estimate). Return it unchanged to :meth:`reduce`.
+        Under DDP a CGE share covers this rank's coordinates; an RGE share records the losses of this rank's points
+        (:meth:`reduce` all-reduces them and replays RGE from the same random state).
         """
-        self._pending = None
         rank, world = distributed.rank_and_world()
         validate_masks(params, masks)
         if self.estimator == "rge":
             settings = self._rge_settings(masks)
             if world == 1:
-                return rge(oracle, params, generator=self.generator, **settings)
+                return StepShare(rge(oracle, params, generator=self.generator, **settings))
             recorder = RecordingOracle(oracle, rank, world, self._rge_points(), params_device(params))
             state = self.generator.get_state()
-            est = rge(recorder, params, generator=self.generator, **settings)
-            self._pending = _Pending(est, recorder=recorder, generator_state=state, masks=masks)
-            return est
+            share = StepShare(rge(recorder, params, generator=self.generator, **settings))
+            share._replay = _Replay(recorder, state, masks)
+            return share
         if world == 1:
-            return cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference, nonfinite=self.nonfinite)
+            return StepShare(cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference,
+                                 nonfinite=self.nonfinite))
         if self.cost_table is None:
             prior = (distributed.query_costs(oracle.model, oracle.inputs) if isinstance(oracle, ModuleOracle)
                      else None)
@@ -116,20 +154,20 @@ class StepPlan:
         index = {n: (mask_coordinates(masks[n]) if masks is not None and n in masks
                      else torch.arange(p.numel(), device=p.device)) for n, p in params.items()}
         coordinates = self.cost_table.split(index, rank, world)
-        est = cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference, nonfinite=self.nonfinite,
-                  coordinates=coordinates, timed=True)
-        self._pending = _Pending(est, counts={n: c.numel() for n, c in coordinates.items()},
-                                 expected={n: i.numel() for n, i in index.items()})
-        return est
+        share = StepShare(cge(oracle, params, mu=self.mu, masks=masks, difference=self.difference,
+                              nonfinite=self.nonfinite, coordinates=coordinates, timed=True))
+        share._counts = {n: c.numel() for n, c in coordinates.items()}
+        share._expected = {n: i.numel() for n, i in index.items()}
+        return share
 
-    def reduce(self, params: Mapping[str, Tensor], share: Estimate | None, error: BaseException | None = None,
+    def reduce(self, params: Mapping[str, Tensor], share: StepShare | None, error: BaseException | None = None,
                queries: int = 0) -> tuple[Estimate, StepTiming]:
         """Every rank: combine the shares into the step's estimate, identical on all ranks.
 
         Args:
             params: the estimated parameters.
-            share: this rank's :meth:`estimate`, or any partial estimate (a subclass's own ``estimate``: its grads
-                are summed over the ranks); ``None`` when this rank failed.
+            share: this rank's :meth:`estimate`, or a :class:`StepShare` of a partial estimate (its grads are summed
+                over the ranks); ``None`` when this rank failed.
             error: this rank's exception, raised here after the collective.
             queries: evaluations this rank spent before failing (used only with ``error``).
 
@@ -137,20 +175,24 @@ class StepPlan:
             The full estimate (gradient, queries over all ranks, this rank's base loss) and the step's timing.
 
         Raises:
+            TypeError: ``share`` is not a :class:`StepShare` (raised before the collective: a programming error).
             RankFailedError: another rank failed, or the ranks split the coordinates inconsistently.
             ValueError: the combined gradient is not finite.
         """
-        pending, self._pending = self._pending, None  # the pending share holds the oracle and its cached activations
+        if share is not None and not isinstance(share, StepShare):
+            raise TypeError(f"Expected `share` to be a StepShare (from StepPlan.estimate, or StepShare(estimate) for a "
+                            f"partial estimate), but got {type(share).__name__}.")
         _, world = distributed.rank_and_world()
         failed = error is not None or share is None
-        grads = ({n: torch.zeros_like(p) for n, p in params.items()} if failed or self._replays(pending, share)
-                 else share.grads)
+        replay = None if failed else share._replay
+        grads = ({n: torch.zeros_like(p) for n, p in params.items()} if failed or replay is not None
+                 else share._estimate.grads)
         losses = None
         if self.estimator == "rge" and world > 1:  # the same layout on every rank, whatever happened on it
-            losses = (pending.recorder.payload() if not failed and self._replays(pending, share)
+            losses = (replay.recorder.payload() if replay is not None
                       else torch.zeros(self._rge_points(), dtype=torch.float64, device=params_device(params)))
-        counts = pending.counts if pending is not None and pending.counts is not None and not failed else {}
-        seconds = pending.estimate.seconds if counts else {}
+        counts = share._counts if not failed and share._counts is not None else {}
+        seconds = share._estimate.seconds if counts else {}
         start = time.perf_counter()
         reduced = distributed.all_reduce_step(grads, share.queries if not failed else queries, failed,
                                               seconds=seconds, counts=counts, losses=losses)
@@ -160,17 +202,22 @@ class StepPlan:
         if reduced.failed:
             raise RankFailedError("Another rank failed to estimate its share of the gradient (see its error); "
                                   "stopping all ranks.")
-        grads = reduced.grads
-        if pending is not None and pending.expected is not None and self.cost_table is not None:
-            _check_split(reduced.counts, pending.expected)
+        return self._combine(params, share, reduced, world), timing
+
+    def _combine(self, params: Mapping[str, Tensor], share: StepShare, reduced: distributed.Reduced,
+                 world: int) -> Estimate:
+        """The step's estimate from this rank's share and the all-reduced sums."""
+        grads, est = reduced.grads, share._estimate
+        if share._expected is not None and self.cost_table is not None:
+            _check_split(reduced.counts, share._expected)
             self.cost_table.update(reduced.seconds, reduced.counts)
-        if self._replays(pending, share):
-            grads = self._replay(pending, params, reduced.losses)
+        if share._replay is not None:
+            grads = self._replay(share._replay, params, reduced.losses)
         # one process: the collective returned the share's grads, which its estimator may already have checked
-        checked = world == 1 and share.finite
+        checked = world == 1 and est.finite
         if not checked and grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
             raise ValueError("The estimated gradient is not finite; refusing to write it into the weights.")
-        return Estimate(grads=grads, queries=reduced.queries, loss=share.loss, skipped=share.skipped), timing
+        return Estimate(grads=grads, queries=reduced.queries, loss=est.loss, skipped=est.skipped)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _rge_settings(self, masks: Mapping[str, Tensor] | None) -> dict:
@@ -181,18 +228,13 @@ class StepPlan:
         """Perturbed points one RGE step evaluates."""
         return self.q * (2 if self.difference == "central" else 1)
 
-    @staticmethod
-    def _replays(pending: _Pending | None, share: Estimate | None) -> bool:
-        """Whether this step is exact distributed RGE: the share is the recorder's own estimate, unchanged."""
-        return pending is not None and pending.recorder is not None and share is pending.estimate
-
-    def _replay(self, pending: _Pending, params: Mapping[str, Tensor], losses: Tensor) -> dict[str, Tensor]:
+    def _replay(self, replay: _Replay, params: Mapping[str, Tensor], losses: Tensor) -> dict[str, Tensor]:
         """RGE again over the same directions, answered from the all-reduced ``losses`` (the same sums as 1 rank)."""
-        base = pending.recorder.base
+        base = replay.recorder.base
         generator = torch.Generator()
-        generator.set_state(pending.generator_state)
-        replay = ReplayOracle(base, losses.to(base.device, base.dtype), pending.recorder.memory_budget)
-        return rge(replay, params, generator=generator, **self._rge_settings(pending.masks)).grads
+        generator.set_state(replay.generator_state)
+        oracle = ReplayOracle(base, losses.to(base.device, base.dtype), replay.recorder.memory_budget)
+        return rge(oracle, params, generator=generator, **self._rge_settings(replay.masks)).grads
 
 
 def _check_split(counts: Mapping[str, float], expected: Mapping[str, int]) -> None:

@@ -13,12 +13,14 @@ YAML::
       strategy:
         class_path: dz_lightning.strategies.ZODDPStrategy
         init_args: {process_group_backend: gloo}
+
+or ``strategy: zo_ddp`` (registered with Lightning's ``StrategyRegistry``; the backend then follows the accelerator).
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
 __all__ = ["ZODDPStrategy"]
@@ -34,3 +36,9 @@ class ZODDPStrategy(DDPStrategy):
         if dist.is_available() and dist.is_initialized():
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)
+
+
+# `Trainer(strategy="zo_ddp")` (or `strategy: zo_ddp` in YAML) once this module is imported (dz_lightning.module does)
+if ZODDPStrategy.strategy_name not in StrategyRegistry:
+    StrategyRegistry.register(ZODDPStrategy.strategy_name, ZODDPStrategy,
+                              description="DDP without the DistributedDataParallel wrapper, for zeroth-order training")

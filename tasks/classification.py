@@ -20,7 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dz_lightning import ZOModule
 from dz_lightning.module import build_optimizers
-from dz_lightning.oracle import ModuleOracle, Oracle, query_mode
+from dz_lightning.oracle import ModuleOracle
+from dz_lightning.oracle_base import Oracle
+from dz_lightning.query import query_mode
 from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 from dz_lightning.validation import check_choice
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from dz_lightning import ZOModule
 from dz_lightning.figures import log_figure, new_figure, save_figure
 from dz_lightning.module import build_optimizers
-from dz_lightning.oracle import Oracle
+from dz_lightning.oracle_base import Oracle
 from dz_lightning.validation import check_choice, check_positive_int
 
 __all__ = ["BlackBoxClassifier", "FODenoisedSmoothing", "NoDenoiser", "ZODenoisedSmoothing", "load_state_dict"]
@@ -179,7 +179,7 @@ class ZODenoisedSmoothing(_CertifiedTest, ZOModule):
     """
 
     _hparams_ignore = ("denoiser", "classifier")
-    _legacy_model_aliases = ("denoiser",)  # before 0.2 the denoiser (or its body) was also stored as `model`
+    _legacy_model_aliases = ("denoiser",)  # checkpoints of earlier 0.1 development also held the network as `denoiser`
 
     def __init__(self, denoiser: nn.Module, classifier: BlackBoxClassifier, sigma: float = 0.25,
                  target: Literal["prediction", "label"] = "prediction", n0: int = 100, n: int = 10_000,

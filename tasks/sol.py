@@ -25,9 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
+from dz_lightning.fallback import parameter_values, vmap_points
 from dz_lightning.figures import log_figure, save_figure
 from dz_lightning.module import build_optimizers
-from dz_lightning.oracle import Oracle, parameter_values, vmap_points
+from dz_lightning.oracle_base import Oracle
 from dz_lightning.sampling import ResumableDataLoader, SeededRandomSampler
 from dz_lightning.validation import check_positive_int
 
@@ -270,7 +271,7 @@ class ZOSOL(_SOLEvaluation, ZOModule):
     """
 
     _hparams_ignore = ("corrector",)
-    _legacy_model_aliases = ("corrector",)  # before 0.2 the corrector was also stored as `corrector`
+    _legacy_model_aliases = ("corrector",)  # checkpoints of earlier 0.1 development also held it as `corrector`
 
     def __init__(self, corrector: nn.Module, resolution: tuple[int, int] = (16, 32), mu: float = 1e-4,
                  **kwargs: Any) -> None:

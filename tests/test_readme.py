@@ -44,12 +44,12 @@ def _check_staged(ns: dict) -> None:
 
     import torch.nn.functional as F
 
-    from dz_lightning.reuse import GraphEngine, build_staged
+    from dz_lightning.reuse import GraphEngine, build_graph_engine
 
     assert ns["est"].queries == 33
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the unmodified torchvision model is traced: no fallback warning
-        engine = build_staged(ns["net"], F.cross_entropy, ns["x"], ns["y"], ns["params"])
+        engine = build_graph_engine(ns["net"], F.cross_entropy, ns["x"], ns["y"], ns["params"])
     assert type(engine) is GraphEngine  # the traced graph, not the stages() fallback or full forwards
     net, x = ns["MyNet"](), torch.rand(2, 3, 8, 8)
     out = x

@@ -1,6 +1,6 @@
-"""Feature reuse: the entry point of the staged engine for the oracles.
+"""Feature reuse: the entry point of the graph engine for the oracles.
 
-:func:`build_staged` gives any model an engine that caches every activation of one base forward and recomputes,
+:func:`build_graph_engine` gives any model an engine that caches every activation of one base forward and recomputes,
 for each perturbed coordinate, only what the perturbation changes, as a difference from the cache
 (:class:`~dz_lightning.reuse.engine.GraphEngine`). The model's graph comes from ``torch.fx`` tracing
 (:func:`dz_lightning.reuse.graph.trace`); a model that cannot be traced but defines ``stages()`` (or is an
@@ -10,10 +10,13 @@ through the same propagation rules (:mod:`dz_lightning.reuse.rules`).
 
 The rooms of the package: :mod:`~dz_lightning.reuse.graph` (the IR and the fx builder),
 :mod:`~dz_lightning.reuse.protocol` (the model-side ``stages()`` / residual protocol, checked when the engine is
-built), :mod:`~dz_lightning.reuse.rules` and :mod:`~dz_lightning.reuse.ops` (the propagation rules and their
-op-level math, with :mod:`~dz_lightning.reuse.differences`), :mod:`~dz_lightning.reuse.engine` (base forward,
-compiled per-parameter plans, chunks, losses) and, outside the package, :mod:`~dz_lightning.query` (the query
-context and the memory-budget rule).
+built), :mod:`~dz_lightning.reuse.selection` (the rule registry, looked up by precedence),
+:mod:`~dz_lightning.reuse.rules` (every propagation rule with its registration; the keys and predicates they test in
+:mod:`~dz_lightning.reuse.predicates`) and :mod:`~dz_lightning.reuse.ops` (their op-level math, with
+:mod:`~dz_lightning.reuse.differences`), :mod:`~dz_lightning.reuse.plan` (per-parameter plans),
+:mod:`~dz_lightning.reuse.check` (the self-check), :mod:`~dz_lightning.reuse.engine` (base forward, the rules'
+caches, chunks, losses) and, outside the package, :mod:`~dz_lightning.query` (the query context and the
+memory-budget rule).
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from dz_lightning.reuse.differences import per_example_loss
-from dz_lightning.reuse.engine import GraphEngine, UnsupportedGraphError
+from dz_lightning.reuse.engine import GraphEngine
 from dz_lightning.reuse.graph import Graph, UntraceableError, trace
+from dz_lightning.reuse.plan import UnsupportedGraphError
 from dz_lightning.reuse.protocol import flatten_ops, from_stages, get_stages, residual_parts
 
-__all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_staged", "flatten_ops",
-           "get_stages", "residual_parts",
-           "traced_graph"]
+__all__ = ["GraphEngine", "StagedForward", "UnsupportedGraphError", "UntraceableError", "build_graph_engine",
+           "flatten_ops", "get_stages", "residual_parts", "traced_graph"]
 
 
 class StagedForward(GraphEngine):
@@ -75,7 +78,7 @@ def traced_graph(model: nn.Module) -> Graph:
     return graphs[key]
 
 
-def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+def build_graph_engine(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
                  params: Mapping[str, Tensor] | None = None, *, self_check: bool = True,
                  **options: Any) -> GraphEngine | None:
     """The feature-reuse engine for ``model``: on its traced graph, else on its ``stages()`` protocol, else
@@ -93,33 +96,41 @@ def build_staged(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], 
     """
     unknown = options.keys() - {"max_batch", "memory_budget", "delta_dtype"}
     if unknown:
-        raise TypeError(f"build_staged got unexpected options {sorted(unknown)}; valid: max_batch, memory_budget, "
-                        "delta_dtype, self_check.")
-    kwargs = options
+        raise TypeError(f"build_graph_engine got unexpected options {sorted(unknown)}; valid: max_batch, "
+                        "memory_budget, delta_dtype, self_check.")
     try:
-        graph = traced_graph(model)
-        key = (tuple(inputs.shape), inputs.dtype, inputs.device.type, _loss_key(loss_fn))
-        verdict = graph.verdicts.get(key)
-        if isinstance(verdict, str):  # failed before on this kind of batch: no engine, no base forward
-            raise UntraceableError(verdict)
-        try:
-            engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **kwargs)
-            if self_check and key not in graph.verdicts:
-                engine.self_check()
-                graph.verdicts[key] = None if engine.batched_losses else False
-        except UnsupportedGraphError as exc:
-            graph.verdicts[key] = str(exc)
-            raise
-        if graph.verdicts.get(key) is False and engine.batched_losses:
-            engine.batched_losses = False
-        return engine
+        return _traced_engine(model, loss_fn, inputs, targets, params, self_check, options)
     except UntraceableError as exc:  # UnsupportedGraphError included
         reason = str(exc).rstrip(".")
     if get_stages(model) is not None:
         _warn_once(model, reason, "Feature reuse uses its `stages()` protocol instead.")
-        return StagedForward(model, loss_fn, inputs, targets, params, **kwargs)
+        return StagedForward(model, loss_fn, inputs, targets, params, **options)
     _warn_once(model, reason, "CGE runs the full forward for every query (no `stages()` either).")
     return None
+
+
+def _traced_engine(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+                   params: Mapping[str, Tensor] | None, self_check: bool, options: dict[str, Any]) -> GraphEngine:
+    """The engine on ``model``'s traced graph, self-checked once per kind of batch (the verdict kept on the graph).
+
+    Raises:
+        UntraceableError: the model cannot be traced, or the engine failed on this kind of batch, now or before.
+    """
+    graph = traced_graph(model)
+    key = (tuple(inputs.shape), inputs.dtype, inputs.device.type, _loss_key(loss_fn))
+    verdict = graph.verdicts.get(key)
+    if isinstance(verdict, str):  # failed before on this kind of batch: no engine, no base forward
+        raise UntraceableError(verdict)
+    try:
+        engine = GraphEngine(graph, model, loss_fn, inputs, targets, params, **options)
+        if self_check and key not in graph.verdicts:
+            engine.self_check()
+            graph.verdicts[key] = None if engine.batched_losses else False
+    except UnsupportedGraphError as exc:
+        graph.verdicts[key] = str(exc)
+        raise
+    engine.batched_losses = engine.batched_losses and graph.verdicts.get(key) is not False
+    return engine
 
 
 def _loss_key(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Any:

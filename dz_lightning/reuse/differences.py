@@ -1,6 +1,6 @@
 """Differences through nonlinear ops, computed from the change itself.
 
-The staged engine (:mod:`dz_lightning.reuse.engine`, rules in :mod:`dz_lightning.reuse.rules`) carries each
+The graph engine (:mod:`dz_lightning.reuse.engine`, rules in :mod:`dz_lightning.reuse.rules`) carries each
 query's change ``d = perturbed - base`` through the network. These helpers give an op's output change for an input
 change ``d`` in forms whose rounding error is relative to ``d`` rather than to the activations (``f(x + d) - f(x)``
 in fp32 loses ``eps * |x|``), batched over the ``k`` queries of a chunk in one call each.
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NormBase", "batch_norm_difference", "per_example_loss", "relu_difference", "scatter_channel"]
+__all__ = ["NormBase", "batch_norm_channel_difference", "batch_norm_difference", "per_example_loss", "relu_difference",
+           "scale_change", "scatter_channel"]
 
 _LOSSES: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
     F.cross_entropy: F.cross_entropy, F.mse_loss: F.mse_loss, F.l1_loss: F.l1_loss}
@@ -85,10 +86,28 @@ def batch_norm_difference(base: NormBase, d: Tensor) -> Tensor:
         square = (v * v).sum(base.dims, keepdim=True)
     # relative change of var + eps: (2 cross + square) / n - m (2 mean(xc) + m), over var + eps
     rel = torch.addcmul((2 * cross + square) * base.inv_n_var, m, (2 * base.mean + m) * base.inv_var, value=-1)
-    ds = base.scale * torch.expm1(torch.log1p(rel) * -0.5)
+    ds = scale_change(base.scale, rel)
     s = base.scale + ds
     out = torch.addcmul(torch.addcmul(-m * s, base.centered, ds), v, s)
     return base.unview(out, d)
+
+
+def batch_norm_channel_difference(xc: Tensor, var_eps: Tensor, scale: Tensor, d: Tensor) -> Tensor:
+    """:func:`batch_norm_difference` for a change of one channel per query: ``xc`` ``(k, B, *spatial)`` that channel
+    of the centered base input, ``var_eps`` and ``scale`` its variance plus eps and base scale (broadcast per query),
+    ``d`` its change. With ``dc = d - mean(d)`` the variance changes by ``dv = 2 mean(xc dc) + mean(dc^2)``, and the
+    output by ``xc (s - s0) + dc s``."""
+    dims = tuple(range(1, d.dim()))
+    dc = d - d.mean(dims, keepdim=True)
+    dv = 2 * (xc * dc).mean(dims, keepdim=True) + (dc * dc).mean(dims, keepdim=True)
+    ds = scale_change(scale, dv / var_eps)
+    return torch.addcmul(xc * ds, dc, scale + ds)
+
+
+def scale_change(scale: Tensor, rel: Tensor) -> Tensor:
+    """``s - s0`` for ``s = s0 (1 + rel)^(-1/2)``: a BatchNorm scale's change when ``var + eps`` changes by the
+    relative amount ``rel``, from ``rel`` itself (``expm1`` / ``log1p``: no rounding of ``1 + rel``)."""
+    return scale * torch.expm1(torch.log1p(rel) * -0.5)
 
 
 def relu_difference(neg_part: Tensor, neg_out: Tensor, d: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ batched only while one chunk's activation stays small: larger flat batches run s
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,41 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+import dz_lightning.reuse.check as check
 import dz_lightning.reuse.ops as ops
 import dz_lightning.reuse.rules as rules
-import dz_lightning.reuse.selection as selection
 from dz_lightning import query
+from dz_lightning.oracle_base import coordinate_points
 from dz_lightning.query import query_mode
 from dz_lightning.reuse.differences import per_example_loss
-from dz_lightning.reuse.graph import Graph, UntraceableError
+from dz_lightning.reuse.graph import Graph
+from dz_lightning.reuse.plan import Plan, compile_plan, output_change
 from dz_lightning.reuse.protocol import verify
+from dz_lightning.reuse.selection import is_tensors
 
-__all__ = ["GraphEngine", "UnsupportedGraphError"]
+__all__ = ["GraphEngine"]
 
 _CPU_CACHE_BYTES = 2 << 20
-
-
-class UnsupportedGraphError(UntraceableError):
-    """The traced graph has a node the engine cannot carry a change through; the message names it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Query:
-    """One chunk: entries ``index`` of the parameter move by ``delta``; ``starts``: node -> its local name there."""
-
-    index: Tensor
-    delta: float
-    starts: Mapping[int, str]
-
-    def start_local(self, i: int) -> str | None:
-        return self.starts.get(i)
-
-
-@dataclasses.dataclass
-class _Plan:
-    steps: list[tuple[int, Callable[..., rules.Change], list[int]]]  # node, rule, states freed after it
-    starts: dict[int, str]
-    bytes_per_query: int
 
 
 class GraphEngine:
@@ -78,9 +57,12 @@ class GraphEngine:
             :func:`~dz_lightning.query.check_delta_dtype`). The base forward and nonlinear ops always run in fp32.
 
     Attributes:
-        ops: the graph's nodes.
-        chunk_sizes: most queries per batched call for a perturbation starting at each node, fixed at construction
-            (from ``max_batch``, or the memory budget and the model's activation sizes): the same every step.
+        nodes: the graph's nodes.
+        plans: parameter name -> its :class:`~dz_lightning.reuse.plan.Plan` (the nodes a perturbation changes, with
+            their rules), compiled at construction.
+        chunk_sizes: parameter name -> most queries per batched call of :meth:`coordinate_losses`, fixed at
+            construction (from ``max_batch``, or the memory budget and the plan's activation sizes): the same every
+            step.
 
     Raises:
         ValueError: ``delta_dtype`` is not valid, or a residual protocol disagrees with the block's forward.
@@ -101,15 +83,11 @@ class GraphEngine:
         delta_dtype: str | torch.dtype = "float32",
     ) -> None:
         delta_name = query.check_delta_dtype(delta_dtype, inputs)
-        self.graph, self.ops = graph, graph.nodes
+        self.graph, self.nodes = graph, graph.nodes
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
         self.max_batch, self.memory_budget = max_batch, memory_budget
         self.delta_dtype, self.delta_tf32 = query.DELTA_DTYPES[delta_name], delta_name == "tf32"
-        self.params = dict(model.named_parameters())
-        unknown = set(params or {}) - set(self.params)
-        if unknown:
-            raise ValueError(f"Unknown parameter names {sorted(unknown)[:5]}; valid names: {sorted(self.params)[:20]}.")
-        self.params.update(params or {})
+        self.params = _parameters(model, params)
         self._cache: dict[Any, Any] = {}
         self._node_params: dict[int, dict[str, Tensor]] = {}
         # channels-last convolutions and BatchNorm run several times faster than NCHW on CPU
@@ -125,12 +103,9 @@ class GraphEngine:
             # each per-example value's weight in the mean: ignored targets weigh 0 (computed on the device)
             self._weights = (None if self._per_example is None
                              else _example_weights(self._per_example, outputs, targets, self._base.dtype))
-        self._users = graph.users()
-        self._plans = {name: self._compile(name) for name in self.params}
-        starts = {next(iter(plan.starts), 0): plan for plan in self._plans.values() if plan.starts}
-        fallback = max([self._bytes(v) for v in self.values if isinstance(v, Tensor)], default=1)
-        self.chunk_sizes = tuple(self._chunk(starts[i].bytes_per_query if i in starts else fallback)
-                                 for i in range(len(self.ops)))
+        users = graph.users()
+        self.plans = {name: compile_plan(graph, self.values, users, name) for name in self.params}
+        self.chunk_sizes = {name: self._chunk(plan.bytes_per_query) for name, plan in self.plans.items()}
 
     # ------------------------------------------------------------------------------------------ public API
     def base_loss(self) -> Tensor:
@@ -139,11 +114,11 @@ class GraphEngine:
 
     def coordinate_losses(self, name: str, index: Tensor, delta: float) -> Tensor:
         """Losses with ``params[name].view(-1)[index[i]] += delta``, each ``i`` separately: shape ``(n,)``."""
-        if name not in self._plans:
-            raise ValueError(f"Unknown parameter {name!r}; valid names: {sorted(self._plans)}.")
-        plan = self._plans[name]
+        if name not in self.plans:
+            raise ValueError(f"Unknown parameter {name!r}; valid names: {sorted(self.plans)}.")
+        plan = self.plans[name]
         index = index.reshape(-1).to(device=self.inputs.device, dtype=torch.long)
-        chunk = max(1, min(index.numel(), self._chunk(plan.bytes_per_query)))
+        chunk = max(1, min(index.numel(), self.chunk_sizes[name]))
         out = []
         with query_mode(self.model, self.inputs.device):
             for start in range(0, index.numel(), chunk):
@@ -152,7 +127,7 @@ class GraphEngine:
 
     def self_check(self) -> None:
         """Check the engine on this batch before it is trusted (host reads: for the first batch of a model, not per
-        step; :func:`dz_lightning.reuse.build_staged` runs it once per graph, input shape and loss).
+        step; :func:`dz_lightning.reuse.build_graph_engine` runs it once per graph, input shape and loss).
 
         The batched per-example loss of a known loss function must equal its value at the base point (else the
         losses are computed one query at a time: :attr:`batched_losses` is set ``False``). Then, on a zero
@@ -164,36 +139,7 @@ class GraphEngine:
         Raises:
             UnsupportedGraphError: naming the parameter, and the error or the output change, when one does not.
         """
-        outputs = self.values[self.graph.output]
-        if self._per_example is not None:  # the batched loss of a chunk equals loss_fn's value at the base
-            with query_mode(self.model, self.inputs.device):
-                batched = self._losses(torch.zeros_like(outputs).unsqueeze(0))[0]
-            if not torch.allclose(batched, self._base, rtol=1e-6, atol=1e-9):
-                self.batched_losses = False
-        seen: set[tuple[int, str]] = set()
-        for name, plan in self._plans.items():
-            calls = {(i, rule.__name__) for i, rule, _ in plan.steps if rule.__name__ in rules.USER_CODE_RULES}
-            if calls <= seen:
-                continue
-            seen |= calls
-            at: list[int] = []
-            with query_mode(self.model, self.inputs.device):
-                try:
-                    d = self._output_change(plan, torch.zeros(1, dtype=torch.long, device=self.inputs.device), 0.0,
-                                            at)
-                except Exception as exc:  # noqa: BLE001 - any failure of a rule means: not a graph for the engine
-                    node, rule = next(((self.ops[i].name, r.__name__) for i, r, _ in plan.steps if i == at[-1]),
-                                      ("?", "?")) if at else ("?", "?")
-                    steps = ", ".join(f"{n} ({r})" for n, r in self.rules(name))
-                    raise UnsupportedGraphError(f"node {node!r} ({rule}) failed in a query of "
-                                                f"{name!r}: {type(exc).__name__}: "
-                                                f"{str(exc).splitlines()[0] if str(exc) else ''}; the query's nodes: "
-                                                f"[{steps}]") from exc
-            if d is not None and float(d.abs().max()) > 1e-5 * (1 + float(outputs.abs().max())):
-                suspects = [f"{n} ({r})" for n, r in self.rules(name) if r in rules.USER_CODE_RULES]
-                raise UnsupportedGraphError(f"a zero step of {name!r} changed the outputs by up to "
-                                            f"{float(d.abs().max()):.3g} (random or stateful ops recomputed by "
-                                            f"{', '.join(suspects[-3:])}); its nodes: {self.rules(name)}")
+        check.self_check(self)
 
     @property
     def batched_losses(self) -> bool:
@@ -211,7 +157,7 @@ class GraphEngine:
 
     def rules(self, name: str) -> list[tuple[str, str]]:
         """``(node name, rule name)`` of every node that a perturbation of ``name`` recomputes, in order."""
-        return [(self.ops[i].name, rule.__name__) for i, rule, _ in self._plans[name].steps]
+        return [(self.nodes[i].name, rule.name) for i, rule, _ in self.plans[name].steps]
 
     # ------------------------------------------------------------------------------------------ caches for the rules
     def cache(self, key: Any, make: Callable[[], Any]) -> Any:
@@ -223,7 +169,7 @@ class GraphEngine:
     def node_params(self, i: int) -> dict[str, Tensor]:
         """``local name -> value`` of the parameters a module node reads."""
         if i not in self._node_params:
-            self._node_params[i] = {local: self.params[full] for local, full in self.ops[i].params.items()}
+            self._node_params[i] = {local: self.params[full] for local, full in self.nodes[i].params.items()}
         return self._node_params[i]
 
     def channels_of(self, key: Any, x: Tensor, channel: Tensor) -> Tensor:
@@ -232,15 +178,6 @@ class GraphEngine:
 
     def channels(self, j: int, channel: Tensor) -> Tensor:
         return self.channels_of(("value", j), self.values[j], channel)
-
-    def channel_stats(self, j: int, eps: float) -> tuple[Tensor, Tensor]:
-        """Node ``j``'s value centered per channel, and its per-channel variance plus ``eps`` ``(C,)``."""
-        def make() -> tuple[Tensor, Tensor]:
-            x = self.values[j]
-            dims = (0, *range(2, x.dim()))
-            centered = x - x.mean(dims, keepdim=True)
-            return centered, (centered * centered).mean(dims) + eps
-        return self.cache(("stats", j, eps), make)
 
     def dropout_mask(self, i: int) -> Tensor:
         """The scaled mask (``0`` or ``1 / (1 - p)``, the shape of its input) that train-mode dropout node ``i``
@@ -261,7 +198,7 @@ class GraphEngine:
 
     def call(self, i: int, args: tuple, kwargs: dict, override: Mapping[str, Tensor] | None = None) -> Any:
         """Node ``i`` on the given arguments (``override``: parameter values replacing its own)."""
-        node = self.ops[i]
+        node = self.nodes[i]
         if node.kind == "module":
             params = self.node_params(i) if not override else {**self.node_params(i), **override}
             return functional_call(node.target, params, args, kwargs)
@@ -275,26 +212,23 @@ class GraphEngine:
         order = list(changed)
         batched = [changed[j] for j in order]
         if local is not None:
-            base = self.node_params(i)[local] if self.ops[i].kind == "module" else self.params[local]
-            k = q.index.numel()
-            stacked = base.detach().reshape(1, -1).repeat(k, 1)
-            stacked[torch.arange(k, device=stacked.device), q.index] += q.delta
-            batched.append(stacked.reshape(k, *base.shape))
+            base = self.node_params(i)[local] if self.nodes[i].kind == "module" else self.params[local]
+            batched.append(coordinate_points(base, q.index, q.delta))
 
         def one(*vs: Tensor) -> Tensor:
             own = dict(zip(order, vs, strict=False))
-            args, kwargs = rules.call_with(self.ops[i], lambda r: own.get(r.index, self.values[r.index]))
+            args, kwargs = rules.call_with(self.nodes[i], lambda r: own.get(r.index, self.values[r.index]))
             return self.call(i, args, kwargs, {local: vs[-1]} if local is not None else None)
 
         value = self.values[i]  # a tuple may hold None (e.g. attention weights not asked for): not batched
-        out_dims = tuple(0 if isinstance(v, Tensor) else None for v in value) if _is_tensors(value) else 0
+        out_dims = tuple(0 if isinstance(v, Tensor) else None for v in value) if is_tensors(value) else 0
         with ops.batchable_attention():
             return vmap(one, out_dims=out_dims, randomness="same")(*batched)
 
     # ------------------------------------------------------------------------------------------ internals
     def _forward(self) -> list[Any]:
         values: list[Any] = []
-        for i, node in enumerate(self.ops):
+        for i, node in enumerate(self.nodes):
             if node.kind == "input":
                 value = self.inputs
             elif node.kind == "param":
@@ -319,80 +253,16 @@ class GraphEngine:
             values.append(value)
         return values
 
-    def _compile(self, name: str) -> _Plan:
-        """The plan of a perturbation of ``name``: every node it changes, in order, with its rule."""
-        kinds: dict[int, str] = {}
-        steps: list[tuple[int, Callable[..., rules.Change]]] = []
-        starts: dict[int, str] = {}
-        for i, node in enumerate(self.ops):
-            if not self._users[i] and i != self.graph.output:  # nothing reads it (e.g. a protocol identity shortcut)
-                continue
-            local = "" if node.kind == "param" and node.target == name else next(
-                (loc for loc, full in node.perturbable().items() if full == name), None)
-            changed = {j: kinds[j] for j in dict.fromkeys(node.refs()) if j in kinds}
-            if local is None and not changed:
-                continue
-            value = self.values[i]
-            if _is_size(value):  # shapes do not depend on parameter values
-                continue
-            if _is_tensors(value):
-                if local is not None:
-                    starts[i] = local
-                # a tuple of tensors (chunk, split, attention)
-                rule, kind = selection.select_tuple(node, local), "parts"
-            elif not isinstance(value, Tensor):
-                raise UnsupportedGraphError(f"node {node.name!r} returns a {type(value).__name__} that depends on "
-                                            f"parameter {name!r}; the engine carries changes of tensors only.")
-            elif local is not None:
-                starts[i] = local
-                rule, kind = selection.select_start(node, local, changed, self.values)
-            else:
-                rule, kind = selection.select(node, changed, self.values, value)
-            kinds[i] = kind
-            steps.append((i, rule))
-        last: dict[int, int] = {}
-        for pos, (i, _) in enumerate(steps):
-            for j in self.ops[i].refs():
-                if j in kinds:
-                    last[j] = pos
-        frees = [[j for j, p in last.items() if p == pos and j != self.graph.output] for pos in range(len(steps))]
-        # a chunk's footprint: the largest value it changes. A one-channel change of a feature map counts one
-        # channel (simple_cnn's conv layers ran 1.4x slower per step with such changes counted whole); one feature
-        # of a (B, features) value counts whole (a dense MLP step ran slower with the larger chunks)
-        sizes = [sum(self._bytes(v) for v in self.values[i] if v is not None) if kinds[i] == "parts" else
-                 self._bytes(self.values[i]) // (self.values[i].shape[1] if _one_feature_map(kinds[i], self.values[i])
-                                                  else 1)
-                 for i, _ in steps]
-        return _Plan([(i, rule, frees[pos]) for pos, (i, rule) in enumerate(steps)], starts, max(sizes, default=1))
-
-    @staticmethod
-    def _bytes(value: Tensor) -> int:
-        return max(1, value.numel() * value.element_size())
-
     def _chunk(self, bytes_per_query: int) -> int:
         """Most queries per batched call: ``max_batch`` if set, else :func:`~dz_lightning.query.points_per_chunk`."""
         return query.points_per_chunk(self.inputs.device, self.memory_budget, 4 * bytes_per_query, self.max_batch,
                                       cpu_cache_bytes=4 * _CPU_CACHE_BYTES)
 
-    def _output_change(self, plan: _Plan, index: Tensor, delta: float, at: list[int] | None = None) -> Tensor | None:
-        """Each query's change of the model's output ``(k, *outputs.shape)``; ``None``: it does not reach it.
-        ``at`` (the self-check's) receives the index of each node before its rule runs."""
-        q = _Query(index, delta, plan.starts)
-        states: dict[int, rules.Change] = {}
-        for i, rule, frees in plan.steps:
-            if at is not None:
-                at.append(i)
-            states[i] = rule(self, i, states, q)
-            for j in frees:
-                states.pop(j, None)
-        out = self.graph.output
-        return rules.full(self, out, states[out]) if out in states else None
+    def _chunk_losses(self, plan: Plan, index: Tensor, delta: float) -> Tensor:
+        d = output_change(self, plan, index, delta)
+        return self._base.expand(index.numel()).clone() if d is None else self.losses(d)
 
-    def _chunk_losses(self, plan: _Plan, index: Tensor, delta: float) -> Tensor:
-        d = self._output_change(plan, index, delta)
-        return self._base.expand(index.numel()).clone() if d is None else self._losses(d)
-
-    def _losses(self, d: Tensor) -> Tensor:
+    def losses(self, d: Tensor) -> Tensor:
         """``loss_fn`` at the cached outputs plus each query's difference ``d`` ``(k, B, ...)``, shape ``(k,)``.
 
         A mean-reduced cross-entropy, MSE or L1 loss runs once for the whole chunk (``reduction="none"`` on the flat
@@ -410,6 +280,15 @@ class GraphEngine:
         return (values.reshape(k, -1) * self._weights).sum(1)
 
 
+def _parameters(model: nn.Module, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """``model``'s parameters by name, with the values in ``params`` in place of their own."""
+    own = dict(model.named_parameters())
+    unknown = set(params or {}) - set(own)
+    if unknown:
+        raise ValueError(f"Unknown parameter names {sorted(unknown)[:5]}; valid names: {sorted(own)[:20]}.")
+    return {**own, **(params or {})}
+
+
 def _example_weights(per_example: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor,
                      dtype: torch.dtype) -> Tensor:
     """Each per-example value's weight in one query's mean loss, flat ``(n,)``: ``1 / n``, except for a
@@ -422,20 +301,3 @@ def _example_weights(per_example: Callable[[Tensor, Tensor], Tensor], outputs: T
         counts = targets != per_example.keywords.get("ignore_index", -100)
         return counts.reshape(-1).to(dtype) / counts.sum().to(dtype)
     return torch.full((n,), 1.0 / n, dtype=dtype, device=outputs.device)
-
-
-def _is_tensors(value: Any) -> bool:
-    """A tuple of tensors (``None`` allowed, as ``nn.MultiheadAttention``'s weights when not asked for)."""
-    return (isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value)
-            and all(isinstance(v, Tensor) or v is None for v in value))
-
-
-def _is_size(value: Any) -> bool:
-    if isinstance(value, (int, torch.Size)):
-        return True
-    return isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value)
-
-
-def _one_feature_map(kind: str, value: Tensor) -> bool:
-    """Whether a state of ``kind`` at ``value`` is one channel of a feature map ``(B, C, *spatial)``."""
-    return kind == "chan" and value.dim() > 2

@@ -1,4 +1,4 @@
-"""The graph IR of the staged engine, and its builder from ``torch.fx`` symbolic tracing.
+"""The graph IR of the graph engine, and its builder from ``torch.fx`` symbolic tracing.
 
 A model's forward is a list of :class:`Node` s in topological order. Every node reads its inputs through
 :class:`Ref` s to earlier nodes; the engine (:mod:`dz_lightning.reuse.engine`) caches every node's value in one base
@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.fx.node import map_aggregate
 
-__all__ = ["Graph", "Node", "Ref", "UntraceableError", "trace"]
+__all__ = ["Graph", "Node", "Ref", "UntraceableError", "map_refs", "trace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,11 @@ class Ref:
     """A reference to the value of node ``index``."""
 
     index: int
+
+
+def map_refs(a: Any, fn: Callable[[Ref], Any]) -> Any:
+    """``a`` with every :class:`Ref` in it replaced by ``fn(ref)``, through nested tuples, lists and dicts."""
+    return map_aggregate(a, lambda v: fn(v) if isinstance(v, Ref) else v)
 
 
 @dataclasses.dataclass
@@ -64,8 +69,9 @@ class Node:
 
     def refs(self) -> list[int]:
         """Indices of the nodes this node reads, in argument order (repeats kept)."""
-        leaves, _ = tree_flatten((list(self.args), self.kwargs))
-        return [a.index for a in leaves if isinstance(a, Ref)]
+        found: list[int] = []
+        map_refs((self.args, self.kwargs), lambda r: found.append(r.index))
+        return found
 
     def perturbable(self) -> dict[str, str]:
         """``local -> full`` names whose perturbation starts at this node."""
@@ -150,6 +156,32 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None
     """
     import torch.fx as fx
 
+    fx_graph = _fx_graph(model, leaf)
+    names = parameter_names(model)
+    nodes: list[Node] = []
+    index: dict[fx.Node, int] = {}
+    output = None
+    for n in fx_graph.nodes:
+        if n.op == "output":
+            if not isinstance(n.args[0], fx.Node):
+                raise UntraceableError(f"{type(model).__name__}.forward returns {type(n.args[0]).__name__}, not one "
+                                       "tensor; the engine computes a loss of one output tensor.")
+            output = index[n.args[0]]
+            continue
+        index[n] = len(nodes)
+        nodes.append(_node(model, n, names, lambda a: fx.node.map_arg(a, lambda v: Ref(index[v]))))
+        if nodes[-1].kind == "input" and any(m.kind == "input" for m in nodes[:-1]):
+            raise UntraceableError(f"{type(model).__name__}.forward takes more than one input ({n.name!r}); "
+                                   "the engine feeds it one batch.")
+    if sum(node.kind == "input" for node in nodes) != 1 or output is None:
+        raise UntraceableError(f"{type(model).__name__}.forward must take one tensor and return one tensor.")
+    return Graph(_alias_inplace(nodes), output)
+
+
+def _fx_graph(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None) -> Any:
+    """``model``'s ``torch.fx`` graph (``torch.nn`` modules and ``leaf`` ones kept as single nodes)."""
+    import torch.fx as fx
+
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return super().is_leaf_module(m, qualname) or (leaf is not None and leaf(m, qualname))
@@ -161,52 +193,26 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool] | None = None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UntraceableError(f"torch.fx could not trace {type(model).__name__}{_where(exc)}: "
                                f"{type(exc).__name__}: {message}") from exc
-    names = parameter_names(model)
-    nodes: list[Node] = []
-    index: dict[fx.Node, int] = {}
-    output = None
+    return fx_graph
 
-    def conv(a: Any) -> Any:
-        return tree_map(lambda v: Ref(index[v]) if isinstance(v, fx.Node) else v, a)
 
-    inputs = 0
-    for n in fx_graph.nodes:
-        if n.op == "placeholder":
-            if n.args:  # an argument with a default value: a constant
-                node = Node(n.name, "constant", n.args[0])
-            else:
-                inputs += 1
-                if inputs > 1:
-                    raise UntraceableError(f"{type(model).__name__}.forward takes more than one input ({n.name!r}); "
-                                           "the engine feeds it one batch.")
-                node = Node(n.name, "input")
-        elif n.op == "get_attr":
-            value = _attr(model, n.target)
-            if isinstance(value, nn.Parameter):
-                node = Node(n.name, "param", names[id(value)])
-            else:
-                node = Node(n.name, "constant", value)
-        elif n.op == "call_module":
-            node = module_node(n.name, model.get_submodule(n.target), conv(n.args), conv(dict(n.kwargs)), names)
-        elif n.op in ("call_function", "call_method"):
-            kind = "function" if n.op == "call_function" else "method"
-            # `view` needs contiguous strides; the engine keeps activations channels-last on CPU
-            target = "reshape" if n.target == "view" else n.target
-            node = Node(n.name, kind, target, conv(n.args), conv(dict(n.kwargs)))
-        elif n.op == "output":
-            value = n.args[0]
-            if not isinstance(value, fx.Node):
-                raise UntraceableError(f"{type(model).__name__}.forward returns {type(value).__name__}, not one "
-                                       "tensor; the engine computes a loss of one output tensor.")
-            output = index[value]
-            continue
-        else:  # pragma: no cover - fx has no other node kinds
-            raise UntraceableError(f"unknown fx node kind {n.op!r}")
-        index[n] = len(nodes)
-        nodes.append(node)
-    if inputs != 1 or output is None:
-        raise UntraceableError(f"{type(model).__name__}.forward must take one tensor and return one tensor.")
-    return Graph(_alias_inplace(nodes), output)
+def _node(model: nn.Module, n: Any, names: dict[int, str], conv: Callable[[Any], Any]) -> Node:
+    """The IR node of fx node ``n`` (not an output); ``conv`` turns its fx arguments into :class:`Ref` s."""
+    if n.op == "placeholder":  # an argument with a default value is a constant
+        return Node(n.name, "constant", n.args[0]) if n.args else Node(n.name, "input")
+    if n.op == "get_attr":
+        value = _attr(model, n.target)
+        if isinstance(value, nn.Parameter):
+            return Node(n.name, "param", names[id(value)])
+        return Node(n.name, "constant", value)
+    if n.op == "call_module":
+        return module_node(n.name, model.get_submodule(n.target), conv(n.args), conv(dict(n.kwargs)), names)
+    if n.op in ("call_function", "call_method"):
+        kind = "function" if n.op == "call_function" else "method"
+        # `view` needs contiguous strides; the engine keeps activations channels-last on CPU
+        target = "reshape" if n.target == "view" else n.target
+        return Node(n.name, kind, target, conv(n.args), conv(dict(n.kwargs)))
+    raise UntraceableError(f"unknown fx node kind {n.op!r}")  # pragma: no cover - fx has no other node kinds
 
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -247,8 +253,7 @@ def _alias_inplace(nodes: list[Node]) -> list[Node]:
     alias: dict[int, int] = {}
     for i, node in enumerate(nodes):
         if alias:
-            node.args, node.kwargs = tree_map(lambda v: Ref(alias.get(v.index, v.index)) if isinstance(v, Ref) else v,
-                                              (node.args, node.kwargs))
+            node.args, node.kwargs = map_refs((node.args, node.kwargs), lambda r: Ref(alias.get(r.index, r.index)))
         if node.inplace and node.args and isinstance(node.args[0], Ref):
             alias[node.args[0].index] = i
     return nodes

@@ -1,4 +1,4 @@
-"""Op-level math of the staged engine: which module is which, and the one-channel and difference kernels.
+"""Op-level math of the graph engine: which module is which, and the one-channel and difference kernels.
 
 Functions of modules and tensors only (no graph); :mod:`dz_lightning.reuse.rules` applies them to the nodes of a graph.
 Shapes: ``k`` queries of a chunk, a batch of ``B`` examples; a one-channel change is ``(k, B, *spatial)``.
@@ -14,10 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dz_lightning.query import MASK_DROPOUTS, low_precision_deltas
-from dz_lightning.reuse.differences import relu_difference
+from dz_lightning.reuse.differences import batch_norm_channel_difference, relu_difference
 
 __all__ = ["NORMS", "batchable_attention", "column", "column_change", "is_channelwise", "is_linear",
            "is_mixing", "is_per_example", "is_random_dropout"]
@@ -196,14 +197,9 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
         w = p["weight"][channel].view(shape) if "weight" in p else 1.0
         if not is_train_norm(op):
             return d * (w * torch.rsqrt(op.running_var[channel].view(shape) + op.eps))
-        dims = tuple(range(1, d.dim()))
-        centered, var_eps = ctx.channel_stats(x, op.eps)
+        centered, var_eps = _channel_stats(ctx, x, op.eps)
         xc, var_eps = ctx.channels_of(("centered", x), centered, channel), var_eps[channel].view(shape)
-        scale = w * torch.rsqrt(var_eps)
-        dc = d - d.mean(dims, keepdim=True)
-        dv = 2 * (xc * dc).mean(dims, keepdim=True) + (dc * dc).mean(dims, keepdim=True)
-        ds = scale * torch.expm1(-0.5 * torch.log1p(dv / var_eps))
-        return torch.addcmul(xc * ds, dc, scale + ds)
+        return batch_norm_channel_difference(xc, var_eps, w * torch.rsqrt(var_eps), d)
     if isinstance(op, nn.ReLU):
         return relu_channel_difference(ctx, x, d, channel)
     if isinstance(op, (nn.Identity, nn.Dropout)):
@@ -215,6 +211,16 @@ def channel_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], x: int,
     if isinstance(op, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return channel_values(op, p, d, channel)
     return channel_values(op, p, ctx.channels(x, channel) + d, channel) - ctx.channels(y, channel)
+
+
+def _channel_stats(ctx: Any, j: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Cached node ``j``'s value centered per channel, and its per-channel variance plus ``eps`` ``(C,)``."""
+    def make() -> tuple[Tensor, Tensor]:
+        x = ctx.values[j]
+        dims = (0, *range(2, x.dim()))
+        centered = x - x.mean(dims, keepdim=True)
+        return centered, (centered * centered).mean(dims) + eps
+    return ctx.cache(("stats", j, eps), make)
 
 
 def relu_channel_difference(ctx: Any, x: int, d: Tensor, channel: Tensor) -> Tensor:
@@ -272,7 +278,8 @@ def linear_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], d: Tenso
             out = ctx.flat(lambda flat: F.conv_transpose2d(flat, weight, None, op.stride, op.padding,
                                                            op.output_padding, op.groups, op.dilation), d_in)
         else:
-            out = ctx.flat(lambda flat: op._conv_forward(flat, weight, None), d_in)
+            # the module's own convolution (padding mode included) with this weight and no bias
+            out = ctx.flat(lambda flat: functional_call(op, {"weight": weight, "bias": None}, (flat,)), d_in)
     return out.to(d.dtype)
 
 

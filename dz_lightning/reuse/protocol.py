@@ -1,4 +1,4 @@
-"""The model-side protocol of the staged engine: ``stages()`` and residual blocks, as a builder of the graph IR.
+"""The model-side protocol of the graph engine: ``stages()`` and residual blocks, as a builder of the graph IR.
 
 A staged model is an ordered list of modules whose composition is its forward: an ``nn.Sequential``'s children,
 or what its ``stages()`` method returns. Nested ``nn.Sequential`` s are flattened into ops. One block protocol
@@ -65,6 +65,28 @@ class _Method(nn.Module):
         return getattr(self.block, self.method)(*args)
 
 
+def _open_block(op: nn.Module, parts: tuple[list[nn.Module], nn.Module | None], path: str, paths: dict[int, str],
+                names: dict[int, str], nodes: list[Node]) -> None:
+    """Append the nodes of residual block ``op`` (input: the last node): its branch, shortcut, add and after_add."""
+    branch, after_add = parts
+    x = len(nodes) - 1
+    owned = {id(p) for m in branch for p in m.parameters()}
+    for i, m in enumerate(branch):
+        if any(True for _ in m.parameters()) and not any(m is s for s in op.modules()):
+            raise ValueError(f"{type(op).__name__}.residual_branch() returns a {type(m).__name__} with "
+                             "parameters that is not a submodule of the block.")
+        nodes.append(module_node(paths.get(id(m), f"{path}.branch{i}"), m, (Ref(len(nodes) - 1),), {}, names))
+    branch_out = len(nodes) - 1
+    shortcut = module_node(f"{path}.shortcut", _Method(op, "shortcut"), (Ref(x),), {}, names)
+    after = list(after_add.parameters()) if after_add is not None else []
+    shortcut.sees = frozenset(local for local, p in _Method(op, "shortcut").named_parameters()
+                              if id(p) not in owned and not any(p is q for q in after))
+    nodes.append(shortcut)
+    nodes.append(Node(f"{path}.add", "function", operator.add, (Ref(branch_out), Ref(len(nodes) - 1))))
+    if after_add is not None:
+        nodes.append(module_node(f"{path}.after_add", after_add, (Ref(len(nodes) - 1),), {}, names))
+
+
 def from_stages(model: nn.Module) -> Graph:
     """The IR of a staged model: one node per op, residual blocks opened into branch, shortcut, add, after_add.
 
@@ -86,22 +108,7 @@ def from_stages(model: nn.Module) -> Graph:
         if parts is None:
             nodes.append(module_node(path, op, (Ref(x),), {}, names))
             continue
-        branch, after_add = parts
-        owned = {id(p) for m in branch for p in m.parameters()}
-        for i, m in enumerate(branch):
-            if any(True for _ in m.parameters()) and not any(m is s for s in op.modules()):
-                raise ValueError(f"{type(op).__name__}.residual_branch() returns a {type(m).__name__} with "
-                                 "parameters that is not a submodule of the block.")
-            nodes.append(module_node(paths.get(id(m), f"{path}.branch{i}"), m, (Ref(len(nodes) - 1),), {}, names))
-        branch_out = len(nodes) - 1
-        shortcut = module_node(f"{path}.shortcut", _Method(op, "shortcut"), (Ref(x),), {}, names)
-        after = list(after_add.parameters()) if after_add is not None else []
-        shortcut.sees = frozenset(local for local, p in _Method(op, "shortcut").named_parameters()
-                                  if id(p) not in owned and not any(p is q for q in after))
-        nodes.append(shortcut)
-        nodes.append(Node(f"{path}.add", "function", operator.add, (Ref(branch_out), Ref(len(nodes) - 1))))
-        if after_add is not None:
-            nodes.append(module_node(f"{path}.after_add", after_add, (Ref(len(nodes) - 1),), {}, names))
+        _open_block(op, parts, path, paths, names, nodes)
         checks.append((op, x, len(nodes) - 1))
     covered = {full for node in nodes for full in node.params.values()}
     for name, _ in model.named_parameters():

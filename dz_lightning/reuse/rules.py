@@ -1,12 +1,13 @@
-"""Propagation rules of the staged engine: how a node's change follows from its inputs' changes.
+"""Propagation rules of the graph engine: how a node's change follows from its inputs' changes.
 
 A query's state at a node is a :data:`Change` ``(h, channel)``: with ``channel`` ``None``, ``h`` ``(k, *value.shape)``
 holds each query's difference from the cached value; otherwise only channel ``channel[i]`` (dim 1 of the value)
 of query i differs, and ``h`` ``(k, B, *spatial)`` holds that channel's difference. The selection
 (:mod:`dz_lightning.reuse.selection`) picks, once per parameter when the engine is built, the rule of every node
-downstream of it; a rule
-is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
-:class:`dz_lightning.reuse.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk.
+downstream of it. A rule is a function ``rule(ctx, i, states, query) -> Change`` of the engine's caches (``ctx``, a
+:class:`dz_lightning.reuse.engine.GraphEngine`), the states of node ``i``'s inputs and the query chunk, registered
+where it is written (``@register``: when it applies, with predicates from :mod:`dz_lightning.reuse.predicates`, and
+its precedence). A new op is one registered function here.
 
 The rules, keyed on the node:
 
@@ -31,47 +32,33 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch import Tensor, nn
 
 import dz_lightning.reuse.ops as ops
+from dz_lightning.oracle_base import coordinate_points
 from dz_lightning.reuse.differences import NormBase, batch_norm_difference, relu_difference, scatter_channel
-from dz_lightning.reuse.graph import Node, Ref
+from dz_lightning.reuse.graph import Node, Ref, map_refs
+from dz_lightning.reuse.predicates import (
+    ADD,
+    DIV,
+    MUL,
+    RELU,
+    SUB,
+    batch_first_attention,
+    binary,
+    cat_dim,
+    elementwise,
+    linear_function,
+    module_with,
+    op_key,
+    scales,
+    start_input,
+)
+from dz_lightning.reuse.selection import Change, register
 
-__all__ = ["USER_CODE_RULES", "Change", "Rule", "full", "op_key"]
+__all__ = ["call_with", "full"]
 
-# rules that call a node's own code (any op, under vmap or on a flat batch) rather than the engine's kernels
-USER_CODE_RULES = frozenset({"generic_rule", "vmap_linear_rule", "elementwise_rule", "elementwise_channel_rule",
-                             "flat_rule", "linear_rule", "flat_module_rule"})
-
-Change = tuple[Tensor, Tensor | None]
-Rule = Callable[..., Change]
-
-# what a function/method node computes, by its target: the keys the rules and their selection test
-ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
-SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__"}
-MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
-DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
-CAT = {torch.cat, torch.concat, torch.concatenate}
-RELU = {F.relu, torch.relu, "relu", "relu_"}
-# elementwise functions of one tensor (their other arguments constants): a change stays where it is
-ELEMENTWISE_FUNCTIONS = RELU | {
-    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.leaky_relu,
-    F.elu, F.softplus, F.mish, "sigmoid", "tanh", "sigmoid_", "tanh_", "exp", "abs", torch.exp, torch.abs,
-}
-# functions of one tensor that are linear in it (the other arguments are sizes or constants)
-LINEAR_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch.mean, torch.sum, operator.neg,
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "mean", "sum",
-    "expand", "repeat", "t", "neg", "__neg__",
-}
-
-
-def op_key(node: Node) -> Any:
-    return node.target if node.kind in ("function", "method") else None
-
+CHAN, FULL, ANY = {"chan"}, {"full"}, {"chan", "full"}
 
 # ----------------------------------------------------------------------------------------------- helpers
 def full(ctx: Any, j: int, state: Change) -> Tensor:
@@ -94,14 +81,14 @@ def _operand(ctx: Any, v: Any, states: dict[int, Change]) -> tuple[Any, Tensor |
 
 
 # ----------------------------------------------------------------------------------------------- start rules
+@register(precedence=10, accepts={"start"}, gives="full", match=lambda site: site.node.kind == "param")
 def param_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A parameter read directly: its own change, one-hot per query."""
-    value = ctx.values[i]
-    d = value.new_zeros((q.index.numel(), value.numel()))
-    d[torch.arange(q.index.numel(), device=d.device), q.index] = q.delta
-    return d.reshape(-1, *value.shape), None
+    return coordinate_points(torch.zeros_like(ctx.values[i]), q.index, q.delta), None
 
 
+@register(precedence=20, accepts={"start"}, gives="chan",
+          match=lambda site: (x := start_input(site)) is not None and ops.column_change(site.node.target, x))
 def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A Conv/Linear weight or bias coordinate: ``delta`` times one input column, in one output channel."""
     node = ctx.graph.nodes[i]
@@ -110,6 +97,9 @@ def column_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return q.delta * col, channel
 
 
+@register(precedence=30, accepts={"start"}, gives="chan",
+          match=lambda site: (x := start_input(site)) is not None and isinstance(site.node.target, ops.NORMS)
+          and x.dim() >= 2)
 def norm_affine_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``d(w * xhat + b) = delta * xhat`` (weight) or ``delta`` (bias), in one channel."""
     node = ctx.graph.nodes[i]
@@ -119,10 +109,12 @@ def norm_affine_start(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Ch
 
 
 # ----------------------------------------------------------------------------------------------- one-channel rules
+@register(precedence=100, accepts=ANY, gives="same", match=lambda site: site.node.identity)
 def pass_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return states[ctx.graph.nodes[i].args[0].index]
 
 
+@register(precedence=210, accepts=CHAN, gives="chan", match=module_with(ops.is_channelwise))
 def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A channel-wise module on a one-channel change: the change stays in its channel."""
     node = ctx.graph.nodes[i]
@@ -131,6 +123,7 @@ def channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ops.channel_difference(ctx, node.target, ctx.node_params(i), x, i, h, channel), channel
 
 
+@register(precedence=200, accepts=ANY, gives="same", match=module_with(lambda op, x: ops.is_random_dropout(op)))
 def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode dropout under common random numbers: the mask drawn in the base forward scales the change, which
     stays where it is (one channel included)."""
@@ -141,6 +134,7 @@ def dropout_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return h * ctx.channels_of(("dropout", i), mask, channel), channel
 
 
+@register(precedence=300, accepts=CHAN, gives="chan", match=elementwise, user_code=True)
 def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """An elementwise function on a one-channel change: ``f(x_c + d) - f(x)_c`` in that channel (ReLU from the
     change itself)."""
@@ -154,6 +148,7 @@ def elementwise_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any
     return ctx.call(i, args, kwargs) - ctx.channels(i, channel), channel
 
 
+@register(precedence=320, accepts=FULL, gives="full", match=elementwise, user_code=True)
 def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """An elementwise function on whole differences: ``f(x + d) - f(x)``, all queries at once."""
     node = ctx.graph.nodes[i]
@@ -163,6 +158,7 @@ def elementwise_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ctx.call(i, args, kwargs) - ctx.values[i], None
 
 
+@register(precedence=220, accepts=CHAN, gives="full", match=module_with(ops.is_mixing))
 def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A mixing module on a one-input-channel change: a one-input-channel convolution (bias cancels)."""
     node = ctx.graph.nodes[i]
@@ -170,6 +166,9 @@ def channel_mix_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ops.one_channel_mix(node.target, ctx.node_params(i), h, channel, ctx.values[i].shape), None
 
 
+@register(precedence=400, accepts=ANY, gives="same",
+          match=lambda site: binary(ADD | SUB)(site) and len(site.changed) == 1 and site.shapes_match())
+@register(precedence=410, accepts=ANY, gives="full", match=binary(ADD | SUB))
 def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``a + b`` / ``a - b``: one changed operand of the output's shape keeps its state (one channel included)."""
     node = ctx.graph.nodes[i]
@@ -188,6 +187,7 @@ def add_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return total.expand(total.shape[0], *out.shape) if total.shape[1:] != out.shape else total, None
 
 
+@register(precedence=420, accepts=ANY, gives="same", match=lambda site: binary(MUL | DIV)(site) and scales(site))
 def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A product with (or a quotient by) a constant: the change is scaled, in its channel."""
     node = ctx.graph.nodes[i]
@@ -198,6 +198,7 @@ def scale_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return (h / c if op_key(node) in DIV else h * c), channel
 
 
+@register(precedence=430, accepts=ANY, gives="full", match=binary(MUL))
 def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """``(a + da)(b + db) - ab = da b + (a + da) db``, with cached tensors or constants for unchanged operands."""
     node = ctx.graph.nodes[i]
@@ -212,6 +213,7 @@ def product_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return da * b + (a + da) * db, None
 
 
+@register(precedence=500, accepts=CHAN, gives="chan", match=lambda site: cat_dim(site) == 1 and len(site.changed) == 1)
 def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A channel concatenation with one input changed in one channel: that channel, shifted."""
     node = ctx.graph.nodes[i]
@@ -224,6 +226,7 @@ def cat_channel_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     raise AssertionError("no changed input")  # pragma: no cover - selected only with one changed input
 
 
+@register(precedence=510, accepts=ANY, gives="full", match=lambda site: cat_dim(site) is not None)
 def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A concatenation: the changed inputs' differences beside zeros for the cached ones."""
     node = ctx.graph.nodes[i]
@@ -238,6 +241,9 @@ def cat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
 
 
 # ----------------------------------------------------------------------------------------------- whole-difference rules
+@register(precedence=230, accepts=ANY, gives="full", user_code=True,
+          match=lambda site: module_with(lambda op, x: True)(site)
+          and bool(site.node.linear or (site.node.linear is None and ops.is_linear(site.node.target))))
 def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A module linear in its input: it acts on the difference alone (the bias cancels), in ``delta_dtype``."""
     node = ctx.graph.nodes[i]
@@ -249,6 +255,8 @@ def linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ops.linear_difference(ctx, op, ctx.node_params(i), d), None
 
 
+@register(precedence=240, accepts=ANY, gives="full",
+          match=module_with(lambda op, x: isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4)))
 def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Train-mode BatchNorm, each query with its own statistics, from the cached base
     (:func:`~dz_lightning.reuse.differences.batch_norm_difference`)."""
@@ -258,11 +266,25 @@ def norm_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return batch_norm_difference(base, full(ctx, j, states[j])), None
 
 
+@register(precedence=305, accepts=ANY, gives="same",
+          match=lambda site: site.key in (torch.square, "square") and site.changes_first() and not site.node.kwargs)
+def square_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
+    """``(x + d)^2 - x^2 = d (2x + d)``: from the change itself (no rounding of ``x + d``), in its channel."""
+    j = ctx.graph.nodes[i].args[0].index
+    h, channel = states[j]
+    return h * (2 * (ctx.values[j] if channel is None else ctx.channels(j, channel)) + h), channel
+
+
+@register(precedence=250, accepts=ANY, gives="full", match=module_with(lambda op, x: isinstance(op, nn.ReLU)))
+@register(precedence=310, accepts=FULL, gives="full",
+          match=lambda site: elementwise(site) and site.key in RELU and not site.node.kwargs)
 def relu_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     j = ctx.graph.nodes[i].args[0].index
     return relu_difference(*ctx.relu_base(j), full(ctx, j, states[j])), None
 
 
+@register(precedence=260, accepts=ANY, gives="full", user_code=True,
+          match=lambda site: module_with(lambda op, x: ops.is_per_example(op))(site) and site.node.linear is None)
 def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A per-example module (no batch statistics) on one flat ``k * B`` batch: ``f(x + d) - f(x)``."""
     node = ctx.graph.nodes[i]
@@ -275,6 +297,7 @@ def flat_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return ctx.flat(lambda flat: torch.func.functional_call(op, params, (flat,)), h) - y, None
 
 
+@register(precedence=600, accepts=ANY, gives="full", match=linear_function, user_code=True)
 def vmap_linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A function linear in its one tensor argument (view, flatten, slicing, zero padding, average pooling): it
     runs on the difference, per query under ``vmap``."""
@@ -282,6 +305,8 @@ def vmap_linear_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return ctx.run_batched(i, {j: full(ctx, j, states[j])}), None
 
 
+@register(precedence=10_000, accepts={"chan", "full", "parts", "start"}, gives="full", user_code=True,
+          returns=("tensor", "tuple"))
 def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Any node: ``f(changed inputs, cached others) - f(cached)`` per query under ``vmap`` (with the perturbed
     parameter stacked per query when the perturbation starts here)."""
@@ -298,6 +323,8 @@ def generic_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     return out - ctx.values[i], None
 
 
+@register(precedence=50, accepts={"chan", "full", "parts"}, gives="parts", user_code=True, returns=("tuple",),
+          match=lambda site: batch_first_attention(site.node))
 def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """A module without batch statistics whose tensor arguments all lead with the batch: one call on flat ``k * B``
     batches (cached arguments repeated per query)."""
@@ -316,6 +343,9 @@ def flat_module_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Cha
     return tuple(None if v is None else o.reshape(k, *v.shape) - v for o, v in zip(out, y, strict=True)), None
 
 
+@register(precedence=90, accepts={"parts"}, gives="full",
+          match=lambda site: site.key is operator.getitem and isinstance(site.node.args[1], int)
+          and len(site.changed) == 1)
 def item_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     """Element ``n`` of a changed tuple: its difference."""
     node = ctx.graph.nodes[i]
@@ -331,6 +361,6 @@ def _changed_value(ctx: Any, j: int, state: Change) -> Any:
 
 def call_with(node: Node, leaves_of: Callable[[Any], Any]) -> tuple[tuple, dict]:
     """``node``'s args and kwargs with every :class:`Ref` replaced by ``leaves_of(ref)``."""
-    leaves, spec = tree_flatten((list(node.args), node.kwargs))
-    args, kwargs = tree_unflatten([leaves_of(v) if isinstance(v, Ref) else v for v in leaves], spec)
-    return tuple(args), kwargs
+    args, kwargs = map_refs((node.args, node.kwargs), leaves_of)
+    return tuple(args), dict(kwargs)
+

@@ -1,148 +1,153 @@
-"""Which propagation rule runs at which node: chosen once per parameter when the engine is built.
+"""Which propagation rule runs at which node: a registry of rules, looked up by precedence.
 
-:func:`select_start` gives the rule of the node where a perturbation starts, :func:`select` the rule of a node whose
-inputs carry changes (from the kinds of those changes: one channel or whole), :func:`select_tuple` that of a node
-returning a tuple of tensors. The rules themselves are in :mod:`dz_lightning.reuse.rules`.
+Every rule of :mod:`dz_lightning.reuse.rules` is registered with :func:`register` beside its function, as a
+:class:`Rule`: its predicate on the node (a :class:`Site`), the state kinds it accepts from its inputs, the kind it
+gives, its precedence and whether it calls the user's code. :func:`select` runs once per parameter and node when the
+engine is built: the rule of highest precedence (lowest number) that accepts the site's kinds and whose predicate
+holds. ``generic_rule`` accepts every site, with the lowest precedence.
+
+State kinds: ``"chan"`` (one channel per query), ``"full"`` (a whole difference), ``"parts"`` (a tuple of
+differences), and ``"start"`` for a node where the perturbation starts (it reads the perturbed parameter).
 """
 
 from __future__ import annotations
 
-import operator
+import bisect
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-import dz_lightning.reuse.ops as ops
 from dz_lightning.reuse.graph import Node, Ref
-from dz_lightning.reuse.rules import (
-    ADD,
-    CAT,
-    DIV,
-    ELEMENTWISE_FUNCTIONS,
-    LINEAR_FUNCTIONS,
-    MUL,
-    RELU,
-    SUB,
-    Rule,
-    add_rule,
-    cat_channel_rule,
-    cat_rule,
-    channel_mix_rule,
-    channel_rule,
-    column_start,
-    dropout_rule,
-    elementwise_channel_rule,
-    elementwise_rule,
-    flat_module_rule,
-    flat_rule,
-    generic_rule,
-    item_rule,
-    linear_rule,
-    norm_affine_start,
-    norm_rule,
-    op_key,
-    param_rule,
-    pass_rule,
-    product_rule,
-    relu_rule,
-    scale_rule,
-    vmap_linear_rule,
-)
 
-__all__ = ["select", "select_start", "select_tuple"]
+__all__ = ["RULES", "Change", "Rule", "Site", "is_tensors", "register", "select"]
+
+STATE_KINDS = frozenset({"chan", "full", "parts", "start"})
 
 
-def _tensor_refs(node: Node, values: list[Any]) -> list[int]:
-    return [j for j in node.refs() if isinstance(values[j], Tensor)]
+@dataclasses.dataclass
+class Site:
+    """A node as the selection sees it: its inputs' state kinds and the cached values.
+
+    Attributes:
+        node: the node.
+        changed: input node -> the kind of its state, for the inputs that carry changes.
+        values: every node's cached value (the node's own at ``node_index``).
+        node_index: the node's index.
+        local: the local name of the perturbed parameter when the perturbation starts here, else ``None``.
+    """
+
+    node: Node
+    changed: Mapping[int, str]
+    values: Sequence[Any]
+    node_index: int
+    local: str | None = None
+
+    @property
+    def value(self) -> Any:
+        return self.values[self.node_index]
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The state kinds that reach the node (``"start"`` included where the perturbation starts)."""
+        return frozenset(self.changed.values()) | ({"start"} if self.local is not None else set())
+
+    @property
+    def key(self) -> Any:
+        """What a function or method node computes (its target); ``None`` for other nodes."""
+        return self.node.target if self.node.kind in ("function", "method") else None
+
+    @property
+    def refs(self) -> list[int]:
+        """The inputs whose values are tensors, in argument order."""
+        return [j for j in self.node.refs() if isinstance(self.values[j], Tensor)]
+
+    @property
+    def input_kind(self) -> str:
+        """The kind of the first tensor input's state (of the one changed input if the first carries none)."""
+        refs = self.refs
+        return self.changed[refs[0]] if refs and refs[0] in self.changed else next(iter(self.changed.values()))
+
+    def changes_first(self) -> bool:
+        """The first argument is a node whose state carries a change, and the only tensor input."""
+        a = self.node.args[0] if self.node.args else None
+        return len(self.refs) == 1 and isinstance(a, Ref) and a.index in self.changed
+
+    def one_module_input(self) -> bool:
+        """A module node with one tensor input, which carries the only change."""
+        return self.node.kind == "module" and len(self.changed) == 1 and len(self.refs) == 1
+
+    def shapes_match(self) -> bool:
+        """Every changed input has the node's output shape."""
+        return all(self.values[j].shape == self.value.shape for j in self.changed)
 
 
-# ----------------------------------------------------------------------------------------------- selection
-def select_start(node: Node, local: str, changed: dict[int, str], values: list[Any]) -> tuple[Rule, str]:
-    """Rule and state kind (``"chan"``/``"full"``) of the node where a perturbation of ``local`` starts."""
-    if node.kind == "param":
-        return param_rule, "full"
-    op = node.target
-    x = values[node.args[0].index] if node.args and isinstance(node.args[0], Ref) else None
-    if not changed and isinstance(x, Tensor) and local in ("weight", "bias") and node.kind == "module":
-        if ops.column_change(op, x):
-            return column_start, "chan"
-        if isinstance(op, ops.NORMS) and x.dim() >= 2:
-            return norm_affine_start, "chan"
-    return generic_rule, "full"
+Change = tuple[Tensor, Tensor | None]
 
 
-def select_tuple(node: Node, local: str | None) -> Rule:
-    """Rule of a node returning a tuple of tensors: batch-first attention (no masks) on a flat ``k * B`` batch
-    (vmap has no batching rule for CPU flash attention), anything else per query under ``vmap``."""
-    op = node.target
-    if (local is None and node.kind == "module" and isinstance(op, nn.MultiheadAttention) and op.batch_first
-            and len(node.args) == 3 and set(node.kwargs) <= {"need_weights"}):
-        return flat_module_rule
-    return generic_rule
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A propagation rule and when it applies.
+
+    Attributes:
+        name: the rule's name, as :meth:`~dz_lightning.reuse.engine.GraphEngine.rules` reports it.
+        apply: ``apply(ctx, i, states, query) -> Change``: node ``i``'s change from its inputs' states.
+        match: the predicate on the :class:`Site`.
+        accepts: the state kinds the rule takes from its inputs (a site's kinds must all be among them).
+        gives: the kind of the state it returns; ``"same"``: the kind of its input's state.
+        precedence: lower runs first where several rules match; unique.
+        user_code: whether it calls the node's own code (the engine's self-check runs every such node once).
+        returns: what the nodes it applies to return: ``"tensor"`` and/or ``"tuple"`` (a tuple of tensors).
+    """
+
+    name: str
+    apply: Callable[..., Change]
+    match: Callable[[Site], bool]
+    accepts: frozenset[str]
+    gives: str
+    precedence: int
+    user_code: bool = False
+    returns: frozenset[str] = frozenset({"tensor"})
 
 
-def select(node: Node, changed: dict[int, str], values: list[Any], out: Tensor) -> tuple[Rule, str]:
-    """Rule and state kind of a node whose inputs ``changed`` (input index -> kind) carry changes."""
-    refs = _tensor_refs(node, values)
-    key = op_key(node)
-    if "parts" in changed.values():  # an element of a changed tuple, or a node reading a whole tuple
-        if key is operator.getitem and isinstance(node.args[1], int) and len(changed) == 1:
-            return item_rule, "full"
-        return generic_rule, "full"
-    if node.identity:
-        return pass_rule, changed[refs[0]]
-    if node.kind == "module":
-        if len(changed) != 1 or len(refs) != 1:
-            return generic_rule, "full"
-        op, kind, x = node.target, next(iter(changed.values())), values[refs[0]]
-        if ops.is_random_dropout(op):
-            return dropout_rule, kind
-        if kind == "chan":
-            if ops.is_channelwise(op, x):
-                return channel_rule, "chan"
-            if ops.is_mixing(op, x):
-                return channel_mix_rule, "full"
-        if node.linear or (node.linear is None and ops.is_linear(op)):
-            return linear_rule, "full"
-        if isinstance(op, ops.NORMS) and ops.is_train_norm(op) and x.dim() in (2, 4):
-            return norm_rule, "full"
-        if isinstance(op, nn.ReLU):
-            return relu_rule, "full"
-        if node.linear is None and ops.is_per_example(op):
-            return flat_rule, "full"
-        return generic_rule, "full"
-    if node.kind not in ("function", "method"):
-        return generic_rule, "full"
-    if key in ELEMENTWISE_FUNCTIONS and len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index \
-            in changed and out.shape == values[refs[0]].shape:  # never fed a cached tensor: in-place is fine
-        if changed[refs[0]] == "chan":
-            return elementwise_channel_rule, "chan"
-        return (relu_rule if key in RELU and not node.kwargs else elementwise_rule), "full"
-    if node.inplace and key not in ADD | SUB | MUL | DIV:
-        return generic_rule, "full"
-    shapes_match = all(values[j].shape == out.shape for j in changed)
-    if key in ADD | SUB and len(node.args) == 2 and not node.kwargs and len(refs) >= 1:
-        if len(changed) == 1 and shapes_match:
-            return add_rule, next(iter(changed.values()))
-        return add_rule, "full"
-    if key in MUL | DIV and len(node.args) == 2 and not node.kwargs:
-        a, b = node.args
-        if len(changed) == 1 and shapes_match and not any(isinstance(v, Ref) and isinstance(values[v.index], Tensor)
-                                                          and v.index not in changed for v in (a, b)):
-            if key in MUL or isinstance(a, Ref) and a.index in changed:
-                return scale_rule, next(iter(changed.values()))
-        if key in MUL:
-            return product_rule, "full"
-        return generic_rule, "full"
-    if key in CAT:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        if isinstance(dim, int) and isinstance(node.args[0], (list, tuple)):
-            dim = dim % out.dim()
-            if dim == 1 and list(changed.values()) == ["chan"]:
-                return cat_channel_rule, "chan"
-            return cat_rule, "full"
-        return generic_rule, "full"
-    if len(refs) == 1 and isinstance(node.args[0], Ref) and node.args[0].index in changed:
-        if key in LINEAR_FUNCTIONS or ops.is_linear_pad(node):
-            return vmap_linear_rule, "full"
-    return generic_rule, "full"
+RULES: list[Rule] = []  # in order of precedence
+
+
+def register(*, precedence: int, accepts: set[str] | frozenset[str], gives: str,
+             match: Callable[[Site], bool] = lambda site: True, user_code: bool = False,
+             returns: tuple[str, ...] = ("tensor",)) -> Callable[[Callable[..., Change]], Callable[..., Change]]:
+    """A decorator that registers the rule function it decorates (several times for several predicates).
+
+    Raises:
+        ValueError: ``precedence`` is taken, or ``accepts`` / ``gives`` name an unknown state kind.
+    """
+    if not set(accepts) <= STATE_KINDS or gives not in STATE_KINDS - {"start"} | {"same"}:
+        raise ValueError(f"Expected `accepts` within {sorted(STATE_KINDS)} and `gives` one of chan, full, parts, "
+                         f"same, but got {sorted(accepts)} and {gives!r}.")
+
+    def add(apply: Callable[..., Change]) -> Callable[..., Change]:
+        taken = {r.precedence: r.name for r in RULES}
+        if precedence in taken:
+            raise ValueError(f"Precedence {precedence} of {apply.__name__} is taken by {taken[precedence]}.")
+        rule = Rule(apply.__name__, apply, match, frozenset(accepts), gives, precedence, user_code, frozenset(returns))
+        RULES.insert(bisect.bisect([r.precedence for r in RULES], precedence), rule)
+        return apply
+
+    return add
+
+
+def select(site: Site) -> tuple[Rule, str]:
+    """The rule of ``site`` and the kind of the state it gives (``"parts"`` for a node returning a tuple)."""
+    tuples = is_tensors(site.value)
+    kinds, returns = site.kinds, "tuple" if tuples else "tensor"
+    rule = next(r for r in RULES if returns in r.returns and kinds <= r.accepts and r.match(site))
+    if tuples:
+        return rule, "parts"
+    return rule, site.input_kind if rule.gives == "same" else rule.gives
+
+
+def is_tensors(value: Any) -> bool:
+    """A tuple of tensors (``None`` allowed, as ``nn.MultiheadAttention``'s weights when not asked for)."""
+    return (isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value)
+            and all(isinstance(v, Tensor) or v is None for v in value))

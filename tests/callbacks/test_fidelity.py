@@ -11,6 +11,7 @@ from dz_lightning.callbacks.fidelity import GradientFidelity
 from dz_lightning.callbacks.zo_grasp import ZOGraSP
 from dz_lightning.tasks.classification import DigitsDataModule, ZOClassifier
 
+import dz_lightning as dz
 from dz_lightning.models import MLP
 
 
@@ -34,6 +35,22 @@ def test_masked_cosine_with_sparse_cge(tiny_trainer):
     _fit(tiny_trainer, [ZOGraSP(sparsity=0.9, method="uniform"), probe], mu=1e-3)
     assert probe.last["fidelity/cosine_masked"] > 0.99
     assert probe.last["fidelity/cosine"] < probe.last["fidelity/cosine_masked"]
+
+
+class _HeadClassifier(ZOClassifier):
+    """Its oracle has a black-box head between the model and the loss (here: halved logits)."""
+
+    def make_oracle(self, batch):
+        return dz.ModuleOracle(self.model, torch.nn.functional.cross_entropy, *batch, head=lambda out, x: out / 2)
+
+
+def test_an_oracle_with_a_black_box_head_is_refused(tiny_trainer):
+    """The probe would differentiate loss_fn(model(x)), not the loss through the head that ZO estimates."""
+    torch.manual_seed(0)
+    module = _HeadClassifier(MLP(hidden=(8,)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = tiny_trainer(max_steps=1, callbacks=[GradientFidelity(every_n_steps=1)])
+    with pytest.raises(ValueError, match="GradientFidelity differentiates.*black-box `head`"):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
 
 
 def test_bad_period():

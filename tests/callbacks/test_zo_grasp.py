@@ -124,6 +124,19 @@ def test_callback_works_with_a_plain_lightning_module(tiny_trainer, tmp_path, di
     assert json.loads((tmp_path / "lpr.json").read_text()) == {"net.1.weight": pytest.approx(0.5)}
 
 
+class HeadModule(PlainModule):
+    """Its oracle has a black-box head between the network and the loss."""
+
+    def make_oracle(self, batch):
+        return dz.ModuleOracle(self, F.cross_entropy, *batch, head=lambda out, x: out / 2)
+
+
+def test_fo_grasp_refuses_an_oracle_with_a_black_box_head(tiny_trainer, digits):
+    cb = ZOGraSP(sparsity=0.5, method="grasp", samples_per_class=2)
+    with pytest.raises(ValueError, match=r"method='grasp' \(FO GraSP\) differentiates.*black-box `head`.*zo_grasp"):
+        tiny_trainer(callbacks=[cb], max_epochs=1, limit_train_batches=1).fit(HeadModule(), digits)
+
+
 class NetModule(PlainModule):
     """The README's layout: the network in `self.net`, names relative to it, the oracle over `self.net`."""
 

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from dz_lightning import ModuleOracle, cge, rge
 from dz_lightning.distributed import CostTable, all_reduce_step, rank_and_world, split_coordinates
 from dz_lightning.estimators import Estimate
-from dz_lightning.step import RecordingOracle, ReplayOracle, StepPlan
+from dz_lightning.step import RecordingOracle, ReplayOracle, StepPlan, StepShare
 
 
 def _problem() -> tuple[torch.nn.Module, ModuleOracle]:
@@ -100,7 +100,7 @@ def _rank(rank: int, world: int, port: int) -> None:
         cge_full, _ = plans["cge"].reduce(params, plans["cge"].estimate(oracle, params))
         rge_full, _ = plans["rge"].reduce(params, plans["rge"].estimate(oracle, params))
         partial = Estimate({n: g / world for n, g in reference.grads.items()}, 1, reference.loss)
-        summed, _ = plans["cge"].reduce(params, partial)
+        summed, _ = plans["cge"].reduce(params, StepShare(partial))
         cge_diff = max(float((cge_full.grads[n] - reference.grads[n]).abs().max()) for n in params)
         one = rge(oracle, params, generator=torch.Generator().manual_seed(3), q=10, mu=5e-3, distribution="sphere",
                   difference="central")

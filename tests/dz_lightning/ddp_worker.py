@@ -22,12 +22,21 @@ from dz_lightning.strategies import ZODDPStrategy
 
 
 class Recorder(ZOClassifier):
-    """Keeps the first combined gradient; optionally returns NaN losses on one rank from a given step."""
+    """Keeps the first combined gradient; optionally returns NaN losses on one rank from a given step, and clips
+    the reduced estimate to a global 2-norm (a post-processing subclass)."""
 
-    def __init__(self, nan_rank: int = -1, nan_step: int = 3, **kwargs) -> None:
+    def __init__(self, nan_rank: int = -1, nan_step: int = 3, clip_norm: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.nan_rank, self.nan_step = nan_rank, nan_step
+        self.nan_rank, self.nan_step, self.clip_norm = nan_rank, nan_step, clip_norm
         self.first_grads = None
+
+    def process_estimate(self, estimate: dz.Estimate) -> dz.Estimate:
+        if self.clip_norm is None:
+            return estimate
+        norm = torch.stack([g.double().square().sum() for g in estimate.grads.values()]).sum().sqrt()
+        scale = (self.clip_norm / norm).clamp(max=1.0)
+        grads = {n: (g.double() * scale).to(g.dtype) for n, g in estimate.grads.items()}
+        return dz.Estimate(grads, estimate.queries, estimate.loss, skipped=estimate.skipped)
 
     def make_oracle(self, batch):
         if self.global_rank == self.nan_rank and self.global_step >= self.nan_step:
@@ -47,13 +56,15 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.0)
     parser.add_argument("--nan-rank", type=int, default=-1)
     parser.add_argument("--max-batch", type=int, default=None)
+    parser.add_argument("--clip-norm", type=float, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     out = Path(args.out)
     model = torch.nn.Sequential(torch.nn.Upsample(size=(16, 16)), simple_cnn(depth=2, channels=4, in_channels=1))
-    module = Recorder(nan_rank=args.nan_rank, model=model, estimator=args.estimator, q=8, max_batch=args.max_batch,
+    module = Recorder(nan_rank=args.nan_rank, clip_norm=args.clip_norm, model=model, estimator=args.estimator, q=8,
+                      max_batch=args.max_batch,
                       optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     callbacks = [ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=1)]
     if args.sparsity > 0:

@@ -254,6 +254,26 @@ def test_two_ranks_match_one_process(tmp_path, run_ddp, estimator, sparsity):
 
 
 @pytest.mark.slow
+def test_a_post_processed_rge_estimate_on_two_ranks_matches_one_process(tmp_path, run_ddp):
+    """A subclass that clips the estimate (``process_estimate``) keeps exact distributed RGE: it post-processes the
+    reduced estimate, so 2 ranks write the same gradients as 1 process, bit for bit."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    for out, devices in ((one, "1"), (two, "2")):
+        proc = run_ddp(WORKER, "--out", out, "--devices", devices, "--estimator", "rge", "--max-batch", "1",
+                       "--clip-norm", "0.05", "--steps", "5", cwd=out, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = torch.load(one / "rank0.pt", weights_only=True)
+    r0, r1 = (torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    norm = torch.stack([g.double().square().sum() for g in single["first_grads"].values()]).sum().sqrt()
+    assert abs(float(norm) - 0.05) < 1e-6  # the clip acted
+    for n, g in single["first_grads"].items():
+        assert torch.equal(r0["first_grads"][n], g) and torch.equal(r1["first_grads"][n], g), n
+    for n, p in single["params"].items():
+        assert torch.equal(r0["params"][n], p) and torch.equal(r1["params"][n], p), n
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["cge", "rge"])
 def test_a_failing_rank_stops_every_rank_without_hanging(tmp_path, run_ddp, estimator):
     proc = run_ddp(WORKER, "--out", tmp_path, "--devices", "2", "--nan-rank", "1", "--estimator", estimator,
@@ -284,3 +304,14 @@ def test_two_gloo_ranks_combine_to_the_single_process_gradient(run_ddp, free_por
     _, cge_diff, rge_exact, partial_diff, updates = next(
         ln for ln in proc.stdout.splitlines() if ln.startswith("PLAN")).split()
     assert float(cge_diff) <= 1e-6 and rge_exact == "1" and float(partial_diff) <= 1e-6 and updates == "1"
+
+
+def test_zo_ddp_is_a_registered_lightning_strategy():
+    import lightning as L
+
+    import dz_lightning.module  # noqa: F401 - any ZOModule import registers it
+    from dz_lightning.strategies import ZODDPStrategy
+
+    trainer = L.Trainer(strategy="zo_ddp", accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)
+    assert isinstance(trainer.strategy, ZODDPStrategy)

@@ -60,7 +60,7 @@ def test_train_mode_dropout_keeps_the_traced_engine_and_equals_the_loop(model_na
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning, no dropout warning
         base = oracle.coordinate_base_loss(params)  # CGE's base point: the engine's base forward
-    engine = oracle._staged
+    engine = oracle._engine
     assert isinstance(engine, GraphEngine) and not isinstance(engine, StagedForward)
     assert any(rule == "dropout_rule" for n in params for _, rule in engine.rules(n))
     torch.testing.assert_close(base, _loop(model, F.cross_entropy, x, y, 1234, next(iter(params)), torch.tensor([0]),

@@ -87,6 +87,13 @@ def test_rge_mean_approaches_true_gradient(distribution):
     assert est.queries == 2 * 20000 + 1
 
 
+def test_rge_and_the_module_default_to_the_same_directions():
+    import inspect
+
+    rge_default = inspect.signature(dz.rge).parameters["distribution"].default
+    assert rge_default == inspect.signature(dz.ZOModule).parameters["distribution"].default == "sphere"
+
+
 def test_rge_same_seed_same_estimate():
     torch.manual_seed(3)
     model = MLP(4, (3,), 2)
@@ -179,7 +186,8 @@ def test_directions_are_drawn_with_a_generator_on_the_parameters_device():
         seen.append(p["w"].device)
         return float(p["w"].sum())
 
-    est = dz.rge(dz.FunctionOracle(fn), params, q=5, generator=torch.Generator().manual_seed(1))
+    est = dz.rge(dz.FunctionOracle(fn), params, q=5, distribution="gaussian",
+                 generator=torch.Generator().manual_seed(1))
     ref = torch.randn((5, 3, 4), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(est.grads["w"], (ref * ref.sum((1, 2), keepdim=True)).mean(0), rtol=1e-4, atol=1e-4)
     assert seen and all(d.type == "cpu" for d in seen)

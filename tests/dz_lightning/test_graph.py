@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import dz_lightning as dz
 from dz_lightning.models import resnet20, simple_cnn, tv_mobilenet_v3_small, tv_resnet18, unet_small
-from dz_lightning.reuse import StagedForward, build_staged
+from dz_lightning.reuse import StagedForward, build_graph_engine
 from dz_lightning.reuse.engine import GraphEngine
 from dz_lightning.reuse.graph import UntraceableError, trace
 
@@ -83,6 +83,19 @@ class _Functional(nn.Module):
         return self.fc(self.drop(h.reshape(h.shape[0], -1)))
 
 
+class _Squares(nn.Module):
+    """``torch.square`` on one-channel changes (after a convolution) and ``Tensor.square`` on whole differences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 64, 8)
+        self.fc2 = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(torch.square(self.conv(x)).flatten(1)).square())
+
+
 def _through_the_host(x: Tensor) -> Tensor:
     """A traced leaf that vmap cannot batch (``tolist``)."""
     return torch.tensor(x.tolist(), dtype=x.dtype)
@@ -117,6 +130,7 @@ MODELS = {
     "layernorm_gelu": (_TokenMixer, (3, 16, 16), F.cross_entropy),
     "attention": (_Attention, (3, 16, 16), F.cross_entropy),
     "functional": (_Functional, (3, 8, 8), F.cross_entropy),
+    "squares": (_Squares, (3, 8, 8), F.cross_entropy),
 }
 _HEAVY = {"tv_resnet18", "tv_mobilenet_v3_small"}
 
@@ -158,7 +172,7 @@ def _check_equal(model_name: str, max_batch: int | None, train: bool, tensors: i
     model, x, y, loss_fn = _setup(model_name, train, torch.float64)
     stats = {n: b.clone() for n, b in model.named_buffers()}
     params = dict(model.named_parameters())
-    engine = build_staged(model, loss_fn, x, y, params, max_batch=max_batch)
+    engine = build_graph_engine(model, loss_fn, x, y, params, max_batch=max_batch)
     assert isinstance(engine, GraphEngine) and not isinstance(engine, StagedForward)  # the traced graph
     gen = torch.Generator().manual_seed(1)
     for name in _sample(params, tensors):
@@ -179,7 +193,7 @@ def _check_fp32(model_name: str, train: bool, tensors: int | None = None) -> Non
     model, x, y, loss_fn = _setup(model_name, train)
     model64, x64, y64, _ = _setup(model_name, train, torch.float64)
     params = dict(model.named_parameters())
-    engine = build_staged(model, loss_fn, x, y, params, max_batch=3)
+    engine = build_graph_engine(model, loss_fn, x, y, params, max_batch=3)
     with torch.no_grad():
         base, base64 = loss_fn(model(x), y).double(), loss_fn(model64(x64), y64)
     gen = torch.Generator().manual_seed(1)
@@ -212,7 +226,7 @@ def test_tv_resnet18_at_32x32_equals_the_loop_in_fp32(train):
     """The issue's setting (CIFAR-sized images), in fp32 at the fp32 tolerance: measured 1.0e-6 at most."""
     model, x, y, loss_fn = _setup("tv_resnet18", train, shape=(3, 32, 32))
     params = dict(model.named_parameters())
-    engine = build_staged(model, loss_fn, x, y, params, max_batch=3)
+    engine = build_graph_engine(model, loss_fn, x, y, params, max_batch=3)
     gen = torch.Generator().manual_seed(1)
     for name in _sample(params, 12):
         index = torch.randperm(params[name].numel(), generator=gen)[:4]
@@ -237,7 +251,7 @@ def test_torchvision_models_equal_the_loop_on_every_tensor(model_name, max_batch
 
 def test_one_channel_rules_follow_the_graph():
     model = _Functional().eval()
-    engine = build_staged(model, F.cross_entropy, *_data((3, 8, 8), F.cross_entropy))
+    engine = build_graph_engine(model, F.cross_entropy, *_data((3, 8, 8), F.cross_entropy))
     rules = dict(engine.rules("conv.weight"))
     # a conv weight coordinate: one channel through F.relu and the depthwise conv; GroupNorm mixes channels
     assert [rules[n] for n in ("conv", "relu", "dw", "gn", "act")] == [
@@ -248,9 +262,15 @@ def test_one_channel_rules_follow_the_graph():
     assert dict(engine.rules("gate.1.weight"))["mul"] == "product_rule"
 
 
+def test_a_square_keeps_a_change_in_one_channel():
+    engine = build_graph_engine(_Squares(), F.cross_entropy, *_data((3, 8, 8), F.cross_entropy))
+    assert [r for _, r in engine.rules("conv.weight")[:3]] == ["column_start", "square_rule", "vmap_linear_rule"]
+    assert [r for _, r in engine.rules("fc1.weight")] == ["column_start", "square_rule", "channel_mix_rule"]
+
+
 def test_unet_skips_keep_a_change_in_one_channel():
     model = unet_small(width=4).eval()
-    engine = build_staged(model, F.mse_loss, torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    engine = build_graph_engine(model, F.mse_loss, torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
     rules = dict(engine.rules("dec1.3.weight"))  # dec1's second conv: one channel to the 1x1 head
     assert rules["dec1_3"] == "column_start" and rules["head"] == "channel_mix_rule"
     # an up-sampling coordinate changes one channel, which the concatenation keeps (the skip is cached)
@@ -281,7 +301,7 @@ def test_untraceable_model_with_stages_uses_them_and_says_why():
     model = _Branchy().train()
     x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))
     with pytest.warns(UserWarning, match=r"(?s)could not trace _Branchy.*if h.mean\(\) > 100.*`stages\(\)` protocol"):
-        engine = build_staged(model, F.cross_entropy, x, y, max_batch=3)
+        engine = build_graph_engine(model, F.cross_entropy, x, y, max_batch=3)
     assert isinstance(engine, StagedForward)
     for name, p in model.named_parameters():
         index = torch.arange(min(4, p.numel()))
@@ -289,14 +309,14 @@ def test_untraceable_model_with_stages_uses_them_and_says_why():
         torch.testing.assert_close(engine.coordinate_losses(name, index, 1e-2), want, rtol=1e-5, atol=2e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_staged(model, F.cross_entropy, x, y)  # warned once per model type
+        build_graph_engine(model, F.cross_entropy, x, y)  # warned once per model type
 
 
 def test_a_graph_the_engine_cannot_run_falls_back_naming_the_node():
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
     with pytest.warns(UserWarning, match=r"^_HostRoundTrip: node '_through_the_host' \(generic_rule\) failed in a "
                                          r"query of 'conv.weight'.*full forward for every query") as record:
-        assert build_staged(_HostRoundTrip(), F.cross_entropy, x, y) is None
+        assert build_graph_engine(_HostRoundTrip(), F.cross_entropy, x, y) is None
     assert len(str(record[0].message)) < 300  # the cause first, in a few lines; the whole of it at DEBUG level
 
 
@@ -336,9 +356,9 @@ def test_cached_graphs_do_not_keep_a_model_alive():
         ref = weakref.ref(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = build_staged(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+            engine = build_graph_engine(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
             model.eval()
-            build_staged(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))  # traced again
+            build_graph_engine(model, F.cross_entropy, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))  # traced again
         del model, engine
         gc.collect()
         assert ref() is None
@@ -355,7 +375,7 @@ def test_traced_chunks_do_not_grow_with_queries_and_never_sync(model_name):
     params = dict(model.named_parameters())
     counts = {}
     for k in (1, 64):
-        engine = build_staged(model, loss_fn, x, y, max_batch=k)
+        engine = build_graph_engine(model, loss_fn, x, y, max_batch=k)
         counts[k] = syncs = 0
         for name, p in params.items():
             index = torch.arange(k) % p.numel()
@@ -403,7 +423,7 @@ def test_default_arguments_are_traced_as_constants(train):
     graph = trace(model)
     assert [n.target for n in graph.nodes if n.kind == "constant"] == [0, False]
     params = dict(model.named_parameters())
-    engine = build_staged(model, F.cross_entropy, x, y, params)
+    engine = build_graph_engine(model, F.cross_entropy, x, y, params)
     assert isinstance(engine, GraphEngine) and not isinstance(engine, StagedForward)
     gen = torch.Generator().manual_seed(2)
     for name in params:
@@ -423,16 +443,16 @@ def test_a_failed_self_check_is_remembered_and_the_check_can_be_switched_off(mon
     model = HostRoundTrip()
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
     with pytest.warns(UserWarning, match="failed in a query of"):
-        assert build_staged(model, F.cross_entropy, x, y) is None
+        assert build_graph_engine(model, F.cross_entropy, x, y) is None
     built = []
     init = GraphEngine.__init__
     monkeypatch.setattr(GraphEngine, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
-    assert build_staged(model, F.cross_entropy, x + 1, y) is None  # the same shape: the verdict stands
+    assert build_graph_engine(model, F.cross_entropy, x + 1, y) is None  # the same shape: the verdict stands
     assert not built
-    assert build_staged(model, F.cross_entropy, torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))) is None
+    assert build_graph_engine(model, F.cross_entropy, torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))) is None
     assert built  # another shape: checked afresh (and failed again)
     monkeypatch.undo()
-    engine = build_staged(model, F.cross_entropy, torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)),
+    engine = build_graph_engine(model, F.cross_entropy, torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)),
                           self_check=False)
     assert isinstance(engine, GraphEngine)  # trusted unchecked
 
@@ -443,7 +463,7 @@ def test_batched_losses_weigh_ignored_targets_as_the_loss_does():
     torch.manual_seed(0)
     model = _TokenMixer().double().eval()
     x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.tensor([1, -100, 3, -100, 0])
-    engine = build_staged(model, F.cross_entropy, x, y, self_check=False)
+    engine = build_graph_engine(model, F.cross_entropy, x, y, self_check=False)
     assert engine.batched_losses
     index = torch.arange(4)
     want = one_query_at_a_time(model, F.cross_entropy, x, y, "head.weight", index, 1e-2)

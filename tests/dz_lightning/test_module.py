@@ -168,8 +168,8 @@ class _FrozenEstimate(ZOClassifier):
     """Overrides `estimate`: the step writes whatever it returns (under DDP, summed over the ranks as partials)."""
 
     def estimate(self, oracle, params):
-        est = super().estimate(oracle, params)
-        return dz.Estimate({n: torch.zeros_like(g) for n, g in est.grads.items()}, est.queries, est.loss)
+        share = super().estimate(oracle, params)  # opaque: its queries and base loss, no gradient
+        return dz.Estimate({n: torch.zeros_like(p) for n, p in params.items()}, share.queries, share.loss)
 
 
 def test_a_subclass_estimate_is_what_the_step_writes(tiny_trainer):
@@ -180,6 +180,40 @@ def test_a_subclass_estimate_is_what_the_step_writes(tiny_trainer):
     assert module.global_step == 2 and module.queries_total == 2 * (sum(p.numel() for p in model.parameters()) + 1)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(not g.any() for g in module.last_estimate.grads.values())
+
+
+class _HalvedEstimate(ZOClassifier):
+    """Post-processes the reduced estimate: what the step writes is half of it."""
+
+    def process_estimate(self, estimate):
+        return dz.Estimate({n: g / 2 for n, g in estimate.grads.items()}, estimate.queries, estimate.loss)
+
+
+def test_a_processed_estimate_is_what_the_step_writes(tiny_trainer):
+    grads = {}
+    for cls in (ZOClassifier, _HalvedEstimate):
+        L.seed_everything(0, verbose=False)
+        model = MLP(hidden=(4,))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        module = cls(model, estimator="rge", q=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        tiny_trainer(max_steps=1).fit(module, DigitsDataModule(batch_size=16))
+        grads[cls] = module.last_estimate.grads
+        assert all(torch.equal(p, before[n].add(grads[cls][n], alpha=-0.5)) for n, p in model.named_parameters())
+    assert all(torch.equal(grads[_HalvedEstimate][n], g / 2) for n, g in grads[ZOClassifier].items())
+
+
+def test_a_step_share_is_opaque_and_required_by_reduce():
+    from dz_lightning.step import StepShare
+
+    module = dz.ZOModule(nn.Linear(2, 1), estimator="cge", mu=1e-2)
+    w = torch.tensor([1.0, 2.0])
+    share = module.zo_plan.estimate(dz.FunctionOracle(lambda p: (p["w"] ** 2).sum()), {"w": w})
+    assert isinstance(share, StepShare) and share.queries == 3 and share.loss == 5.0
+    assert not hasattr(share, "grads")
+    with pytest.raises(TypeError, match="Expected `share` to be a StepShare.*got Estimate"):
+        module.zo_plan.reduce({"w": w}, dz.Estimate({"w": w}, 1, 0.0))
+    est, _ = module.zo_plan.reduce({"w": w}, StepShare(dz.Estimate({"w": w}, 1, 0.0)))  # a partial: summed as it is
+    assert torch.equal(est.grads["w"], w)
 
 
 def test_modules_follow_the_protocol_the_callbacks_check():
@@ -225,7 +259,8 @@ def test_estimator_settings_have_one_home_in_the_step_plan():
     module.mu = 0.25  # a user (or a schedule callback) changing the step changes the next estimates
     assert module.zo_plan.mu == 0.25
     w = torch.tensor([1.0, 2.0])
-    est = module.zo_plan.estimate(dz.FunctionOracle(lambda p: (p["w"] ** 2).sum()), {"w": w})
+    share = module.zo_plan.estimate(dz.FunctionOracle(lambda p: (p["w"] ** 2).sum()), {"w": w})
+    est, _ = module.zo_plan.reduce({"w": w}, share)
     # forward differences of w**2 at step 0.25: 2w + 0.25
     torch.testing.assert_close(est.grads["w"], torch.tensor([2.25, 4.25]))
 

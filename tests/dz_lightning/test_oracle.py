@@ -155,7 +155,8 @@ def test_float64_black_box_keeps_float64_finite_differences(kind, estimator):
         est = dz.cge(oracle, params, mu=1e-7)
     else:  # q = d orthonormal-free check: RGE with central differences recovers u.g for each direction
         gen = torch.Generator().manual_seed(0)
-        est = dz.rge(oracle, params, q=4096, mu=1e-7, generator=gen, difference="central", chunk=4096)
+        est = dz.rge(oracle, params, q=4096, mu=1e-7, distribution="gaussian", generator=gen, difference="central",
+                     chunk=4096)
         same = {torch.device("cpu"): torch.Generator().manual_seed(0)}  # the generator rge drew its directions with
         dirs = dz.estimators._directions(params, None, 4096, "gaussian", same)["x"]
         true = (dirs.numpy().T @ (dirs.numpy() @ true)) / 4096  # the same directions, exact directional slopes
@@ -185,7 +186,7 @@ def test_wrappers_are_oracles_that_count_what_the_wrapped_oracle_spent():
     oracle = dz.ModuleOracle(model, F.cross_entropy, torch.randn(5, 3), torch.randint(0, 2, (5,)))
     params = {n: p.detach() for n, p in model.named_parameters()}
     restricted = RestrictedOracle(oracle, params)
-    assert isinstance(restricted, dz.Oracle) and isinstance(restricted, dz.oracle.DelegatingOracle)
+    assert isinstance(restricted, dz.Oracle) and isinstance(restricted, dz.oracle_base.DelegatingOracle)
     sub = {"2.weight": params["2.weight"]}
     assert torch.equal(restricted.loss(sub), oracle.loss(params))
     stacked = sub["2.weight"] + 0.1 * torch.randn(3, 2, 4)
@@ -203,11 +204,11 @@ def test_vmap_points_with_per_point_inputs_equals_a_loop():
     params = {n: p.detach() for n, p in model.named_parameters()}
     stacked = params["0.bias"] + 0.1 * torch.randn(3, 4)
     inputs = torch.randn(3, 5, 3)
-    batched = dz.oracle.vmap_points(model, params, {"0.bias": stacked}, inputs, per_point_inputs=True)
+    batched = dz.fallback.vmap_points(model, params, {"0.bias": stacked}, inputs, per_point_inputs=True)
     loop = torch.stack([torch.func.functional_call(model, {**params, "0.bias": stacked[k]}, (inputs[k],))
                         for k in range(3)])
     torch.testing.assert_close(batched, loop)
-    shared = dz.oracle.vmap_points(model, params, {"0.bias": stacked}, inputs[0], then=lambda out: out.sum())
+    shared = dz.fallback.vmap_points(model, params, {"0.bias": stacked}, inputs[0], then=lambda out: out.sum())
     torch.testing.assert_close(shared, loop.new_tensor([
         float(torch.func.functional_call(model, {**params, "0.bias": stacked[k]}, (inputs[0],)).sum())
         for k in range(3)]))
@@ -372,8 +373,8 @@ def test_the_feature_reuse_engine_is_built_on_the_first_coordinate_query_only(mo
     model = simple_cnn(depth=2, channels=4).eval()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     built = []
-    build = reuse.build_staged
-    monkeypatch.setattr(reuse, "build_staged", lambda *a, **k: built.append(1) or build(*a, **k))
+    build = reuse.build_graph_engine
+    monkeypatch.setattr(reuse, "build_graph_engine", lambda *a, **k: built.append(1) or build(*a, **k))
     oracle = dz.ModuleOracle(model, F.cross_entropy, x, y)
     params = dict(model.named_parameters())
     oracle.loss(params)

@@ -130,8 +130,9 @@ def test_staged_chunk_sizes_are_fixed_at_construction():
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     staged = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
     again = StagedForward(model, F.cross_entropy, x, y, memory_budget=1 << 20)
-    assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes)
-    assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == (3,) * len(staged.ops)
+    assert staged.chunk_sizes == again.chunk_sizes and all(c >= 1 for c in staged.chunk_sizes.values())
+    assert set(staged.chunk_sizes) == {name for name, _ in model.named_parameters()}
+    assert StagedForward(model, F.cross_entropy, x, y, max_batch=3).chunk_sizes == dict.fromkeys(staged.chunk_sizes, 3)
 
 
 def test_points_per_chunk_is_one_rule_for_every_engine():
@@ -208,7 +209,7 @@ def test_explicit_bf16_on_a_cpu_without_it_warns_once_with_the_cost(cpu_kind, re
 
 
 def test_auto_is_the_default_and_reaches_the_engine(cpu_kind):
-    from dz_lightning.reuse import build_staged
+    from dz_lightning.reuse import build_graph_engine
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
@@ -216,7 +217,7 @@ def test_auto_is_the_default_and_reaches_the_engine(cpu_kind):
     assert dz.ModuleOracle(model, F.cross_entropy, x, y).delta_dtype == "auto"
     for flags, dtype in (({"amx_bf16"}, torch.bfloat16), (set(), None)):
         cpu_kind("AVX512", flags)
-        engine = build_staged(model, F.cross_entropy, x, y, delta_dtype="auto", self_check=False)
+        engine = build_graph_engine(model, F.cross_entropy, x, y, delta_dtype="auto", self_check=False)
         assert engine.delta_dtype == dtype
 
 

@@ -15,7 +15,7 @@ import dz_lightning as dz
 from dz_lightning.models import MLP, resnet20, simple_cnn
 from dz_lightning.models.resnet import BasicBlock
 from dz_lightning.query import query_mode
-from dz_lightning.reuse import StagedForward, build_staged
+from dz_lightning.reuse import StagedForward, build_graph_engine
 
 
 class _CustomStaged(nn.Module):
@@ -127,7 +127,7 @@ def test_resnet_blocks_take_the_residual_path():
         "column_start", "channel_rule", "add_rule", "channel_rule", "channel_mix_rule"]
     # the traced graph: the same computation (where no downsampling shortcut is crossed: the protocol runs it as
     # one linear node, the traced graph as its slicing and its zero padding)
-    traced = build_staged(model, F.cross_entropy, x, y)
+    traced = build_graph_engine(model, F.cross_entropy, x, y)
     for name in ("blocks.6.conv1.weight", "blocks.6.bn1.bias", "blocks.7.conv2.weight", "head.2.weight"):
         assert [r for _, r in traced.rules(name)] == [r for _, r in staged.rules(name)]
 
