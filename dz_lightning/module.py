@@ -78,8 +78,9 @@ class ZOModule(L.LightningModule):
         max_batch: most perturbed points per batched oracle call; ``None`` derives it from ``memory_budget``.
         memory_budget: bytes batched queries may use; ``None`` means a default fraction of free memory.
         delta_dtype: arithmetic of the graph engine's linear ops on a perturbation's difference from the cached
-            base: ``"auto"`` (default: ``"bfloat16"`` where the device computes bf16 natively, i.e. CPUs with
-            AVX512-BF16/AMX-BF16 and GPUs with bf16 tensor cores, else ``"float32"``; the choice is logged once),
+            base: ``"auto"`` (default: ``"bfloat16"`` convolutions where the device computes bf16 natively, i.e.
+            CPUs with AVX512-BF16/AMX-BF16 and GPUs with bf16 tensor cores, else and for ``Linear`` ``"float32"``;
+            the choice is logged once),
             ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU without native bf16 it is
             slower and warns) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the losses stay
             fp32/float64 whatever this says.

@@ -360,9 +360,11 @@ def check_delta_dtype(delta_dtype: str | torch.dtype, inputs: Tensor) -> str:
     """The name of a valid ``delta_dtype``, with ``"auto"`` resolved for the inputs' device.
 
     ``"auto"`` is ``"bfloat16"`` for fp32 inputs on a device that computes bf16 natively (:func:`native_bf16`),
-    and ``"float32"`` (the inputs' own arithmetic, float64 included) elsewhere; each choice is logged once per
-    device kind (logger ``dz_lightning``, INFO). An explicit ``"bfloat16"`` on a CPU without native bf16 warns
-    once, with its measured cost.
+    and ``"float32"`` (the inputs' own arithmetic, float64 included) elsewhere. Under ``"auto"`` the engine lowers
+    only convolutions, where bf16 pays (resnet20 steps about 13% faster with AMX); a ``Linear`` keeps fp32, as its
+    difference matmuls are too small to gain (a 784-256-256-10 MLP's queries took 133 us with bf16 against 102 us).
+    Each choice is logged once per device kind (logger ``dz_lightning``, INFO). An explicit ``"bfloat16"`` on a CPU
+    without native bf16 warns once, with its measured cost.
 
     Raises:
         ValueError: not one of ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"tf32"`` (CUDA inputs only).

@@ -87,6 +87,7 @@ class GraphEngine:
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
         self.max_batch, self.memory_budget = max_batch, memory_budget
         self.delta_dtype, self.delta_tf32 = query.DELTA_DTYPES[delta_name], delta_name == "tf32"
+        self.delta_convs_only = delta_dtype == "auto"  # "auto" lowers only convolutions: see check_delta_dtype
         self.params = _parameters(model, params)
         self._cache: dict[Any, Any] = {}
         self._node_params: dict[int, dict[str, Tensor]] = {}

@@ -266,9 +266,10 @@ def linear_difference(ctx: Any, op: nn.Module, p: Mapping[str, Tensor], d: Tenso
     if not isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
         return ctx.flat(op, d)
     weight = p["weight"]
-    if ctx.delta_dtype is not None:
-        weight = ctx.cache(("low", id(weight)), lambda: weight.to(ctx.delta_dtype))
-        d_in = d.to(ctx.delta_dtype)
+    low = None if ctx.delta_convs_only and isinstance(op, nn.Linear) else ctx.delta_dtype
+    if low is not None:
+        weight = ctx.cache(("low", id(weight)), lambda: weight.to(low))
+        d_in = d.to(low)
     else:
         d_in = d
     with low_precision_deltas(ctx.delta_tf32):

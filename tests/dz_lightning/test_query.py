@@ -225,3 +225,20 @@ def test_auto_keeps_float64_arithmetic_even_where_bf16_is_native(cpu_kind):
     cpu_kind("AVX512", {"amx_bf16"})
     assert query.check_delta_dtype("auto", torch.zeros(1, dtype=torch.float64)) == "float32"  # no cast at all
     assert query.check_delta_dtype("auto", torch.zeros(1)) == "bfloat16"
+
+
+def test_auto_lowers_convolutions_only_and_an_explicit_bf16_lowers_linears_too(cpu_kind):
+    """A Linear's difference matmul is too small to gain from bf16: under "auto" it keeps fp32, bit for bit."""
+    from dz_lightning.reuse import build_graph_engine
+
+    cpu_kind("AVX512", {"amx_bf16"})
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    index = torch.arange(0, 128, 9)
+
+    def losses(delta_dtype):
+        engine = build_graph_engine(mlp, F.cross_entropy, x, y, delta_dtype=delta_dtype, self_check=False)
+        return engine.coordinate_losses("0.weight", index, 1e-2)
+
+    assert torch.equal(losses("auto"), losses("float32"))
+    assert not torch.equal(losses("bfloat16"), losses("float32"))
