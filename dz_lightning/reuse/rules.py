@@ -280,7 +280,10 @@ def square_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
           match=lambda site: elementwise(site) and site.key in RELU and not site.node.kwargs)
 def relu_rule(ctx: Any, i: int, states: dict[int, Change], q: Any) -> Change:
     j = ctx.graph.nodes[i].args[0].index
-    return relu_difference(*ctx.relu_base(j), full(ctx, j, states[j])), None
+    d = full(ctx, j, states[j])
+    neg_part, neg_out = ctx.relu_base(j)
+    shape = torch.broadcast_shapes(d.shape, neg_part.shape)
+    return relu_difference(neg_part, neg_out, d, out=ctx.workspace(i, shape, d)), None
 
 
 @register(precedence=260, accepts=ANY, gives="full", user_code=True,

@@ -332,3 +332,27 @@ def test_a_linear_one_channel_change_comes_out_row_major_for_the_next_matmul():
     out = ops.one_channel_mix(lin, dict(lin.named_parameters()), d, channel, torch.Size([3, 8]))
     assert out.shape == (5, 3, 8) and out.is_contiguous()
     torch.testing.assert_close(out, d.unsqueeze(-1) * lin.weight.detach()[:, channel].T.unsqueeze(1), rtol=0, atol=0)
+
+
+def test_relu_differences_write_into_one_buffer_per_node_reused_by_every_chunk():
+    """The same values as a fresh result (bit for bit), in a buffer the next chunk reuses (no page faults per chunk)."""
+    from dz_lightning.reuse import build_graph_engine
+    from dz_lightning.reuse.differences import relu_difference
+
+    x, d = torch.randn(4, 6), torch.randn(3, 4, 6)
+    neg_part, neg_out = x.clamp(max=0), -x.clamp(min=0)
+    buf = torch.empty(3, 4, 6)
+    assert relu_difference(neg_part, neg_out, d, out=buf) is buf
+    assert torch.equal(buf, relu_difference(neg_part, neg_out, d))
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y, index = torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1]), torch.arange(0, 128, 3)
+    chunked = build_graph_engine(mlp, F.cross_entropy, x, y, max_batch=4, delta_dtype="float32")
+    whole = build_graph_engine(mlp, F.cross_entropy, x, y, max_batch=64, delta_dtype="float32")
+    first = chunked.coordinate_losses("0.weight", index, 1e-2)
+    buffers = {i: b.data_ptr() for i, b in chunked._workspace.items()}
+    assert buffers  # the dense ReLU differences after the second Linear
+    again = chunked.coordinate_losses("0.weight", index, 1e-2)
+    assert {i: b.data_ptr() for i, b in chunked._workspace.items()} == buffers  # reused, not reallocated
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, whole.coordinate_losses("0.weight", index, 1e-2), rtol=1e-6, atol=1e-7)
