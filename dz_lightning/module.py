@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
+from dz_lightning import distributed, optim_step, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
 from dz_lightning.estimators import Estimate
-from dz_lightning.finite_step import NonFiniteStepError, StepUndo
+from dz_lightning.finite_step import NonFiniteStepError
 from dz_lightning.oracle import ModuleOracle, has_batchnorm
 from dz_lightning.oracle_base import Oracle
 from dz_lightning.step import StepPlan, StepShare, StepTiming
@@ -293,7 +293,7 @@ class ZOModule(L.LightningModule):
         self.last_estimate = est = self.process_estimate(est)
         for name, p in params.items():
             p.grad = est.grads[name].to(p.dtype)
-        self._optimizer_step()
+        optim_step.optimizer_step(self)
         self.queries_total += est.queries
         self.zo_log.step(self, est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
         if self.max_queries is not None and self.queries_total >= self.max_queries:
@@ -305,7 +305,7 @@ class ZOModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.scheduler_interval == "epoch":
-            self._step_schedulers()
+            optim_step.step_schedulers(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dz_lightning"] = {"generator_state": self._generator.get_state(),
@@ -351,46 +351,6 @@ class ZOModule(L.LightningModule):
                 state = {("model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
                          if not k.startswith("model.")}
         return state
-
-    def _optimizer_step(self) -> None:
-        """Clip, step every optimizer (undoing a step that leaves anything non-finite), step per-step schedulers."""
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        undo = StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
-        for opt in opts:
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        self._undo_nonfinite_step(undo)
-        if self.scheduler_interval == "step":
-            self._step_schedulers()
-
-    def _undo_nonfinite_step(self, undo: StepUndo) -> None:
-        """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
-        bad = undo.nonfinite()
-        if not bad:
-            return
-        undo.restore()
-        self.steps_undone += 1
-        names = {id(p): n for n, p in self.named_parameters()}
-        where = ", ".join(names.get(id(t), "optimizer state") for t in bad[:5])
-        message = (f"Optimizer step {self.global_step} made {len(bad)} tensor(s) non-finite "
-                   f"({where}{', ...' if len(bad) > 5 else ''}) although the estimated gradient was finite (huge "
-                   "losses, a large learning rate or overflowing momentum). The step was undone: parameters and "
-                   "optimizer state are back at their values before it.")
-        if self.nonfinite_step == "raise":
-            raise NonFiniteStepError(f"{message} Lower the learning rate, set `gradient_clip_val`, or pass "
-                                     "nonfinite_step='skip' to skip such steps with a warning.")
-        rank_zero_warn(f"{message} Skipping it (nonfinite_step='skip'); {self.steps_undone} step(s) skipped so far.",
-                       category=RuntimeWarning)
-
-    def _step_schedulers(self) -> None:
-        scheds = self.lr_schedulers()
-        if scheds is None:
-            return
-        for sch in scheds if isinstance(scheds, list) else [scheds]:
-            sch.step()
 
 
 def _loaders(loaders: Any) -> Iterator[Any]:
