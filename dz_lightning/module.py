@@ -9,11 +9,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed, optim_step, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
+from dz_lightning import distributed, module_state, optim_step, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
 from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError
 from dz_lightning.oracle import ModuleOracle, has_batchnorm
@@ -231,19 +231,8 @@ class ZOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # the callbacks' on_train_start (which hands over masks) ran before this hook
         density, self._restored_mask_density = self._restored_mask_density, None
-        resumed = self.trainer.ckpt_path is not None  # not load_from_checkpoint + fit: new training from weights
-        if resumed and density is not None and self.zo_masks is None:
-            raise ValueError(
-                f"The checkpoint {self.trainer.ckpt_path} was trained with gradient masks (density {density:.3g}: "
-                "set by a callback such as ZOGraSP), but nothing set `zo_masks` in this run, which would estimate "
-                f"every coordinate (about {1 / max(density, 1e-12):.3g}x the queries per step of the masked weights). "
-                "Resume with the same callback (e.g. the same config, or `--trainer.callbacks+=ZOGraSP` with its "
-                "settings), or start a new run from the weights to train densely."
-            )
-        if resumed and self.max_queries is not None and self.queries_total >= self.max_queries:
-            rank_zero_warn(f"max_queries={self.max_queries} is already spent ({self.queries_total} queries at "
-                           f"{self.trainer.ckpt_path}): not training. Raise max_queries to continue this run.")
-            self.trainer.should_stop = True
+        if self.trainer.ckpt_path is not None:  # resumed (load_from_checkpoint + fit is new training from weights)
+            module_state.check_resume(self, density)
         if self.trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(self.trainer.train_dataloader)):
             raise ValueError(
                 "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
@@ -308,49 +297,27 @@ class ZOModule(L.LightningModule):
             optim_step.step_schedulers(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dz_lightning"] = {"generator_state": self._generator.get_state(),
-                                      "queries_total": self.queries_total,
-                                      "mask_density": _density(self.zo_masks),
-                                      "cost_table": None if self.zo_cost_table is None
-                                      else self.zo_cost_table.state_dict()}
+        checkpoint["dz_lightning"] = module_state.checkpoint_state(self._generator, self.queries_total, self.zo_masks,
+                                                                   self.zo_cost_table)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if isinstance(checkpoint.get("state_dict"), Mapping):
-            checkpoint["state_dict"] = self._remap_legacy_keys(checkpoint["state_dict"])
-        state = checkpoint.get("dz_lightning")
-        if state is None:
-            rank_zero_warn("The checkpoint has no dz_lightning state; the direction generator restarts from its seed.")
-            return
-        self._generator.set_state(state["generator_state"])
-        self.queries_total = int(state["queries_total"])
-        self._restored_mask_density = state.get("mask_density")
-        # every rank loads the same file, so the resumed split is the same on all of them
-        table = state.get("cost_table")
-        self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
+            checkpoint["state_dict"] = module_state.remap_legacy_keys(checkpoint["state_dict"],
+                                                                      self._legacy_model_aliases)
+        restored = module_state.restore_state(checkpoint, self._generator)
+        if restored is not None:
+            self.queries_total, self._restored_mask_density, self.zo_cost_table = restored
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, accepting the layouts of older versions (see ``_legacy_model_aliases``)."""
-        return super().load_state_dict(self._remap_legacy_keys(state_dict), strict=strict, assign=assign)
+        state_dict = module_state.remap_legacy_keys(state_dict, self._legacy_model_aliases)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_fit_end(self) -> None:
         self.zo_log.hparams_with_metrics(self)
 
     def on_test_end(self) -> None:
         self.zo_log.hparams_with_metrics(self)
-
-    # -------------------------------------------------------------------------------------------- helpers
-    def _remap_legacy_keys(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
-        """A state dict of an older layout, which stored the network twice, in the current one (else ``state``).
-
-        Keys under an alias (``"denoiser."``) are the whole network: they replace the keys under ``"model."`` (the
-        second copy, or a part of the network), renamed to ``"model."``.
-        """
-        for alias in self._legacy_model_aliases:
-            prefix = alias + "."
-            if any(k.startswith(prefix) for k in state):
-                state = {("model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
-                         if not k.startswith("model.")}
-        return state
 
 
 def _loaders(loaders: Any) -> Iterator[Any]:
@@ -394,10 +361,3 @@ def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, di
     check_choice("nonfinite", nonfinite, ("raise", "skip"))
     check_positive_int("max_queries", max_queries, allow_none=True)
 
-
-def _density(masks: Mapping[str, Tensor] | None) -> float | None:
-    """Fraction of the masked tensors' coordinates the masks keep (``None``: no masks). Once per checkpoint."""
-    if masks is None:
-        return None
-    total = sum(m.numel() for m in masks.values())
-    return float(sum(int(m.sum()) for m in masks.values()) / max(total, 1))
