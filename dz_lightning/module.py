@@ -9,13 +9,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed, module_state, optim_step, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
+from dz_lightning import distributed, optim_step, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
 from dz_lightning.estimators import Estimate
 from dz_lightning.finite_step import NonFiniteStepError
+from dz_lightning.module_state import check_resume, checkpoint_state, remap_legacy_keys, restore_state, stop_when_spent
 from dz_lightning.oracle import ModuleOracle, has_batchnorm
 from dz_lightning.oracle_base import Oracle
 from dz_lightning.step import StepPlan, StepShare, StepTiming
@@ -58,11 +58,9 @@ class ZOModule(L.LightningModule):
     After each step ``last_estimate`` holds the full :class:`~dz_lightning.Estimate` and ``last_timing`` the
     :class:`~dz_lightning.step.StepTiming` of this rank (benchmarks read them).
 
-    Logged (by :class:`~dz_lightning.step_logging.StepLog`): ``train/loss``, ``train/queries`` (this step, all ranks),
-    ``train/queries_total``, ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated);
-    ``train/loss_vs_queries`` with the cumulative query count as its step; the hyperparameters with the final metrics
-    after ``fit`` and ``test`` (TensorBoard's HPARAMS tab). The progress bar shows ``queries/s`` (smoothed) and
-    ``queries`` (total).
+    Logged (by :class:`~dz_lightning.step_logging.StepLog`, which lists them): ``train/loss``, ``train/queries`` and
+    the other per-step ``train/`` scalars; ``queries/s`` and ``queries`` in the progress bar; the hyperparameters with
+    the final metrics after ``fit`` and ``test`` (TensorBoard's HPARAMS tab).
 
     Args:
         model: the trained network.
@@ -80,10 +78,9 @@ class ZOModule(L.LightningModule):
         delta_dtype: arithmetic of the graph engine's linear ops on a perturbation's difference from the cached
             base: ``"auto"`` (default: ``"bfloat16"`` convolutions where the device computes bf16 natively, i.e.
             CPUs with AVX512-BF16/AMX-BF16 and GPUs with bf16 tensor cores, else and for ``Linear`` ``"float32"``;
-            the choice is logged once),
-            ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU without native bf16 it is
-            slower and warns) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the losses stay
-            fp32/float64 whatever this says.
+            the choice is logged once), ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU
+            without native bf16 it is slower and warns) or ``"tf32"`` (CUDA only). The base forward, the nonlinear
+            ops and the losses stay fp32/float64 whatever this says.
         nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
             A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
         nonfinite_step: what to do when an optimizer step leaves a parameter or an optimizer state tensor
@@ -104,6 +101,7 @@ class ZOModule(L.LightningModule):
     difference = _plan_setting("difference")
     distribution = _plan_setting("distribution")
     nonfinite = _plan_setting("nonfinite")
+    zo_cost_table = _plan_setting("cost_table")  # the DDP CGE split's :class:`~dz_lightning.distributed.CostTable`
     #: attributes under which older versions of a subclass also registered its network (the whole network, or the
     #: module that holds ``self.model``); their checkpoint keys are renamed to ``model.`` on load
     _legacy_model_aliases: tuple[str, ...] = ()
@@ -129,12 +127,8 @@ class ZOModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
-                              nonfinite, max_queries)
-        check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
-        check_choice("delta_dtype", delta_dtype, ("auto", "float32", "bfloat16", "tf32"))
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
+        _zo_module_validation(model, estimator, mu, q, difference, distribution, scheduler_interval,
+                              gradient_clip_val, delta_dtype, nonfinite, nonfinite_step, max_queries)
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
         self.automatic_optimization = False
         self.model = model
@@ -167,15 +161,6 @@ class ZOModule(L.LightningModule):
     @zo_costs.setter
     def zo_costs(self, prior: Mapping[str, float] | None) -> None:
         self.zo_cost_table = None if prior is None else distributed.CostTable(prior)
-
-    @property
-    def zo_cost_table(self) -> distributed.CostTable | None:
-        """The DDP CGE split's :class:`~dz_lightning.distributed.CostTable` (``zo_plan.cost_table``)."""
-        return self.zo_plan.cost_table
-
-    @zo_cost_table.setter
-    def zo_cost_table(self, table: distributed.CostTable | None) -> None:
-        self.zo_plan.cost_table = table
 
     # ------------------------------------------------------------------------------------ template hooks
     def forward(self, x: Tensor) -> Tensor:
@@ -231,24 +216,11 @@ class ZOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # the callbacks' on_train_start (which hands over masks) ran before this hook
         density, self._restored_mask_density = self._restored_mask_density, None
-        if self.trainer.ckpt_path is not None:  # resumed (load_from_checkpoint + fit is new training from weights)
-            module_state.check_resume(self, density)
-        if self.trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(self.trainer.train_dataloader)):
-            raise ValueError(
-                "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
-                "training data are sharded across ranks (a DistributedSampler; the Trainer adds one when "
-                "use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` (the task data modules "
-                "order batches by (seed, epoch), identically on every rank)."
-            )
+        check_resume(self, density)
+        _check_unsharded(self.trainer)
 
     def setup(self, stage: str) -> None:
-        precision = str(self.trainer.precision)
-        if precision not in _PRECISIONS:
-            raise ValueError(
-                f"ZOModule needs full-precision finite differences, but the Trainer uses precision={precision!r}. "
-                f"Use one of {_PRECISIONS[:2]} (queries run in fp32 regardless; mixed precision would corrupt the "
-                "optimizer step through its gradient scaler)."
-            )
+        _check_precision(str(self.trainer.precision))
 
     def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> StepShare | Estimate:
         """This rank's share of the step's estimate (with one process: the estimate), from :attr:`zo_plan`.
@@ -285,11 +257,7 @@ class ZOModule(L.LightningModule):
         optim_step.optimizer_step(self)
         self.queries_total += est.queries
         self.zo_log.step(self, est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
-        if self.max_queries is not None and self.queries_total >= self.max_queries:
-            if not self.trainer.should_stop:
-                rank_zero_info(f"max_queries={self.max_queries} reached ({self.queries_total} queries spent, the "
-                               f"last step {est.queries}): stopping after step {self.trainer.global_step}.")
-            self.trainer.should_stop = True
+        stop_when_spent(self, est.queries)
         return torch.tensor(est.loss)
 
     def on_train_epoch_end(self) -> None:
@@ -297,20 +265,19 @@ class ZOModule(L.LightningModule):
             optim_step.step_schedulers(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dz_lightning"] = module_state.checkpoint_state(self._generator, self.queries_total, self.zo_masks,
-                                                                   self.zo_cost_table)
+        checkpoint["dz_lightning"] = checkpoint_state(self._generator, self.queries_total, self.zo_masks,
+                                                      self.zo_cost_table)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if isinstance(checkpoint.get("state_dict"), Mapping):
-            checkpoint["state_dict"] = module_state.remap_legacy_keys(checkpoint["state_dict"],
-                                                                      self._legacy_model_aliases)
-        restored = module_state.restore_state(checkpoint, self._generator)
+            checkpoint["state_dict"] = remap_legacy_keys(checkpoint["state_dict"], self._legacy_model_aliases)
+        restored = restore_state(checkpoint, self._generator)
         if restored is not None:
             self.queries_total, self._restored_mask_density, self.zo_cost_table = restored
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, accepting the layouts of older versions (see ``_legacy_model_aliases``)."""
-        state_dict = module_state.remap_legacy_keys(state_dict, self._legacy_model_aliases)
+        state_dict = remap_legacy_keys(state_dict, self._legacy_model_aliases)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_fit_end(self) -> None:
@@ -318,6 +285,26 @@ class ZOModule(L.LightningModule):
 
     def on_test_end(self) -> None:
         self.zo_log.hparams_with_metrics(self)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"ZOModule needs full-precision finite differences, but the Trainer uses precision={precision!r}. "
+            f"Use one of {_PRECISIONS[:2]} (queries run in fp32 regardless; mixed precision would corrupt the "
+            "optimizer step through its gradient scaler)."
+        )
+
+
+def _check_unsharded(trainer: L.Trainer) -> None:
+    """Fail when the ranks of ``trainer`` see different training batches (each step's queries are split across them)."""
+    if trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(trainer.train_dataloader)):
+        raise ValueError(
+            "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
+            "training data are sharded across ranks (a DistributedSampler; the Trainer adds one when "
+            "use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` (the task data modules "
+            "order batches by (seed, epoch), identically on every rank)."
+        )
 
 
 def _loaders(loaders: Any) -> Iterator[Any]:
@@ -348,9 +335,9 @@ def build_optimizers(parameters: Any, optimizer_fn: OptimizerCallable, scheduler
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler_fn(opt), "interval": interval}}
 
 
-def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, distribution: str,
-                          scheduler_interval: str, gradient_clip_val: float | None, nonfinite: str,
-                          max_queries: int | None) -> None:
+def _zo_module_validation(model: Any, estimator: str, mu: float, q: int, difference: str, distribution: str,
+                          scheduler_interval: str, gradient_clip_val: float | None, delta_dtype: str,
+                          nonfinite: str, nonfinite_step: str, max_queries: int | None) -> None:
     check_choice("estimator", estimator, ("cge", "rge"))
     check_positive_float("mu", mu)
     check_positive_int("q", q)
@@ -360,4 +347,8 @@ def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, di
     check_positive_float("gradient_clip_val", gradient_clip_val, allow_none=True)
     check_choice("nonfinite", nonfinite, ("raise", "skip"))
     check_positive_int("max_queries", max_queries, allow_none=True)
+    check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
+    check_choice("delta_dtype", delta_dtype, ("auto", "float32", "bfloat16", "tf32"))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
 

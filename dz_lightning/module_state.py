@@ -1,4 +1,5 @@
-""":class:`~dz_lightning.ZOModule`'s own checkpoint state, the renaming of older layouts, and the checks on resume.
+""":class:`~dz_lightning.ZOModule`'s own checkpoint state, the renaming of older layouts, the checks on resume, and
+the query budget (``max_queries``).
 
 The state is what a resumed run needs to continue exactly: the direction generator, the queries spent, the density of
 the gradient masks (a resume without them would estimate every coordinate) and the DDP cost table.
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from dz_lightning.distributed import CostTable
@@ -18,7 +19,8 @@ from dz_lightning.distributed import CostTable
 if TYPE_CHECKING:
     from dz_lightning.module import ZOModule
 
-__all__ = ["RestoredState", "check_resume", "checkpoint_state", "mask_density", "remap_legacy_keys", "restore_state"]
+__all__ = ["RestoredState", "check_resume", "checkpoint_state", "mask_density", "remap_legacy_keys", "restore_state",
+           "stop_when_spent"]
 
 
 class RestoredState(NamedTuple):
@@ -67,8 +69,13 @@ def remap_legacy_keys(state: Mapping[str, Any], aliases: tuple[str, ...]) -> Map
 
 def check_resume(module: ZOModule, density: float | None) -> None:
     """On resuming ``module`` from a checkpoint whose masks had ``density``: fail when no masks were set again (the
-    callbacks' ``on_train_start`` hands them over first), and stop when ``max_queries`` is already spent."""
+    callbacks' ``on_train_start`` hands them over first), and stop when ``max_queries`` is already spent.
+
+    Nothing to check without ``trainer.ckpt_path`` (``load_from_checkpoint`` + ``fit`` is new training from weights).
+    """
     ckpt_path = module.trainer.ckpt_path
+    if ckpt_path is None:
+        return
     if density is not None and module.zo_masks is None:
         raise ValueError(
             f"The checkpoint {ckpt_path} was trained with gradient masks (density {density:.3g}: "
@@ -80,6 +87,15 @@ def check_resume(module: ZOModule, density: float | None) -> None:
     if module.max_queries is not None and module.queries_total >= module.max_queries:
         rank_zero_warn(f"max_queries={module.max_queries} is already spent ({module.queries_total} queries at "
                        f"{ckpt_path}): not training. Raise max_queries to continue this run.")
+        module.trainer.should_stop = True
+
+
+def stop_when_spent(module: ZOModule, last_step_queries: int) -> None:
+    """Stop training once ``module.queries_total`` reaches ``module.max_queries`` (said once, on rank 0)."""
+    if module.max_queries is not None and module.queries_total >= module.max_queries:
+        if not module.trainer.should_stop:
+            rank_zero_info(f"max_queries={module.max_queries} reached ({module.queries_total} queries spent, the "
+                           f"last step {last_step_queries}): stopping after step {module.trainer.global_step}.")
         module.trainer.should_stop = True
 
 
