@@ -9,13 +9,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dz_lightning import distributed, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
+from dz_lightning import distributed, optim_step, query, strategies  # noqa: F401 - strategies registers "zo_ddp" with Lightning
 from dz_lightning.estimators import Estimate
-from dz_lightning.finite_step import NonFiniteStepError, StepUndo
+from dz_lightning.finite_step import NonFiniteStepError
+from dz_lightning.module_state import check_resume, checkpoint_state, remap_legacy_keys, restore_state, stop_when_spent
 from dz_lightning.oracle import ModuleOracle, has_batchnorm
 from dz_lightning.oracle_base import Oracle
 from dz_lightning.step import StepPlan, StepShare, StepTiming
@@ -58,11 +58,9 @@ class ZOModule(L.LightningModule):
     After each step ``last_estimate`` holds the full :class:`~dz_lightning.Estimate` and ``last_timing`` the
     :class:`~dz_lightning.step.StepTiming` of this rank (benchmarks read them).
 
-    Logged (by :class:`~dz_lightning.step_logging.StepLog`): ``train/loss``, ``train/queries`` (this step, all ranks),
-    ``train/queries_total``, ``train/queries_per_s`` and ``train/grad_density`` (fraction of coordinates estimated);
-    ``train/loss_vs_queries`` with the cumulative query count as its step; the hyperparameters with the final metrics
-    after ``fit`` and ``test`` (TensorBoard's HPARAMS tab). The progress bar shows ``queries/s`` (smoothed) and
-    ``queries`` (total).
+    Logged (by :class:`~dz_lightning.step_logging.StepLog`, which lists them): ``train/loss``, ``train/queries`` and
+    the other per-step ``train/`` scalars; ``queries/s`` and ``queries`` in the progress bar; the hyperparameters with
+    the final metrics after ``fit`` and ``test`` (TensorBoard's HPARAMS tab).
 
     Args:
         model: the trained network.
@@ -80,10 +78,9 @@ class ZOModule(L.LightningModule):
         delta_dtype: arithmetic of the graph engine's linear ops on a perturbation's difference from the cached
             base: ``"auto"`` (default: ``"bfloat16"`` convolutions where the device computes bf16 natively, i.e.
             CPUs with AVX512-BF16/AMX-BF16 and GPUs with bf16 tensor cores, else and for ``Linear`` ``"float32"``;
-            the choice is logged once),
-            ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU without native bf16 it is
-            slower and warns) or ``"tf32"`` (CUDA only). The base forward, the nonlinear ops and the losses stay
-            fp32/float64 whatever this says.
+            the choice is logged once), ``"float32"``, ``"bfloat16"`` (error relative to the difference; on a CPU
+            without native bf16 it is slower and warns) or ``"tf32"`` (CUDA only). The base forward, the nonlinear
+            ops and the losses stay fp32/float64 whatever this says.
         nonfinite: what to do with a non-finite perturbed loss: ``"raise"`` or ``"skip"`` it (with a warning).
             A non-finite loss at the unperturbed point always raises; nothing non-finite reaches the weights.
         nonfinite_step: what to do when an optimizer step leaves a parameter or an optimizer state tensor
@@ -104,6 +101,7 @@ class ZOModule(L.LightningModule):
     difference = _plan_setting("difference")
     distribution = _plan_setting("distribution")
     nonfinite = _plan_setting("nonfinite")
+    zo_cost_table = _plan_setting("cost_table")  # the DDP CGE split's :class:`~dz_lightning.distributed.CostTable`
     #: attributes under which older versions of a subclass also registered its network (the whole network, or the
     #: module that holds ``self.model``); their checkpoint keys are renamed to ``model.`` on load
     _legacy_model_aliases: tuple[str, ...] = ()
@@ -129,12 +127,8 @@ class ZOModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _zo_module_validation(estimator, mu, q, difference, distribution, scheduler_interval, gradient_clip_val,
-                              nonfinite, max_queries)
-        check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
-        check_choice("delta_dtype", delta_dtype, ("auto", "float32", "bfloat16", "tf32"))
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
+        _zo_module_validation(model, estimator, mu, q, difference, distribution, scheduler_interval,
+                              gradient_clip_val, delta_dtype, nonfinite, nonfinite_step, max_queries)
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", *self._hparams_ignore])
         self.automatic_optimization = False
         self.model = model
@@ -167,15 +161,6 @@ class ZOModule(L.LightningModule):
     @zo_costs.setter
     def zo_costs(self, prior: Mapping[str, float] | None) -> None:
         self.zo_cost_table = None if prior is None else distributed.CostTable(prior)
-
-    @property
-    def zo_cost_table(self) -> distributed.CostTable | None:
-        """The DDP CGE split's :class:`~dz_lightning.distributed.CostTable` (``zo_plan.cost_table``)."""
-        return self.zo_plan.cost_table
-
-    @zo_cost_table.setter
-    def zo_cost_table(self, table: distributed.CostTable | None) -> None:
-        self.zo_plan.cost_table = table
 
     # ------------------------------------------------------------------------------------ template hooks
     def forward(self, x: Tensor) -> Tensor:
@@ -231,35 +216,11 @@ class ZOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # the callbacks' on_train_start (which hands over masks) ran before this hook
         density, self._restored_mask_density = self._restored_mask_density, None
-        resumed = self.trainer.ckpt_path is not None  # not load_from_checkpoint + fit: new training from weights
-        if resumed and density is not None and self.zo_masks is None:
-            raise ValueError(
-                f"The checkpoint {self.trainer.ckpt_path} was trained with gradient masks (density {density:.3g}: "
-                "set by a callback such as ZOGraSP), but nothing set `zo_masks` in this run, which would estimate "
-                f"every coordinate (about {1 / max(density, 1e-12):.3g}x the queries per step of the masked weights). "
-                "Resume with the same callback (e.g. the same config, or `--trainer.callbacks+=ZOGraSP` with its "
-                "settings), or start a new run from the weights to train densely."
-            )
-        if resumed and self.max_queries is not None and self.queries_total >= self.max_queries:
-            rank_zero_warn(f"max_queries={self.max_queries} is already spent ({self.queries_total} queries at "
-                           f"{self.trainer.ckpt_path}): not training. Raise max_queries to continue this run.")
-            self.trainer.should_stop = True
-        if self.trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(self.trainer.train_dataloader)):
-            raise ValueError(
-                "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
-                "training data are sharded across ranks (a DistributedSampler; the Trainer adds one when "
-                "use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` (the task data modules "
-                "order batches by (seed, epoch), identically on every rank)."
-            )
+        check_resume(self, density)
+        _check_unsharded(self.trainer)
 
     def setup(self, stage: str) -> None:
-        precision = str(self.trainer.precision)
-        if precision not in _PRECISIONS:
-            raise ValueError(
-                f"ZOModule needs full-precision finite differences, but the Trainer uses precision={precision!r}. "
-                f"Use one of {_PRECISIONS[:2]} (queries run in fp32 regardless; mixed precision would corrupt the "
-                "optimizer step through its gradient scaler)."
-            )
+        _check_precision(str(self.trainer.precision))
 
     def estimate(self, oracle: Oracle, params: Mapping[str, Tensor]) -> StepShare | Estimate:
         """This rank's share of the step's estimate (with one process: the estimate), from :attr:`zo_plan`.
@@ -293,44 +254,31 @@ class ZOModule(L.LightningModule):
         self.last_estimate = est = self.process_estimate(est)
         for name, p in params.items():
             p.grad = est.grads[name].to(p.dtype)
-        self._optimizer_step()
+        optim_step.optimizer_step(self)
         self.queries_total += est.queries
         self.zo_log.step(self, est.loss, est.queries, max(time.perf_counter() - start, 1e-9), params)
-        if self.max_queries is not None and self.queries_total >= self.max_queries:
-            if not self.trainer.should_stop:
-                rank_zero_info(f"max_queries={self.max_queries} reached ({self.queries_total} queries spent, the "
-                               f"last step {est.queries}): stopping after step {self.trainer.global_step}.")
-            self.trainer.should_stop = True
+        stop_when_spent(self, est.queries)
         return torch.tensor(est.loss)
 
     def on_train_epoch_end(self) -> None:
         if self.scheduler_interval == "epoch":
-            self._step_schedulers()
+            optim_step.step_schedulers(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dz_lightning"] = {"generator_state": self._generator.get_state(),
-                                      "queries_total": self.queries_total,
-                                      "mask_density": _density(self.zo_masks),
-                                      "cost_table": None if self.zo_cost_table is None
-                                      else self.zo_cost_table.state_dict()}
+        checkpoint["dz_lightning"] = checkpoint_state(self._generator, self.queries_total, self.zo_masks,
+                                                      self.zo_cost_table)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if isinstance(checkpoint.get("state_dict"), Mapping):
-            checkpoint["state_dict"] = self._remap_legacy_keys(checkpoint["state_dict"])
-        state = checkpoint.get("dz_lightning")
-        if state is None:
-            rank_zero_warn("The checkpoint has no dz_lightning state; the direction generator restarts from its seed.")
-            return
-        self._generator.set_state(state["generator_state"])
-        self.queries_total = int(state["queries_total"])
-        self._restored_mask_density = state.get("mask_density")
-        # every rank loads the same file, so the resumed split is the same on all of them
-        table = state.get("cost_table")
-        self.zo_cost_table = None if table is None else distributed.CostTable.from_state_dict(table)
+            checkpoint["state_dict"] = remap_legacy_keys(checkpoint["state_dict"], self._legacy_model_aliases)
+        restored = restore_state(checkpoint, self._generator)
+        if restored is not None:
+            self.queries_total, self._restored_mask_density, self.zo_cost_table = restored
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, accepting the layouts of older versions (see ``_legacy_model_aliases``)."""
-        return super().load_state_dict(self._remap_legacy_keys(state_dict), strict=strict, assign=assign)
+        state_dict = remap_legacy_keys(state_dict, self._legacy_model_aliases)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_fit_end(self) -> None:
         self.zo_log.hparams_with_metrics(self)
@@ -338,59 +286,25 @@ class ZOModule(L.LightningModule):
     def on_test_end(self) -> None:
         self.zo_log.hparams_with_metrics(self)
 
-    # -------------------------------------------------------------------------------------------- helpers
-    def _remap_legacy_keys(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
-        """A state dict of an older layout, which stored the network twice, in the current one (else ``state``).
 
-        Keys under an alias (``"denoiser."``) are the whole network: they replace the keys under ``"model."`` (the
-        second copy, or a part of the network), renamed to ``"model."``.
-        """
-        for alias in self._legacy_model_aliases:
-            prefix = alias + "."
-            if any(k.startswith(prefix) for k in state):
-                state = {("model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
-                         if not k.startswith("model.")}
-        return state
+def _check_precision(precision: str) -> None:
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"ZOModule needs full-precision finite differences, but the Trainer uses precision={precision!r}. "
+            f"Use one of {_PRECISIONS[:2]} (queries run in fp32 regardless; mixed precision would corrupt the "
+            "optimizer step through its gradient scaler)."
+        )
 
-    def _optimizer_step(self) -> None:
-        """Clip, step every optimizer (undoing a step that leaves anything non-finite), step per-step schedulers."""
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        undo = StepUndo([getattr(opt, "optimizer", opt) for opt in opts])
-        for opt in opts:
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        self._undo_nonfinite_step(undo)
-        if self.scheduler_interval == "step":
-            self._step_schedulers()
 
-    def _undo_nonfinite_step(self, undo: StepUndo) -> None:
-        """Undo the step if it left anything non-finite; then raise or warn (``nonfinite_step``)."""
-        bad = undo.nonfinite()
-        if not bad:
-            return
-        undo.restore()
-        self.steps_undone += 1
-        names = {id(p): n for n, p in self.named_parameters()}
-        where = ", ".join(names.get(id(t), "optimizer state") for t in bad[:5])
-        message = (f"Optimizer step {self.global_step} made {len(bad)} tensor(s) non-finite "
-                   f"({where}{', ...' if len(bad) > 5 else ''}) although the estimated gradient was finite (huge "
-                   "losses, a large learning rate or overflowing momentum). The step was undone: parameters and "
-                   "optimizer state are back at their values before it.")
-        if self.nonfinite_step == "raise":
-            raise NonFiniteStepError(f"{message} Lower the learning rate, set `gradient_clip_val`, or pass "
-                                     "nonfinite_step='skip' to skip such steps with a warning.")
-        rank_zero_warn(f"{message} Skipping it (nonfinite_step='skip'); {self.steps_undone} step(s) skipped so far.",
-                       category=RuntimeWarning)
-
-    def _step_schedulers(self) -> None:
-        scheds = self.lr_schedulers()
-        if scheds is None:
-            return
-        for sch in scheds if isinstance(scheds, list) else [scheds]:
-            sch.step()
+def _check_unsharded(trainer: L.Trainer) -> None:
+    """Fail when the ranks of ``trainer`` see different training batches (each step's queries are split across them)."""
+    if trainer.world_size > 1 and any(_shards(loader) for loader in _loaders(trainer.train_dataloader)):
+        raise ValueError(
+            "ZOModule splits each step's queries across ranks, so every rank must see the same batch, but the "
+            "training data are sharded across ranks (a DistributedSampler; the Trainer adds one when "
+            "use_distributed_sampler=True). Set `trainer.use_distributed_sampler: false` (the task data modules "
+            "order batches by (seed, epoch), identically on every rank)."
+        )
 
 
 def _loaders(loaders: Any) -> Iterator[Any]:
@@ -421,9 +335,9 @@ def build_optimizers(parameters: Any, optimizer_fn: OptimizerCallable, scheduler
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler_fn(opt), "interval": interval}}
 
 
-def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, distribution: str,
-                          scheduler_interval: str, gradient_clip_val: float | None, nonfinite: str,
-                          max_queries: int | None) -> None:
+def _zo_module_validation(model: Any, estimator: str, mu: float, q: int, difference: str, distribution: str,
+                          scheduler_interval: str, gradient_clip_val: float | None, delta_dtype: str,
+                          nonfinite: str, nonfinite_step: str, max_queries: int | None) -> None:
     check_choice("estimator", estimator, ("cge", "rge"))
     check_positive_float("mu", mu)
     check_positive_int("q", q)
@@ -433,11 +347,8 @@ def _zo_module_validation(estimator: str, mu: float, q: int, difference: str, di
     check_positive_float("gradient_clip_val", gradient_clip_val, allow_none=True)
     check_choice("nonfinite", nonfinite, ("raise", "skip"))
     check_positive_int("max_queries", max_queries, allow_none=True)
+    check_choice("nonfinite_step", nonfinite_step, ("raise", "skip"))
+    check_choice("delta_dtype", delta_dtype, ("auto", "float32", "bfloat16", "tf32"))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
 
-
-def _density(masks: Mapping[str, Tensor] | None) -> float | None:
-    """Fraction of the masked tensors' coordinates the masks keep (``None``: no masks). Once per checkpoint."""
-    if masks is None:
-        return None
-    total = sum(m.numel() for m in masks.values())
-    return float(sum(int(m.sum()) for m in masks.values()) / max(total, 1))
