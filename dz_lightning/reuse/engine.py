@@ -27,7 +27,7 @@ import dz_lightning.reuse.rules as rules
 from dz_lightning import query
 from dz_lightning.oracle_base import coordinate_points
 from dz_lightning.query import query_mode
-from dz_lightning.reuse.differences import per_example_loss
+from dz_lightning.reuse.differences import cross_entropy_rows, per_example_loss
 from dz_lightning.reuse.graph import Graph
 from dz_lightning.reuse.plan import Plan, compile_plan, output_change
 from dz_lightning.reuse.protocol import verify
@@ -311,7 +311,7 @@ def _example_weights(per_example: Callable[[Tensor, Tensor], Tensor], outputs: T
     shape = per_example(outputs[:1].to(dtype), targets[:1]).shape[1:]
     n = targets.shape[0] * shape.numel()
     func = getattr(per_example, "func", None)
-    if func is F.cross_entropy and not targets.is_floating_point():
+    if func in (F.cross_entropy, cross_entropy_rows) and not targets.is_floating_point():
         counts = targets != per_example.keywords.get("ignore_index", -100)
         return counts.reshape(-1).to(dtype) / counts.sum().to(dtype)
     return torch.full((n,), 1.0 / n, dtype=dtype, device=outputs.device)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import one_query_at_a_time
+from conftest import fp32_tolerance, one_query_at_a_time
 from torch import Tensor, nn
 
 import dz_lightning as dz
@@ -356,3 +356,22 @@ def test_relu_differences_write_into_one_buffer_per_node_reused_by_every_chunk()
     assert {i: b.data_ptr() for i, b in chunked._workspace.items()} == buffers  # reused, not reallocated
     assert torch.equal(first, again)
     torch.testing.assert_close(first, whole.coordinate_losses("0.weight", index, 1e-2), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_rows_equal_torchs_per_example_cross_entropy(dtype):
+    from dz_lightning.reuse.differences import cross_entropy_rows
+
+    x, t = 10 * torch.randn(257, 10, dtype=dtype), torch.randint(0, 10, (257,))
+    t[::7] = -100  # ignored: 0, as torch gives
+    # about 12 rounded operations (10 exponentials, their sum and log, the subtraction) on values up to max |x| + log 10
+    scale = float(x.abs().max()) + 3
+    tol = fp32_tolerance(12, scale) if dtype == torch.float32 else {"rtol": 0, "atol": 2 * 12 * 2**-53 * scale}
+    torch.testing.assert_close(cross_entropy_rows(x, t), F.cross_entropy(x, t, reduction="none"), **tol)
+    assert torch.equal(cross_entropy_rows(x, t)[::7], torch.zeros(37, dtype=dtype))
+    t[::7] = 3
+    for kwargs in ({"label_smoothing": 0.1}, {"ignore_index": 3}):  # smoothing: torch's own kernel
+        torch.testing.assert_close(cross_entropy_rows(x, t, **kwargs), F.cross_entropy(x, t, reduction="none",
+                                   **kwargs), **tol)
+    image, target = torch.randn(2, 10, 3, 3, dtype=dtype), torch.randint(0, 10, (2, 3, 3))  # not (N, C): torch's
+    assert torch.equal(cross_entropy_rows(image, target), F.cross_entropy(image, target, reduction="none"))
