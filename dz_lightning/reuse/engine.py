@@ -90,7 +90,7 @@ class GraphEngine:
         self.delta_convs_only = delta_dtype == "auto"  # "auto" lowers only convolutions: see check_delta_dtype
         self.params = _parameters(model, params)
         self._cache: dict[Any, Any] = {}
-        self._workspace: dict[tuple, Tensor] = {}  # (node, shape) -> buffer: see workspace()
+        self.workspace = Workspace()  # output buffers reused by every chunk
         self._node_params: dict[int, dict[str, Tensor]] = {}
         # channels-last convolutions and BatchNorm run several times faster than NCHW on CPU
         self.layout = torch.channels_last if not inputs.is_cuda else torch.contiguous_format
@@ -162,18 +162,6 @@ class GraphEngine:
         return [(self.nodes[i].name, rule.name) for i, rule, _ in self.plans[name].steps]
 
     # ------------------------------------------------------------------------------------------ caches for the rules
-    def workspace(self, i: int, shape: torch.Size, like: Tensor) -> Tensor:
-        """Node ``i``'s output buffer of ``shape`` (``like``'s dtype, device and layout), reused by every chunk.
-
-        A chunk's changes live until its losses are taken, so one buffer per node and shape serves every chunk and
-        call, and the allocator does not page-fault a fresh result in per chunk (which dominated on CPU).
-        """
-        key = (i, tuple(shape))  # a step's last chunk is often shorter: it keeps its own buffer
-        buf = self._workspace.get(key)
-        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._workspace[key] = torch.empty_like(like) if like.shape == shape else like.new_empty(shape)
-        return buf
-
     def cache(self, key: Any, make: Callable[[], Any]) -> Any:
         """A value computed once per engine (the cached activations never change)."""
         if key not in self._cache:
@@ -292,6 +280,25 @@ class GraphEngine:
         targets = self.targets.expand(k, *self.targets.shape).reshape(k * b, *self.targets.shape[1:])
         values = per_example(outputs.reshape(k * b, *outputs.shape[2:]), targets)
         return (values.reshape(k, -1) * self._weights).sum(1)
+
+
+class Workspace:
+    """Output buffers of the engine's nodes, reused by every chunk and call.
+
+    A chunk's changes live until its losses are taken, so one buffer per node and shape serves every chunk, and the
+    allocator does not page-fault a fresh result in per chunk (which dominated on CPU).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def __call__(self, i: int, shape: torch.Size, like: Tensor) -> Tensor:
+        """Node ``i``'s buffer of ``shape`` (``like``'s dtype, device and layout)."""
+        key = (i, tuple(shape))  # a step's last chunk is often shorter: it keeps its own buffer
+        buf = self.buffers.get(key)
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[key] = torch.empty_like(like) if like.shape == shape else like.new_empty(shape)
+        return buf
 
 
 def _parameters(model: nn.Module, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:

@@ -350,10 +350,10 @@ def test_relu_differences_write_into_one_buffer_per_node_reused_by_every_chunk()
     chunked = build_graph_engine(mlp, F.cross_entropy, x, y, max_batch=4, delta_dtype="float32")
     whole = build_graph_engine(mlp, F.cross_entropy, x, y, max_batch=64, delta_dtype="float32")
     first = chunked.coordinate_losses("0.weight", index, 1e-2)
-    buffers = {i: b.data_ptr() for i, b in chunked._workspace.items()}
+    buffers = {i: b.data_ptr() for i, b in chunked.workspace.buffers.items()}
     assert buffers  # the dense ReLU differences after the second Linear
     again = chunked.coordinate_losses("0.weight", index, 1e-2)
-    assert {i: b.data_ptr() for i, b in chunked._workspace.items()} == buffers  # reused, not reallocated
+    assert {i: b.data_ptr() for i, b in chunked.workspace.buffers.items()} == buffers  # reused, not reallocated
     assert torch.equal(first, again)
     torch.testing.assert_close(first, whole.coordinate_losses("0.weight", index, 1e-2), rtol=1e-6, atol=1e-7)
 
