@@ -465,47 +465,20 @@ class CheckpointGuard(L.Callback):
                 and not isinstance(handler, _StopStepOnSigterm)):
             signal.signal(signal.SIGTERM, _StopStepOnSigterm(self, handler))
 
-    @override
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _evaluation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_steps_on_sigterm(trainer)
 
-    @override
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_steps_on_sigterm(trainer)
-
-    @override
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_steps_on_sigterm(trainer)
-
-    @override
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+    def _enter_batch(self, *args: Any, **kwargs: Any) -> None:
+        """A validation, test or predict batch starts: a SIGTERM from now on stops it at once."""
         self._interruptible = True
 
-    @override
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def _leave_batch(self, *args: Any, **kwargs: Any) -> None:
         self._interruptible = False
 
-    @override
-    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
-        self._interruptible = True
-
-    @override
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._interruptible = False
-
-    @override
-    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
-                               dataloader_idx: int = 0) -> None:
-        self._interruptible = True
-
-    @override
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._interruptible = False
+    # the same for every evaluation loop (Lightning calls each hook by name)
+    on_validation_start = on_test_start = on_predict_start = _evaluation_start
+    on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _enter_batch
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _leave_batch
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
@@ -526,9 +499,9 @@ class CheckpointGuard(L.Callback):
             raise _RanksInterrupted
 
     @override
-    def on_interruptible(self, trainer: L.Trainer, pl_module: L.LightningModule,
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        self._interruptible = False
+        self._interruptible = False  # the step's update runs to its end: a SIGTERM now waits for the step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

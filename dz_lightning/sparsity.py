@@ -27,6 +27,7 @@ __all__ = [
     "draw_masks",
     "grasp_scores",
     "layerwise_ratios",
+    "mask_gradients",
     "per_tensor_rge",
     "prunable_among",
     "prunable_parameters",
@@ -322,3 +323,12 @@ def realized_density(masks: Mapping[str, Tensor]) -> float:
     """Fraction of the masked layers' coordinates that are estimated."""
     total = sum(m.numel() for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def mask_gradients(params: dict[str, Tensor], masks: dict[str, Tensor] | None) -> None:
+    """Zero the gradient of every masked-out coordinate, in place: a first-order step restricted to the coordinates
+    that sparse CGE would estimate (``masks``: name of ``params`` -> bool mask; unmasked parameters keep theirs)."""
+    for name, mask in (masks or {}).items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.mul_(mask.to(grad.dtype))

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from dz_lightning import ZOModule
+from dz_lightning import sparsity as sp
 from dz_lightning.module import build_optimizers
 from dz_lightning.oracle import ModuleOracle
 from dz_lightning.oracle_base import Oracle
@@ -171,11 +172,8 @@ class FOClassifier(_ClassificationMetrics, L.LightningModule):
         self._apply_weight_masks()
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.sparse != "none" and self.zo_masks:
-            params = self.zo_parameters()
-            for name, mask in self.zo_masks.items():
-                if params[name].grad is not None:
-                    params[name].grad.mul_(mask)
+        if self.sparse != "none":
+            sp.mask_gradients(self.zo_parameters(), self.zo_masks)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._apply_weight_masks()  # weight decay and momentum must not revive pruned weights

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dz_lightning import ZOModule
+from dz_lightning import sparsity as sp
 from dz_lightning.fallback import parameter_values, vmap_points
 from dz_lightning.figures import log_figure, save_figure
 from dz_lightning.module import build_optimizers
@@ -378,13 +379,7 @@ class FOSOLSparse(FOSOL):
 
     def on_after_backward(self) -> None:
         """Mask the gradient right after backward (before any clipping and the optimizer step)."""
-        if self.zo_masks is None:
-            return
-        params = self.zo_parameters()
-        for name, mask in self.zo_masks.items():
-            grad = params[name].grad
-            if grad is not None:
-                grad.mul_(mask.to(grad.dtype))
+        sp.mask_gradients(self.zo_parameters(), self.zo_masks)
 
 
 class SourceOnly(_SOLEvaluation, L.LightningModule):

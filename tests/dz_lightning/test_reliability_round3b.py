@@ -310,3 +310,21 @@ def test_sigterm_while_a_black_box_hangs_in_a_test_batch_exits_143(tmp_path):
         pytest.fail(f"SIGTERM did not stop a test whose black box hangs:\n{proc.communicate()[0][-3000:]}")
     assert proc.returncode == 143, out[-3000:]
     assert not (tmp_path / "interrupted.ckpt").exists()  # nothing trained, nothing to save
+
+
+def test_a_sigterm_stops_a_step_only_before_its_optimizer_step_and_an_evaluation_batch_anywhere():
+    """The guard's window: from a training batch's start to its optimizer step (never half an update), and a whole
+    validation, test or predict batch."""
+    from dz_lightning.checkpointing import CheckpointGuard
+
+    guard, trainer, module = CheckpointGuard(), object(), object()
+    guard._stop_together = False
+    guard.on_train_batch_start(trainer, module, None, 0)
+    assert guard._interruptible
+    guard.on_before_optimizer_step(trainer, module, None)
+    assert not guard._interruptible
+    for stage in ("validation", "test", "predict"):
+        getattr(guard, f"on_{stage}_batch_start")(trainer, module, None, 0)
+        assert guard._interruptible
+        getattr(guard, f"on_{stage}_batch_end")(trainer, module, None, None, 0)
+        assert not guard._interruptible
