@@ -44,7 +44,9 @@ def test_solver_silences_only_phiflow_notices_and_keeps_user_warnings_visible(di
     re = torch.tensor([150.0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every warning is recorded unless the solver's own filters silence it
-        solver = KarmanSolver(RES, differentiable=differentiable)
+        # a configuration of its own: solvers of one configuration share their compiled step, which another test
+        # may have traced for these shapes already
+        solver = KarmanSolver(RES, differentiable=differentiable, cg_tolerance=1.01e-4)
         for _ in range(2):  # the first call traces the black box's step, the second reuses it
             u = initial_state(1, RES).requires_grad_(differentiable)
             out = solver(u, re)
