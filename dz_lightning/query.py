@@ -13,6 +13,7 @@ Lower precision is allowed only on a perturbation's *difference* from a cached f
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -314,8 +315,9 @@ _logger = logging.getLogger("dz_lightning")
 _told: set[tuple[str, ...]] = set()
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: not Linux)."""
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: not Linux); read once."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -377,7 +379,9 @@ def check_delta_dtype(delta_dtype: str | torch.dtype, inputs: Tensor) -> str:
     if name == "tf32" and not inputs.is_cuda:
         raise ValueError("`delta_dtype='tf32'` needs CUDA inputs (TF32 is a CUDA tensor-core format), but the "
                          f"inputs are on {inputs.device}; use 'float32' or 'bfloat16'.")
-    native = native_bf16(inputs.device)
+    if name not in ("auto", "bfloat16"):
+        return name
+    native = native_bf16(inputs.device)  # only for the choices it decides (engines are built every step)
     if name == "auto":  # bf16 replaces fp32 arithmetic only: float64 inputs keep theirs
         name = "bfloat16" if native and inputs.dtype == torch.float32 else "float32"
         where = (torch.backends.cpu.get_cpu_capability() if inputs.device.type == "cpu" else inputs.device.type)
