@@ -25,6 +25,9 @@ Every run records its process's resident memory (RSS) every ``--rss-every`` opti
 with ``--json``, each finished run is written at once, with its corrector's weights under ``<json>.models/``; the
 same command again skips the runs already done (the settings must match). Long studies can run their methods in
 separate processes (``--methods``), one thread each, and ``--merge a.json b.json --json all.json`` joins them.
+Processes on one machine may also share one ``--json``: each trains the runs no other live process has claimed
+(a ``<run>.claim`` file beside the weights holds the claiming process's id), waits for the others' runs, and merges
+its records into the file under a lock. Two processes with the same command split one method's grid and seeds.
 
 Prints the final JSON as its last line:
 ``{"test_mae": {method: {"mean", "std", "min", "max", "by_seed"}}, "selection": {...}, "ordering": [...], ...}``.
@@ -33,6 +36,7 @@ Prints the final JSON as its last line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,6 +44,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,65 @@ SPARSE = ("fo_sol_sparse", "zo_sol")  # trained under ZOGraSP's masks
 RATIO_METHODS = ("zo_grasp", "uniform", "random")
 # settings that may differ between the processes of one study (everything else must agree to resume or merge)
 _PER_PROCESS = ("methods", "seeds", "zo_ratios")  # zo_ratios: ZO-SOL's own grid (FO-SOL sparse reads its choice)
+POLL_SECONDS = 10.0  # how often a process waiting for another's run looks again
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def claim(path: Path) -> bool:
+    """Claim the run whose claim file is ``path`` for this process; ``False`` while another live process holds it.
+
+    The claim appears whole or not at all (a hard link of a file that already holds the process id), so a reader
+    never sees an empty claim. The claim of a process that has died is taken over.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                try:
+                    holder = int(path.read_text())
+                except (OSError, ValueError):  # removed in between, or not a claim of ours: look again
+                    holder = 0
+                if holder and holder != os.getpid() and _alive(holder):
+                    return False
+                path.unlink(missing_ok=True)
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` (no lock where ``fcntl`` is missing: one process per JSON there)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _on_disk(path: str | None) -> dict | None:
+    if not path or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text())
 
 
 def half_decades(lo: float, hi: float) -> list[float]:
@@ -254,20 +318,39 @@ def _study(argv: list[str] | None, root: str) -> dict:
         result["seconds"] = result.get("seconds_before_resume", 0.0) + time.perf_counter() - start
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{args.json}.tmp")
-            tmp.write_text(json.dumps(result, indent=2))
-            tmp.replace(args.json)
+            with _locked(args.json):
+                _merge_into(result, _on_disk(args.json))  # the records of other processes sharing the file
+                tmp = Path(f"{args.json}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(result, indent=2))
+                tmp.replace(args.json)
 
-    def run(method: str, lr: float, seed: int, ratios: str | None) -> tuple[Any, dict]:
-        """Train one run, or load it when a resumed study has it; the trained module and its record."""
+    def run(method: str, lr: float, seed: int, ratios: str | None) -> tuple[Any, dict] | None:
+        """Train one run, or load it when the study has it; the trained module and its record.
+
+        ``None`` when another live process is training it (see :func:`claim`).
+        """
         key = f"{method}_lr{lr:g}_seed{seed}" + (f"_{ratios}" if ratios else "")
         weights = models / f"{key}.pt"
-        L.seed_everything(seed, verbose=False)
-        module, callbacks = build(method, lr, ratios, seed)
+        if args.json:
+            with _locked(args.json):
+                result["runs"].update((_on_disk(args.json) or {}).get("runs", {}))
         if key in result["runs"] and weights.is_file():
+            L.seed_everything(seed, verbose=False)
+            module, _ = build(method, lr, ratios, seed)
             module.corrector.load_state_dict(torch.load(weights, weights_only=True))
             print(f"{key}: done before, val MAE {result['runs'][key]['val_mae']:.5f}", flush=True)
             return module, result["runs"][key]
+        held = models / f"{key}.claim"
+        if not claim(held):
+            return None
+        try:
+            return train(method, lr, seed, ratios, key, weights)
+        finally:
+            held.unlink(missing_ok=True)
+
+    def train(method: str, lr: float, seed: int, ratios: str | None, key: str, weights: Path) -> tuple[Any, dict]:
+        L.seed_everything(seed, verbose=False)
+        module, callbacks = build(method, lr, ratios, seed)
         rss = RSSRecorder(args.rss_every)
         t = time.perf_counter()
         L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_progress_bar=False,
@@ -289,6 +372,21 @@ def _study(argv: list[str] | None, root: str) -> dict:
               flush=True)
         return module, record
 
+    def run_all(method: str, items: list[tuple[float, int, str | None]]) -> list[tuple[Any, dict]]:
+        """``run`` every ``(lr, seed, ratios)``: first those nobody else trains, then wait for the others' runs."""
+        done: dict[int, tuple[Any, dict]] = {}
+        said = False
+        while True:
+            for i, item in enumerate(items):
+                if i not in done and (got := run(method, *item)) is not None:
+                    done[i] = got
+            if len(done) == len(items):
+                return [done[i] for i in range(len(items))]
+            if not said:
+                print(f"{method}: waiting for {len(items) - len(done)} run(s) of another process", flush=True)
+                said = True
+            time.sleep(POLL_SECONDS)
+
     for method in methods:
         ratios = None
         if method == "zo_sol":
@@ -299,25 +397,23 @@ def _study(argv: list[str] | None, root: str) -> dict:
         trained: list[Any] = []
         result["selection"][method] = runs
 
-        def select(lr: float, ratios: str | None, runs: list[dict] = runs, trained: list[Any] = trained,
+        def select(items: list[tuple[float, str | None]], runs: list[dict] = runs, trained: list[Any] = trained,
                    method: str = method) -> None:
-            module, record = run(method, lr, seeds[0], ratios)
-            runs.append(record)
-            trained.append(module)
+            for module, record in run_all(method, [(lr, seeds[0], r) for lr, r in items]):
+                runs.append(record)
+                trained.append(module)
             save()
 
-        for lr in grid:
-            select(lr, ratios)
+        select([(lr, ratios) for lr in grid])
         for _ in range(args.max_extensions):
             lr = extension({r["lr"]: r["val_mae"] for r in runs})
             if lr is None:
                 break
             print(f"{method}: the best rate is at the grid's edge; extending it to {lr:g}", flush=True)
-            select(lr, ratios)
+            select([(lr, ratios)])
         best = min(range(len(runs)), key=lambda i: runs[i]["val_mae"])
         if method == "zo_sol" and len(zo_ratios) > 1:
-            for other in zo_ratios[1:]:
-                select(runs[best]["lr"], other)
+            select([(runs[best]["lr"], other) for other in zo_ratios[1:]])
             best = min(range(len(runs)), key=lambda i: runs[i]["val_mae"])
         lrs_tried = sorted({r["lr"] for r in runs})
         chosen = {"lr": runs[best]["lr"], "ratios": runs[best].get("ratios"),
@@ -327,13 +423,13 @@ def _study(argv: list[str] | None, root: str) -> dict:
         seed_runs = [runs[best]]
         result["test_mae"][method] = _summary(chosen, by_seed, seed_runs)
         save()
-        for seed in seeds[1:]:
-            module, record = run(method, chosen["lr"], seed, chosen["ratios"])
+        others = run_all(method, [(chosen["lr"], seed, chosen["ratios"]) for seed in seeds[1:]])
+        for seed, (module, record) in zip(seeds[1:], others, strict=True):
             by_seed[seed] = float(module.rollout_mae(*test)[1])
             modules[seed] = module
             seed_runs.append(record)
-            result["test_mae"][method] = _summary(chosen, by_seed, seed_runs)
-            save()
+        result["test_mae"][method] = _summary(chosen, by_seed, seed_runs)
+        save()
         result["seconds_by_method"][method] = {
             "per_seed_mean": statistics.fmean(r["seconds"] for r in seed_runs),
             "selection_total": sum(r["seconds"] for r in runs)}
@@ -354,6 +450,16 @@ def _study(argv: list[str] | None, root: str) -> dict:
     _plot(means, {m: v["std"] for m, v in result["test_mae"].items()}, out / "sol_study.png")
     print(json.dumps(result))
     return result
+
+
+def _merge_into(result: dict, disk: dict | None) -> None:
+    """Add the records that another process sharing the JSON wrote; this process's own entries win."""
+    if disk is None:
+        return
+    for key in ("runs", "selection", "test_mae", "seconds_by_method"):
+        result[key] = {**disk.get(key, {}), **result[key]}
+    methods = result["settings"]["methods"]
+    result["settings"]["methods"] = [*[m for m in disk["settings"]["methods"] if m not in methods], *methods]
 
 
 def _shared(settings: dict) -> dict:

@@ -12,6 +12,7 @@ Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule tha
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -309,7 +310,9 @@ class ZOGraSP(L.Callback):
     def _save_ratios(self, path: Path | None) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.ratios, indent=2))
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # whole or absent: other processes may read it
+            tmp.write_text(json.dumps(self.ratios, indent=2))
+            tmp.replace(path)
             rank_zero_info(f"ZOGraSP: LPRs written to {path}")
 
     @rank_zero_only

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +61,36 @@ def test_zo_grasp_ratios_are_scored_once_per_seed_and_loaded_by_its_other_runs(t
     assert first["zo_grasp_queries"] > 0 and second["zo_grasp_queries"] == 0  # loaded
     assert first["lpr"] == second["lpr"] and first["lpr"]["4.weight"] < 1  # the zero-initialized head is not frozen
     assert (tmp_path / "zo.json.models" / "lpr_zo_grasp_seed0.json").is_file()
+
+
+def test_a_claim_holds_while_its_process_lives_and_is_taken_over_when_it_died(tmp_path):
+    held = tmp_path / "run.claim"
+    assert sol_study.claim(held) and held.read_text() == str(os.getpid())
+    held.unlink()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        held.write_text(str(sleeper.pid))
+        assert not sol_study.claim(held) and held.read_text() == str(sleeper.pid)  # alive: another's run
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sol_study.claim(held) and held.read_text() == str(os.getpid())  # its process died: taken over
+    assert list(tmp_path.iterdir()) == [held]  # no temporary left behind
+
+
+def test_two_processes_sharing_one_json_split_the_runs_and_agree(tmp_path):
+    study = str(tmp_path / "shared.json")
+    command = [sys.executable, "-m", "benchmarks.sol_study", *_args(tmp_path, "--methods", "non", "--seeds", "0,1",
+                                                                     "--max-extensions", "0", "--json", study)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              cwd=Path(sol_study.__file__).parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trained = [line for out in outs for line in out.splitlines() if line.startswith("non_lr") and " in " in line]
+    # two grid rates with seed 0, the chosen rate with seed 1: each trained by exactly one of the two processes
+    assert sorted(line.split(":")[0] for line in trained) == sorted(json.loads(Path(study).read_text())["runs"])
+    assert len(trained) == 3
+    finals = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert finals[0]["test_mae"] == finals[1]["test_mae"] and len(finals[0]["test_mae"]["non"]["by_seed"]) == 2
+    assert not list(Path(f"{study}.models").glob("*.claim"))
