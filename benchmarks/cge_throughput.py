@@ -60,7 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dz_lightning as dz
 from dz_lightning.models import resnet20, simple_cnn, tv_mobilenet_v3_small, tv_resnet18, unet_small
 from dz_lightning.query import fp32_precision, frozen_batchnorm_stats
-from dz_lightning.reuse import GraphEngine, StagedForward, build_graph_engine, flatten_ops, get_stages
+from dz_lightning.reuse import GraphEngine, StagedForward, build_graph_engine, flatten_ops, fused, get_stages
 
 _T = TypeVar("_T")
 
@@ -427,8 +427,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mu", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--delta-dtypes", nargs="+", default=["float32", "bfloat16"],
-                        choices=["float32", "bfloat16", "tf32"], help="delta_dtype values timed and checked")
+    parser.add_argument("--delta-dtypes", nargs="+", default=["float32", "auto", "bfloat16"],
+                        choices=["float32", "auto", "bfloat16", "tf32"],
+                        help="delta_dtype values timed and checked (auto: the default of ZOModule)")
     parser.add_argument("--rel-err-coords", type=int, default=64,
                         help="coordinates of the error check against a float64 loop (0: skip it)")
     parser.add_argument("--count-ops", action=argparse.BooleanOptionalAction, default=True,
@@ -453,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
+            "compiled_differences": fused.compiling_enabled(),  # DZ_COMPILE_DIFFERENCES=0 times the eager ones
             "load_before": os.getloadavg(),
             "batch": batch,
             "matmul_gflops": matmul_gflops(device),
@@ -467,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   args.full_per_param, args.seed)
             for name in ([args.model] if args.model else args.graph_models)}
         result["graph_models_seconds"] = time.perf_counter() - start
+        result["compile_failures"] = fused.compile_failures()
     result["load_after"] = os.getloadavg()
     if args.avx2 and device.type == "cpu":
         result["avx2"] = _rerun_on_avx2(argv if argv is not None else sys.argv[1:])

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dz_lightning.reuse.fused import compiled
+
 __all__ = ["NormBase", "batch_norm_channel_difference", "batch_norm_difference", "cross_entropy_rows",
            "per_example_loss", "relu_difference", "scale_change", "scatter_channel"]
 
@@ -89,23 +91,30 @@ def batch_norm_difference(base: NormBase, d: Tensor) -> Tensor:
     change of the variance), the change is ``xc (s - s0) + (d - m) s``: every term is computed from the change
     itself, so its rounding error is relative to the change, not to the activations (as in ``f(x + d) - f(x)``).
     """
-    v = base.view(d)
-    if base.dims == (1,):  # fused products and sums: no temporaries the size of d
-        m = v.mean(1, keepdim=True)
-        cross = torch.linalg.vecdot(base.centered, v, dim=1).unsqueeze(1)
-        square = torch.linalg.vecdot(v, v, dim=1).unsqueeze(1)
-    else:
-        m = v.mean(base.dims, keepdim=True)
-        cross = (base.centered * v).sum(base.dims, keepdim=True)
-        square = (v * v).sum(base.dims, keepdim=True)
-    # relative change of var + eps: (2 cross + square) / n - m (2 mean(xc) + m), over var + eps
-    rel = torch.addcmul((2 * cross + square) * base.inv_n_var, m, (2 * base.mean + m) * base.inv_var, value=-1)
-    ds = scale_change(base.scale, rel)
-    s = base.scale + ds
-    out = torch.addcmul(torch.addcmul(-m * s, base.centered, ds), v, s)
+    out = _norm_change(base.view(d), base.centered, base.mean, base.scale, base.inv_var, base.inv_n_var, base.dims)
     return base.unview(out, d)
 
 
+@compiled
+def _norm_change(v: Tensor, centered: Tensor, mean: Tensor, scale: Tensor, inv_var: Tensor, inv_n_var: Tensor,
+                 dims: tuple[int, ...]) -> Tensor:
+    """:func:`batch_norm_difference` on the views of :class:`NormBase` (compiled where possible)."""
+    if dims == (1,):  # fused products and sums: no temporaries the size of v
+        m = v.mean(1, keepdim=True)
+        cross = torch.linalg.vecdot(centered, v, dim=1).unsqueeze(1)
+        square = torch.linalg.vecdot(v, v, dim=1).unsqueeze(1)
+    else:
+        m = v.mean(dims, keepdim=True)
+        cross = (centered * v).sum(dims, keepdim=True)
+        square = (v * v).sum(dims, keepdim=True)
+    # relative change of var + eps: (2 cross + square) / n - m (2 mean(xc) + m), over var + eps
+    rel = torch.addcmul((2 * cross + square) * inv_n_var, m, (2 * mean + m) * inv_var, value=-1)
+    ds = scale_change(scale, rel)
+    s = scale + ds
+    return torch.addcmul(torch.addcmul(-m * s, centered, ds), v, s)
+
+
+@compiled
 def batch_norm_channel_difference(xc: Tensor, var_eps: Tensor, scale: Tensor, d: Tensor) -> Tensor:
     """:func:`batch_norm_difference` for a change of one channel per query: ``xc`` ``(k, B, *spatial)`` that channel
     of the centered base input, ``var_eps`` and ``scale`` its variance plus eps and base scale (broadcast per query),

@@ -1,0 +1,117 @@
+"""Compiled differences (dz_lightning.reuse.fused): the same values as the eager formulas, a fallback that warns once,
+and the eager path for fake tensors and when turned off."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dz_lightning.reuse import differences, fused
+
+
+def _eager(fn):
+    return fn.__wrapped__
+
+
+def _case(layout: str, dtype: torch.dtype = torch.float64, k: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    shape = (6, 5) if layout == "2d" else (6, 5, 4, 3)
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(5, generator=gen, dtype=dtype) + 0.5
+    base = differences.NormBase(x, weight, 1e-5)
+    d = torch.randn(k, *shape, generator=gen, dtype=dtype) * 1e-3
+    if layout == "channels_last":
+        d = d.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return base, d, x, weight
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "2d"])
+def test_the_compiled_batch_norm_difference_is_the_eager_one_to_rounding(layout):
+    base, d, x, weight = _case(layout)
+    args = (base.view(d), base.centered, base.mean, base.scale, base.inv_var, base.inv_n_var, base.dims)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # compiling must work here (it has a C++ compiler)
+        got = differences._norm_change(*args)
+    want = _eager(differences._norm_change)(*args)
+    assert not any(n.endswith("_norm_change") for n in fused._FAILED)
+    # float64: the two differ only in the order of the sums (n <= 72 terms), so by a few ulps of the output
+    assert torch.allclose(got, want, rtol=0, atol=1e-13 * float(want.abs().max()))
+    # and the difference of two train-mode BatchNorms, query by query (which loses eps * |BN(x)| ~ 1e-15 to
+    # cancellation against changes of ~1e-3)
+    norm = lambda h: torch.nn.functional.batch_norm(h, None, None, weight, None, training=True, eps=1e-5)  # noqa: E731
+    direct = torch.stack([norm(x + di) - norm(x) for di in d])
+    assert torch.allclose(base.unview(got, d), direct, rtol=0, atol=1e-9 * float(direct.abs().max()))
+
+
+def test_the_compiled_one_channel_batch_norm_difference_is_the_eager_one_to_rounding():
+    gen = torch.Generator().manual_seed(1)
+    xc = torch.randn(4, 8, 5, 5, generator=gen, dtype=torch.float64)
+    xc = xc - xc.mean((1, 2, 3), keepdim=True)
+    var_eps = (xc * xc).mean((1, 2, 3), keepdim=True) + 1e-5
+    scale = torch.rand(4, 1, 1, 1, generator=gen, dtype=torch.float64) * torch.rsqrt(var_eps)
+    d = torch.randn(4, 8, 5, 5, generator=gen, dtype=torch.float64) * 1e-3
+    got = differences.batch_norm_channel_difference(xc, var_eps, scale, d)
+    want = _eager(differences.batch_norm_channel_difference)(xc, var_eps, scale, d)
+    assert torch.allclose(got, want, rtol=0, atol=1e-13 * float(want.abs().max()))
+
+
+def _spy_compile(monkeypatch, behaviour):
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(fn.__name__)
+        return behaviour(fn)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_a_compiler_failure_warns_once_and_the_eager_formula_gives_the_values(monkeypatch):
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("InductorError: no C++ compiler\nmore detail")
+        return run
+
+    calls = _spy_compile(monkeypatch, broken)
+    monkeypatch.setattr(fused, "_FAILED", {})
+
+    @fused.compiled
+    def twice(x):
+        return 2 * x
+
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match=r"could not compile .*twice \(RuntimeError: InductorError: no C\+\+ "
+                                            r"compiler\); it runs eagerly.*DZ_COMPILE_DIFFERENCES=0"):
+        assert torch.equal(twice(x), 2 * x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(twice(x), 2 * x)  # eager from now on, without a word
+    assert calls == ["twice"]
+
+
+@pytest.mark.parametrize("why", ["env", "fake"])
+def test_turned_off_or_fake_tensors_run_the_eager_formula(why, monkeypatch):
+    calls = _spy_compile(monkeypatch, lambda fn: fn)
+
+    @fused.compiled
+    def twice(x):
+        return 2 * x
+
+    if why == "env":
+        monkeypatch.setenv(fused.ENV, "0")
+        assert torch.equal(twice(torch.ones(2)), torch.full((2,), 2.0))
+    else:
+        with FakeTensorMode():
+            out = twice(torch.empty(2, device="cuda"))
+        assert out.device.type == "cuda"
+    assert calls == []
+    monkeypatch.delenv(fused.ENV, raising=False)
+    twice(torch.ones(2))
+    assert calls == ["twice"]  # the plain tensor, compiling allowed: compiled once
+    twice(torch.ones(3))
+    assert calls == ["twice"]
