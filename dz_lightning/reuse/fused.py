@@ -12,9 +12,10 @@ The compiled function is used where it can be:
 - no ``torch.compile`` around the caller already (its own compile sees the eager formula);
 - ``DZ_COMPILE_DIFFERENCES`` not set to ``0``.
 
-Where compiling fails (no C++ compiler, no Triton, a platform that inductor does not support) the eager formula
-runs from then on, after one warning that says why. The two agree to rounding: the formula is the same, only the
-order of its sums differs.
+Each process compiles afresh, a few seconds per function and input layout: inductor's FX graph cache is not used,
+because across processes on different CPU kernels it corrupted the heap in torch 2.14. Where compiling fails (no
+C++ compiler, no Triton, a platform that inductor does not support) the eager formula runs from then on, after one
+warning that says why. The two agree to rounding: the formula is the same, only the order of its sums differs.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def compiled(fn: _F) -> _F:
         if not holder:
             with _quiet("torch.utils.cpp_extension"):  # its import says where it looked for CUDA: noise on a CPU
                 importlib.import_module("torch.utils.cpp_extension")
-            holder.append(torch.compile(fn, dynamic=True))
+            # not through the FX graph cache: torch 2.14 gave an AVX512 process the graph that another process had
+            # compiled under ATEN_CPU_CAPABILITY=avx2, and the heap broke (tests/dz_lightning/test_fused.py)
+            holder.append(torch.compile(fn, dynamic=True, options={"fx_graph_cache": False}))
         try:
             return holder[0](*args)
         except Exception as err:  # noqa: BLE001 - any failure of the compiler stack: the eager formula instead

@@ -3,6 +3,9 @@ and the eager path for fake tensors and when turned off."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -115,3 +118,33 @@ def test_turned_off_or_fake_tensors_run_the_eager_formula(why, monkeypatch):
     assert calls == ["twice"]  # the plain tensor, compiling allowed: compiled once
     twice(torch.ones(3))
     assert calls == ["twice"]
+
+
+_CALLS = """
+import torch
+from dz_lightning.reuse import differences, fused
+for n in (64, 16):  # one query; two batch sizes: the second call runs the dynamic-shape kernel of the first
+    x = torch.randn(n, 18, 4, 4).contiguous(memory_format=torch.channels_last)
+    base = differences.NormBase(x, None, 1e-5)
+    d = torch.randn(1, n, 18, 4, 4) * 1e-3
+    got = differences.batch_norm_difference(base, d)
+    v = base.view(d)
+    want = base.unview(differences._norm_change.__wrapped__(v, base.centered, base.mean, base.scale, base.inv_var,
+                                                             base.inv_n_var, base.dims), d)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9), (got - want).abs().max()
+    junk = [torch.randn(n * 288) for _ in range(200)]  # the allocator notices a corrupted heap
+assert not fused.compile_failures(), fused.compile_failures()
+print("ok")
+"""
+
+
+def test_a_compile_cache_written_under_the_avx2_kernels_is_not_loaded_by_the_default_ones(tmp_path):
+    # torch 2.14's FX graph cache gave a process on the AVX512 kernels the graph compiled under
+    # ATEN_CPU_CAPABILITY=avx2 by another process, and the heap broke ("free(): invalid next size"). Our compiled
+    # differences do not use that cache. (On an AVX2-only CPU both runs use the same kernels.)
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    for extra in ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, {}):
+        run = subprocess.run([sys.executable, "-c", _CALLS], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0 and run.stdout.strip() == "ok", (extra, run.returncode, run.stderr[-2000:])

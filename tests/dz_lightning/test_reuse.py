@@ -202,7 +202,8 @@ def test_benchmark_smoke():
     assert result["simple_cnn"]["step_queries_90pct"] > 0
     assert result["simple_cnn"]["ops_growth"] <= 1.5 and result["simple_cnn"]["syncs_per_chunk"] == 0
     assert result["simple_cnn"]["rel_err"]["eval"]["float32"] <= 1e-3
-    assert set(result["simple_cnn"]["step_seconds_90pct_by_delta_dtype"]) == {"float32", "bfloat16"}
+    assert set(result["simple_cnn"]["step_seconds_90pct_by_delta_dtype"]) == {"float32", "auto", "bfloat16"}
+    assert result["compiled_differences"] is True and result["compile_failures"] == {}
     graph = result["graph_models"]["simple_cnn"]
     assert set(graph["step_queries_per_s"]) == {"graph", "full_forward", "stages"}
     assert graph["max_abs_diff"] < 1e-4
