@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="simple_cnn", choices=["simple_cnn", "resnet20"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--per-param", type=int, default=64, help="queries timed per tensor (scaled to its count)")
+    parser.add_argument("--loop-per-param", type=int, default=16,
+                        help="queries timed per tensor for the reuse loop (each costs the same: one at a time)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--delta-dtypes", nargs="+", default=["float32", "auto"], choices=["float32", "auto",
                                                                                             "bfloat16"])
@@ -49,10 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"model": args.model, "clock": args.clock, "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "compiled_differences": fused.compiling_enabled(), "batch": args.batch,
-                    "per_param": args.per_param, "load_before": os.getloadavg(), "runs": []}
+                    "per_param": args.per_param, "loop_per_param": args.loop_per_param,
+                    "load_before": os.getloadavg(), "runs": []}
     ct.project_step(model, x, y, 5e-3, None, 8, gen, delta_dtypes=tuple(args.delta_dtypes))  # warm-up, compiles
     for _ in range(args.repeats):
-        steps, loop, queries = ct.project_step(model, x, y, 5e-3, None, args.per_param, gen,
+        steps, loop, queries = ct.project_step(model, x, y, 5e-3, None, args.per_param, gen, args.loop_per_param,
                                                delta_dtypes=tuple(args.delta_dtypes))
         run = {"step_seconds": steps, "reuse_loop_seconds": loop, "queries": queries,
                "speedup_vs_reuse_loop": {d: loop / s for d, s in steps.items()}}
