@@ -1,5 +1,5 @@
-"""Compiled differences (dz_lightning.reuse.fused): the same values as the eager formulas, a fallback that warns once,
-and the eager path for fake tensors and when turned off."""
+"""Compiled differences (dz_lightning.reuse.fused, opt-in): the same values as the eager formulas, a fallback that
+warns once, and the eager path by default, when turned off and for fake tensors."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _case(layout: str, dtype: torch.dtype = torch.float64, k: int = 3):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "2d"])
-def test_the_compiled_batch_norm_difference_is_the_eager_one_to_rounding(layout):
+def test_the_compiled_batch_norm_difference_is_the_eager_one_to_rounding(layout, monkeypatch):
+    monkeypatch.setenv(fused.ENV, "1")
     base, d, x, weight = _case(layout)
     args = (base.view(d), base.centered, base.mean, base.scale, base.inv_var, base.inv_n_var, base.dims)
     with warnings.catch_warnings():
@@ -51,7 +52,8 @@ def test_the_compiled_batch_norm_difference_is_the_eager_one_to_rounding(layout)
     assert torch.allclose(base.unview(got, d), direct, rtol=0, atol=1e-9 * float(direct.abs().max()))
 
 
-def test_the_compiled_one_channel_batch_norm_difference_is_the_eager_one_to_rounding():
+def test_the_compiled_one_channel_batch_norm_difference_is_the_eager_one_to_rounding(monkeypatch):
+    monkeypatch.setenv(fused.ENV, "1")
     gen = torch.Generator().manual_seed(1)
     xc = torch.randn(4, 8, 5, 5, generator=gen, dtype=torch.float64)
     xc = xc - xc.mean((1, 2, 3), keepdim=True)
@@ -82,6 +84,7 @@ def test_a_compiler_failure_warns_once_and_the_eager_formula_gives_the_values(mo
 
     calls = _spy_compile(monkeypatch, broken)
     monkeypatch.setattr(fused, "_FAILED", {})
+    monkeypatch.setenv(fused.ENV, "1")
 
     @fused.compiled
     def twice(x):
@@ -89,7 +92,7 @@ def test_a_compiler_failure_warns_once_and_the_eager_formula_gives_the_values(mo
 
     x = torch.arange(3.0)
     with pytest.warns(RuntimeWarning, match=r"could not compile .*twice \(RuntimeError: InductorError: no C\+\+ "
-                                            r"compiler\); it runs eagerly.*DZ_COMPILE_DIFFERENCES=0"):
+                                            r"compiler\); it runs eagerly.*Unset DZ_COMPILE_DIFFERENCES"):
         assert torch.equal(twice(x), 2 * x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -97,25 +100,29 @@ def test_a_compiler_failure_warns_once_and_the_eager_formula_gives_the_values(mo
     assert calls == ["twice"]
 
 
-@pytest.mark.parametrize("why", ["env", "fake"])
-def test_turned_off_or_fake_tensors_run_the_eager_formula(why, monkeypatch):
+@pytest.mark.parametrize("why", ["default", "off", "fake"])
+def test_by_default_turned_off_or_on_fake_tensors_the_eager_formula_runs(why, monkeypatch):
     calls = _spy_compile(monkeypatch, lambda fn: fn)
 
     @fused.compiled
     def twice(x):
         return 2 * x
 
-    if why == "env":
+    if why == "default":  # compiling is opt-in
+        monkeypatch.delenv(fused.ENV, raising=False)
+        assert not fused.compiling_enabled() and torch.equal(twice(torch.ones(2)), torch.full((2,), 2.0))
+    elif why == "off":
         monkeypatch.setenv(fused.ENV, "0")
         assert torch.equal(twice(torch.ones(2)), torch.full((2,), 2.0))
     else:
+        monkeypatch.setenv(fused.ENV, "1")
         with FakeTensorMode():
             out = twice(torch.empty(2, device="cuda"))
         assert out.device.type == "cuda"
     assert calls == []
-    monkeypatch.delenv(fused.ENV, raising=False)
+    monkeypatch.setenv(fused.ENV, "1")
     twice(torch.ones(2))
-    assert calls == ["twice"]  # the plain tensor, compiling allowed: compiled once
+    assert calls == ["twice"]  # the plain tensor, compiling turned on: compiled once
     twice(torch.ones(3))
     assert calls == ["twice"]
 
@@ -143,7 +150,7 @@ def test_a_compile_cache_written_under_the_avx2_kernels_is_not_loaded_by_the_def
     # ATEN_CPU_CAPABILITY=avx2 by another process, and the heap broke ("free(): invalid next size"). Our compiled
     # differences do not use that cache. (On an AVX2-only CPU both runs use the same kernels.)
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
-    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1", DZ_COMPILE_DIFFERENCES="1")
     for extra in ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, {}):
         run = subprocess.run([sys.executable, "-c", _CALLS], env={**env, **extra}, capture_output=True, text=True,
                              timeout=600)
