@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
-            "compiled_differences": fused.compiling_enabled(),  # DZ_COMPILE_DIFFERENCES=1 times the compiled ones
+            "compiled_differences": fused.compiling_enabled(device),  # DZ_COMPILE_DIFFERENCES=0: the eager ones
             "load_before": os.getloadavg(),
             "batch": batch,
             "matmul_gflops": matmul_gflops(device),

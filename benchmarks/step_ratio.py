@@ -9,8 +9,8 @@ wall time for one thread on an idle core. The JSON records the clock, the thread
 differences were compiled, and the load average before and after.
 
 Usage: ``OMP_NUM_THREADS=1 python -m benchmarks.step_ratio --model resnet20 --clock cpu --out r.json``; prefix
-``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` for the AVX2 kernels, ``DZ_COMPILE_DIFFERENCES=1`` for the
-compiled differences.
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` for the AVX2 kernels, ``DZ_COMPILE_DIFFERENCES=0`` for the
+eager differences.
 """
 
 from __future__ import annotations

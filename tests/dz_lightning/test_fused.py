@@ -1,5 +1,5 @@
-"""Compiled differences (dz_lightning.reuse.fused, opt-in): the same values as the eager formulas, a fallback that
-warns once, and the eager path by default, when turned off and for fake tensors."""
+"""Compiled differences (dz_lightning.reuse.fused): the same values as the eager formulas, a fallback that warns once,
+and the eager path when turned off, on CUDA unless asked, and for fake tensors."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_a_compiler_failure_warns_once_and_the_eager_formula_gives_the_values(mo
 
     x = torch.arange(3.0)
     with pytest.warns(RuntimeWarning, match=r"could not compile .*twice \(RuntimeError: InductorError: no C\+\+ "
-                                            r"compiler\); it runs eagerly.*Unset DZ_COMPILE_DIFFERENCES"):
+                                            r"compiler\); it runs eagerly.*DZ_COMPILE_DIFFERENCES=0"):
         assert torch.equal(twice(x), 2 * x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -100,29 +100,35 @@ def test_a_compiler_failure_warns_once_and_the_eager_formula_gives_the_values(mo
     assert calls == ["twice"]
 
 
-@pytest.mark.parametrize("why", ["default", "off", "fake"])
-def test_by_default_turned_off_or_on_fake_tensors_the_eager_formula_runs(why, monkeypatch):
+def test_compiling_is_on_for_cpu_by_default_and_the_variable_decides(monkeypatch):
+    monkeypatch.delenv(fused.ENV, raising=False)
+    assert fused.compiling_enabled("cpu") and not fused.compiling_enabled("cuda")  # CUDA: not yet run on a GPU
+    monkeypatch.setenv(fused.ENV, "1")
+    assert fused.compiling_enabled("cpu") and fused.compiling_enabled("cuda")
+    monkeypatch.setenv(fused.ENV, "0")
+    assert not fused.compiling_enabled("cpu") and not fused.compiling_enabled("cuda")
+
+
+@pytest.mark.parametrize("why", ["off", "fake"])
+def test_turned_off_or_on_fake_tensors_the_eager_formula_runs(why, monkeypatch):
     calls = _spy_compile(monkeypatch, lambda fn: fn)
 
     @fused.compiled
     def twice(x):
         return 2 * x
 
-    if why == "default":  # compiling is opt-in
-        monkeypatch.delenv(fused.ENV, raising=False)
-        assert not fused.compiling_enabled() and torch.equal(twice(torch.ones(2)), torch.full((2,), 2.0))
-    elif why == "off":
+    if why == "off":
         monkeypatch.setenv(fused.ENV, "0")
         assert torch.equal(twice(torch.ones(2)), torch.full((2,), 2.0))
     else:
-        monkeypatch.setenv(fused.ENV, "1")
+        monkeypatch.setenv(fused.ENV, "1")  # even where CUDA is allowed: fake tensors run eagerly
         with FakeTensorMode():
             out = twice(torch.empty(2, device="cuda"))
         assert out.device.type == "cuda"
     assert calls == []
-    monkeypatch.setenv(fused.ENV, "1")
+    monkeypatch.delenv(fused.ENV)
     twice(torch.ones(2))
-    assert calls == ["twice"]  # the plain tensor, compiling turned on: compiled once
+    assert calls == ["twice"]  # a plain CPU tensor, the default: compiled once
     twice(torch.ones(3))
     assert calls == ["twice"]
 
