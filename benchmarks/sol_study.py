@@ -72,6 +72,15 @@ _PER_PROCESS = ("methods", "seeds", "zo_ratios")  # zo_ratios: ZO-SOL's own grid
 POLL_SECONDS = 10.0  # how often a process waiting for another's run looks again
 
 
+def _boot() -> str:
+    """This boot of the machine (Linux), so that a claim left by a process of an earlier boot is stale whatever
+    process has its id now; ``""`` where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -85,11 +94,11 @@ def _alive(pid: int) -> bool:
 def claim(path: Path) -> bool:
     """Claim the run whose claim file is ``path`` for this process; ``False`` while another live process holds it.
 
-    The claim appears whole or not at all (a hard link of a file that already holds the process id), so a reader
-    never sees an empty claim. The claim of a process that has died is taken over.
+    The claim (``<pid> <boot id>``) appears whole or not at all (a hard link of a file that already holds it), so a
+    reader never sees an empty claim. The claim of a process that has died, or of an earlier boot, is taken over.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(str(os.getpid()))
+    tmp.write_text(f"{os.getpid()} {_boot()}".strip())
     try:
         for _ in range(2):
             try:
@@ -97,10 +106,11 @@ def claim(path: Path) -> bool:
                 return True
             except FileExistsError:
                 try:
-                    holder = int(path.read_text())
-                except (OSError, ValueError):  # removed in between, or not a claim of ours: look again
-                    holder = 0
-                if holder and holder != os.getpid() and _alive(holder):
+                    pid, _, boot = path.read_text().partition(" ")
+                    holder = int(pid)
+                except (OSError, ValueError):  # removed in between, or not a claim: look again
+                    holder, boot = 0, ""
+                if holder and holder != os.getpid() and boot.strip() == _boot() and _alive(holder):
                     return False
                 path.unlink(missing_ok=True)
         return False

@@ -65,16 +65,21 @@ def test_zo_grasp_ratios_are_scored_once_per_seed_and_loaded_by_its_other_runs(t
 
 def test_a_claim_holds_while_its_process_lives_and_is_taken_over_when_it_died(tmp_path):
     held = tmp_path / "run.claim"
-    assert sol_study.claim(held) and held.read_text() == str(os.getpid())
+    mine = f"{os.getpid()} {sol_study._boot()}".strip()
+    assert sol_study.claim(held) and held.read_text() == mine
     held.unlink()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        held.write_text(str(sleeper.pid))
-        assert not sol_study.claim(held) and held.read_text() == str(sleeper.pid)  # alive: another's run
+        theirs = f"{sleeper.pid} {sol_study._boot()}".strip()
+        held.write_text(theirs)
+        assert not sol_study.claim(held) and held.read_text() == theirs  # alive: another's run
+        held.write_text(f"{sleeper.pid} another-boot")
+        assert sol_study.claim(held) and held.read_text() == mine  # an earlier boot's claim: stale, whatever its id
+        held.write_text(theirs)
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert sol_study.claim(held) and held.read_text() == str(os.getpid())  # its process died: taken over
+    assert sol_study.claim(held) and held.read_text() == mine  # its process died: taken over
     assert list(tmp_path.iterdir()) == [held]  # no temporary left behind
 
 
