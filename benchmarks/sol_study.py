@@ -62,6 +62,7 @@ from dz_lightning.tasks.sol import (
     SourceOnly,
 )
 
+from dz_lightning.checkpointing import atomic_write
 from dz_lightning.models import SOLCorrector
 
 METHODS = ("non", "fo_sol", "fo_sol_sparse", "zo_sol")
@@ -330,9 +331,8 @@ def _study(argv: list[str] | None, root: str) -> dict:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             with _locked(args.json):
                 _merge_into(result, _on_disk(args.json))  # the records of other processes sharing the file
-                tmp = Path(f"{args.json}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(result, indent=2))
-                tmp.replace(args.json)
+                text = json.dumps(result, indent=2)
+                atomic_write(args.json, lambda tmp: tmp.write_text(text))
 
     def run(method: str, lr: float, seed: int, ratios: str | None) -> tuple[Any, dict] | None:
         """Train one run, or load it when the study has it; the trained module and its record.

@@ -12,7 +12,6 @@ Works with any :class:`~dz_lightning.ZOModule`, and with any LightningModule tha
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from typing_extensions import override
 
 from dz_lightning import sparsity as sp
+from dz_lightning.checkpointing import atomic_write
 from dz_lightning.figures import log_figure, lpr_figure
 from dz_lightning.oracle import white_box_oracle
 from dz_lightning.trainable import ZOTrainable
@@ -310,9 +310,8 @@ class ZOGraSP(L.Callback):
     def _save_ratios(self, path: Path | None) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # whole or absent: other processes may read it
-            tmp.write_text(json.dumps(self.ratios, indent=2))
-            tmp.replace(path)
+            text = json.dumps(self.ratios, indent=2)  # whole or absent: other processes may read it
+            atomic_write(path, lambda tmp: tmp.write_text(text))
             rank_zero_info(f"ZOGraSP: LPRs written to {path}")
 
     @rank_zero_only
